@@ -1,0 +1,265 @@
+"""The `leadkd` command. Thin on purpose: parse, call the library, print; no logic of its own.
+
+Errors the user can fix (:class:`leadkd.errors.LeadkdError`) print one line on stderr and exit 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+# Before torch is imported: with the default OpenMP spin-wait, torch threads stall 10-50x on a busy CPU.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from .errors import LeadkdError  # noqa: E402
+
+EXIT_USER_ERROR = 2
+
+
+# ---------------------------------------------------------------- shared options
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    from .models.base import DEFAULT_MODEL
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=DEFAULT_MODEL,
+                       help="model folder or hub name (default: %(default)s, served offline from its PyPI package)")
+    group.add_argument("--pooling", choices=["cls", "mean"], default=None,
+                       help="pooling (default: from the model's sentence-transformers metadata, else cls)")
+    group.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                       help="L2-normalise vectors, i.e. cosine scores (default: from the model's metadata)")
+    group.add_argument("--max-query-length", type=int, default=None, help="query tokens kept (default 64)")
+    group.add_argument("--max-passage-length", type=int, default=None,
+                       help="passage tokens kept (default: the model's max_seq_length, else 256)")
+    group.add_argument("--query-prefix", default=None, help="text prepended to every query (e.g. 'query: ')")
+    group.add_argument("--passage-prefix", default=None, help="text prepended to every passage")
+    group.add_argument("--batch-size", type=int, default=32, help="encoding batch size (default %(default)s)")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="allow a model folder to run its own Python code (off by default)")
+
+
+def _add_data_options(parser: argparse.ArgumentParser, split_default: str | None = "test") -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", required=True,
+                       help="BEIR folder, dataset name under $LEADKD_DATA_DIR, or irds:<ir_datasets id>")
+    group.add_argument("--split", default=split_default, help="qrels split (default: %(default)s)")
+    group.add_argument("--lenient", action="store_true",
+                       help="drop judgments naming unknown ids with a warning instead of stopping")
+
+
+def _add_eval_options(parser: argparse.ArgumentParser) -> None:
+    from .evaluate import DEFAULT_MEASURES
+
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--measures", nargs="+", default=list(DEFAULT_MEASURES),
+                       help="ir-measures names (default: %(default)s)")
+    group.add_argument("--rel", type=int, default=None,
+                       help="minimum relevance for binary measures (2 for TREC DL); nDCG stays graded")
+
+
+def _positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {value}")
+        return value
+    return parse
+
+
+def _load_model(args):
+    from .models import DualEncoder
+
+    for name in ("max_query_length", "max_passage_length", "batch_size"):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise LeadkdError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    return DualEncoder.from_pretrained(
+        args.model, pooling=args.pooling, normalize=args.normalize, query_prefix=args.query_prefix,
+        passage_prefix=args.passage_prefix, max_query_length=args.max_query_length,
+        max_passage_length=args.max_passage_length, trust_remote_code=args.trust_remote_code)
+
+
+def _load_data(args, split: str | None = None):
+    from .data.datasets import load_dataset
+
+    return load_dataset(args.data, split=split or args.split, lenient=args.lenient)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_retrieve(args) -> None:
+    """Encode the corpus and the split's queries, search exactly, write the run, evaluate."""
+    from .data.runs import write_run
+    from .evaluate import evaluate, format_table, write_metrics, write_per_query
+    from .retrieval.pipeline import encode_corpus, encode_queries, search_run
+
+    started = time.perf_counter()
+    dataset = _load_data(args)
+    model = _load_model(args)
+    _say(f"{dataset.name}/{dataset.split}: {len(dataset.corpus)} passages, {len(dataset.queries)} queries")
+    docs = encode_corpus(model, dataset.corpus, batch_size=args.batch_size)
+    queries = encode_queries(model, dataset.queries, batch_size=args.batch_size)
+    run = search_run(queries, docs, args.k, exclude_same_id=args.exclude_same_id)
+    output = Path(args.output)
+    write_run(run, output / "run.trec", tag=args.tag)
+    aggregate, per_query = evaluate(run, dataset.qrels, measures=args.measures, rel=args.rel)
+    write_metrics(aggregate, output / "metrics.json")
+    write_per_query(per_query, output / "per_query.jsonl")
+    if args.save_embeddings:
+        docs.save(output / "corpus_embeddings")
+    print(format_table(aggregate))
+    _say(f"wrote {output}/run.trec, metrics.json, per_query.jsonl in {time.perf_counter() - started:.0f} s")
+
+
+def cmd_encode(args) -> None:
+    """Encode a dataset's corpus (or queries) into an embeddings folder."""
+    from .retrieval.pipeline import encode_corpus, encode_queries
+
+    dataset = _load_data(args)
+    model = _load_model(args)
+    if args.queries:
+        embeddings = encode_queries(model, dataset.queries, batch_size=args.batch_size)
+    else:
+        embeddings = encode_corpus(model, dataset.corpus, batch_size=args.batch_size)
+    embeddings.meta.update(model=str(args.model), data=str(args.data))
+    embeddings.save(args.output)
+    _say(f"wrote {len(embeddings.ids)} vectors of {embeddings.vectors.shape[1]} dims to {args.output}")
+
+
+def cmd_index(args) -> None:
+    """Build a FAISS (or exact) index from an embeddings folder."""
+    from .retrieval.index import DenseIndex
+    from .retrieval.pipeline import Embeddings
+
+    embeddings = Embeddings.load(args.embeddings)
+    index = DenseIndex.build(embeddings.vectors, embeddings.ids, kind=args.kind)
+    index.save(args.output)
+    _say(f"wrote a {args.kind} index of {len(embeddings.ids)} vectors to {args.output}")
+
+
+def cmd_search(args) -> None:
+    """Encode a split's queries and search a saved index; write a TREC run."""
+    from .data.runs import write_run
+    from .retrieval.index import DenseIndex
+    from .retrieval.pipeline import encode_queries
+
+    index = DenseIndex.load(args.index)
+    dataset = _load_data(args)
+    model = _load_model(args)
+    queries = encode_queries(model, dataset.queries, batch_size=args.batch_size)
+    run = index.search_run(queries.vectors, queries.ids, args.k)
+    write_run(run, args.output, tag=args.tag)
+    _say(f"wrote {args.output} ({len(run)} queries)")
+
+
+def cmd_evaluate(args) -> None:
+    """Score a run file against qrels with ir-measures."""
+    from .data.formats import read_qrels
+    from .data.runs import read_run
+    from .evaluate import evaluate, format_table, write_metrics, write_per_query
+
+    if (args.qrels is None) == (args.data is None):
+        raise LeadkdError("pass either --qrels FILE or --data D --split S")
+    qrels = read_qrels(args.qrels) if args.qrels else _load_data(args).qrels
+    run = read_run(args.run)
+    aggregate, per_query = evaluate(run, qrels, measures=args.measures, rel=args.rel)
+    if args.output:
+        write_metrics(aggregate, args.output)
+    if args.per_query:
+        write_per_query(per_query, args.per_query)
+    print(format_table(aggregate))
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="leadkd", description="LEAD distillation and dense retrieval.")
+    parser.add_argument("--version", action="version", version=f"leadkd {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--threads", type=_positive("--threads"), default=None,
+                        help="torch threads (default: torch's choice)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("retrieve", help="encode, search, write a run and evaluate, in one go")
+    _add_model_options(p)
+    _add_data_options(p)
+    _add_eval_options(p)
+    p.add_argument("--k", type=_positive("--k"), default=1000, help="passages per query (default %(default)s)")
+    p.add_argument("--exclude-same-id", action="store_true", help="never return a passage whose id is the query's")
+    p.add_argument("--save-embeddings", action="store_true", help="also keep the corpus vectors in OUTPUT")
+    p.add_argument("--tag", default="leadkd", help="run tag in the TREC file")
+    p.add_argument("--output", required=True, help="folder for run.trec, metrics.json, per_query.jsonl")
+    p.set_defaults(func=cmd_retrieve)
+
+    p = commands.add_parser("encode", help="encode a corpus (or queries) into an embeddings folder")
+    _add_model_options(p)
+    _add_data_options(p)
+    p.add_argument("--queries", action="store_true", help="encode the split's queries instead of the corpus")
+    p.add_argument("--output", required=True, help="embeddings folder to write")
+    p.set_defaults(func=cmd_encode)
+
+    p = commands.add_parser("index", help="build an index from an embeddings folder")
+    p.add_argument("--embeddings", required=True, help="folder written by `leadkd encode`")
+    p.add_argument("--kind", choices=["exact", "flat", "hnsw"], default="exact",
+                   help="exact (torch, default, fastest exact), flat (FAISS IndexFlatIP) or hnsw (approximate)")
+    p.add_argument("--output", required=True, help="index folder to write")
+    p.set_defaults(func=cmd_index)
+
+    p = commands.add_parser("search", help="search an index with a split's queries; write a TREC run")
+    _add_model_options(p)
+    _add_data_options(p)
+    p.add_argument("--index", required=True, help="folder written by `leadkd index`")
+    p.add_argument("--k", type=_positive("--k"), default=1000, help="passages per query (default %(default)s)")
+    p.add_argument("--tag", default="leadkd", help="run tag in the TREC file")
+    p.add_argument("--output", required=True, help="run file to write")
+    p.set_defaults(func=cmd_search)
+
+    p = commands.add_parser("evaluate", help="evaluate a TREC run with ir-measures")
+    p.add_argument("--run", required=True, help="TREC run file")
+    p.add_argument("--qrels", default=None, help="qrels file (TREC, BEIR tsv or 2-column)")
+    p.add_argument("--data", default=None, help="or a dataset, whose --split qrels are used")
+    p.add_argument("--split", default="test")
+    p.add_argument("--lenient", action="store_true")
+    _add_eval_options(p)
+    p.add_argument("--output", default=None, help="metrics JSON to write")
+    p.add_argument("--per-query", default=None, help="per-query JSONL to write")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        args.func(args)
+    except LeadkdError as exc:
+        if args.debug:
+            raise
+        print(f"leadkd: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("leadkd: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Make a shallow student from a deep teacher by keeping a subset of its transformer blocks.
+
+This is how DistilBERT and PROD initialise students (e.g. blocks 0, 2, 4 of a 6-layer model give a
+3-layer student): the student starts close to the teacher, so distillation converges in few steps.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+
+from ..errors import ConfigError
+
+# Where the list of blocks lives, by architecture family.
+_BLOCK_LISTS = ("encoder.layer", "transformer.layer", "encoder.layers", "layers", "h")
+
+
+def _find_blocks(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
+    for dotted in _BLOCK_LISTS:
+        parent, _, attr = dotted.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        blocks = getattr(owner, attr, None)
+        if isinstance(blocks, torch.nn.ModuleList):
+            return owner, attr, blocks
+    raise ConfigError(f"cannot find the transformer blocks of a {type(model).__name__} to keep a subset of them")
+
+
+def parse_layer_list(text: str, depth: int) -> list[int]:
+    """``"teacher_layers=[0,2,4]"`` or ``"0,2,4"`` → ``[0, 2, 4]``, checked against the teacher's depth."""
+    body = text.split("=", 1)[1] if "=" in text else text
+    body = body.strip().strip("[]")
+    try:
+        layers = [int(part) for part in body.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"student init {text!r}: expected a list of layer numbers like teacher_layers=[0,2,4]") from None
+    if not layers:
+        raise ConfigError(f"student init {text!r}: no layers given")
+    check_layers(layers, depth)
+    return layers
+
+
+def check_layers(layers: Sequence[int], depth: int) -> None:
+    """Layers must be distinct, increasing and inside the model."""
+    if list(layers) != sorted(set(layers)):
+        raise ConfigError(f"layers {list(layers)} must be distinct and increasing")
+    bad = [layer for layer in layers if not 0 <= layer < depth]
+    if bad:
+        raise ConfigError(f"layers {bad} are out of range for a model of {depth} layers (0..{depth - 1})")
+
+
+def keep_layers(model: torch.nn.Module, layers: Sequence[int]) -> torch.nn.Module:
+    """A copy of ``model`` with only the given blocks (in order); embeddings and the rest are shared copies."""
+    _, _, blocks = _find_blocks(model)
+    check_layers(layers, len(blocks))
+    student = copy.deepcopy(model)
+    owner, attr, student_blocks = _find_blocks(student)
+    kept = torch.nn.ModuleList([student_blocks[i] for i in layers])
+    for new_index, block in enumerate(kept):
+        attention = getattr(block, "attention", None)
+        inner = getattr(attention, "self", attention)
+        if inner is not None and hasattr(inner, "layer_idx"):
+            inner.layer_idx = new_index  # cache bookkeeping in recent transformers
+    setattr(owner, attr, kept)
+    config = student.config
+    for name in ("num_hidden_layers", "n_layers", "num_layers", "n_layer"):
+        if isinstance(getattr(config, name, None), int):
+            setattr(config, name, len(layers))
+            break
+    return student

@@ -1,0 +1,91 @@
+"""Encode → search → run: the dense-retrieval steps that `leadkd retrieve`, `encode` and `search` share.
+
+Kept apart from the CLI so that the trainer's dev evaluation and the quickstart call the very same code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+import numpy as np
+
+from ..errors import LeadkdError
+from ..fileio import atomic_directory
+
+EMBEDDINGS_FILE = "embeddings.npy"
+IDS_FILE = "ids.txt"
+META_FILE = "meta.json"
+
+
+@dataclass
+class Embeddings:
+    """Vectors with the ids they belong to (row i is ``ids[i]``)."""
+
+    ids: list[str]
+    vectors: np.ndarray
+    meta: dict
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write ``embeddings.npy``, ``ids.txt`` and ``meta.json`` into ``folder``, atomically as a whole."""
+        with atomic_directory(folder) as tmp:
+            np.save(tmp / EMBEDDINGS_FILE, self.vectors, allow_pickle=False)
+            (tmp / IDS_FILE).write_text("".join(f"{i}\n" for i in self.ids), encoding="utf-8")
+            (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2), encoding="utf-8")
+        return Path(folder)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "Embeddings":
+        """Read a folder written by :meth:`save`; never unpickles anything."""
+        folder = Path(folder)
+        for name in (EMBEDDINGS_FILE, IDS_FILE):
+            if not (folder / name).is_file():
+                raise LeadkdError(f"{folder}: not an embeddings folder (missing {name})")
+        try:
+            vectors = np.load(folder / EMBEDDINGS_FILE, allow_pickle=False, mmap_mode="r")
+        except ValueError as exc:
+            raise LeadkdError(f"{folder / EMBEDDINGS_FILE}: unreadable ({exc})") from None
+        ids = (folder / IDS_FILE).read_text(encoding="utf-8").splitlines()
+        if len(ids) != len(vectors):
+            raise LeadkdError(f"{folder / IDS_FILE}: {len(ids)} ids for {len(vectors)} vectors")
+        meta_file = folder / META_FILE
+        meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
+        return cls(ids, np.asarray(vectors), meta)
+
+
+def encode_corpus(model, corpus, batch_size: int = 32, show_progress: bool = True) -> Embeddings:
+    """Passage vectors of a whole corpus (title and text joined), in corpus order."""
+    texts = corpus.passages(range(len(corpus)))
+    vectors = model.encode_passages(texts, batch_size=batch_size, show_progress=show_progress)
+    ids = [corpus.id_at(i) for i in range(len(corpus))]
+    return Embeddings(ids, vectors, {"what": "passages", "count": len(ids), "dim": int(vectors.shape[1])})
+
+
+def encode_queries(model, queries, batch_size: int = 64, show_progress: bool = True) -> Embeddings:
+    """Query vectors of every query, in order."""
+    texts = [queries.text(i) for i in range(len(queries))]
+    vectors = model.encode_queries(texts, batch_size=batch_size, show_progress=show_progress)
+    ids = [queries.id_at(i) for i in range(len(queries))]
+    return Embeddings(ids, vectors, {"what": "queries", "count": len(ids), "dim": int(vectors.shape[1])})
+
+
+def search_run(query_embeddings: Embeddings, doc_embeddings: Embeddings, k: int,
+               exclude_same_id: bool = False) -> dict[str, dict[str, float]]:
+    """Exact inner-product top-k of every query over every passage, as a run (qid → docid → score)."""
+    from .search import exact_search, to_run
+
+    exclude = None
+    if exclude_same_id:
+        position = {doc_id: row for row, doc_id in enumerate(doc_embeddings.ids)}
+        exclude = [{position[q]} if q in position else set() for q in query_embeddings.ids]
+    scores, indices = exact_search(query_embeddings.vectors, doc_embeddings.vectors, k, exclude=exclude)
+    return to_run(query_embeddings.ids, doc_embeddings.ids, scores, indices)
+
+
+def check_dims(query_embeddings: Embeddings, doc_embeddings: Embeddings) -> None:
+    """Refuse to compare vectors of different widths (e.g. from two different models)."""
+    dq, dd = query_embeddings.vectors.shape[1], doc_embeddings.vectors.shape[1]
+    if dq != dd:
+        raise LeadkdError(f"query vectors have {dq} dimensions but passage vectors {dd}: not the same model?")
+
