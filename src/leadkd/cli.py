@@ -144,7 +144,7 @@ def cmd_index(args) -> None:
     from .retrieval.pipeline import Embeddings
 
     embeddings = Embeddings.load(args.embeddings)
-    index = DenseIndex.build(embeddings.vectors, embeddings.ids, kind=args.kind)
+    index = DenseIndex.build(embeddings.vectors, embeddings.ids, kind=args.kind, backend=args.backend)
     index.save(args.output)
     _say(f"wrote a {args.kind} index of {len(embeddings.ids)} vectors to {args.output}")
 
@@ -159,7 +159,7 @@ def cmd_search(args) -> None:
     dataset = _load_data(args)
     model = _load_model(args)
     queries = encode_queries(model, dataset.queries, batch_size=args.batch_size)
-    run = index.search_run(queries.vectors, queries.ids, args.k)
+    run = index.search_run(queries.ids, queries.vectors, args.k)
     write_run(run, args.output, tag=args.tag)
     _say(f"wrote {args.output} ({len(run)} queries)")
 
@@ -214,8 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("index", help="build an index from an embeddings folder")
     p.add_argument("--embeddings", required=True, help="folder written by `leadkd encode`")
-    p.add_argument("--kind", choices=["exact", "flat", "hnsw"], default="exact",
-                   help="exact (torch, default, fastest exact), flat (FAISS IndexFlatIP) or hnsw (approximate)")
+    p.add_argument("--kind", choices=["flat", "hnsw"], default="flat",
+                   help="flat: exact inner product (default); hnsw: approximate FAISS graph")
+    p.add_argument("--backend", choices=["torch", "faiss"], default=None,
+                   help="flat search by torch matmul + top-k (default, ~2.5x faster here) or FAISS IndexFlatIP")
     p.add_argument("--output", required=True, help="index folder to write")
     p.set_defaults(func=cmd_index)
 

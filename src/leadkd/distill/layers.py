@@ -1,0 +1,172 @@
+"""Which student layer learns from which teacher layer: the selection strategies and their schedule.
+
+A selection is a sorted list of ``(student_layer, teacher_layer)`` pairs, layers numbered 0..L-1 over
+the transformer blocks' outputs (the last index is the final layer). Strategies (spec §2.6):
+
+* ``random`` - the paper's setting: K distinct student layers drawn uniformly and sorted, independently
+  K distinct teacher layers drawn and sorted, paired by rank (so the relative order is kept). Final
+  layers can be drawn, overlapping the response loss as in the paper's code.
+* ``last`` - the last K layers of each side (6->12, K=5: student 1..5 <-> teacher 7..11).
+* ``skip`` - the paper code's ablation, student 1..5 <-> teacher 0,2,4,6,8 for 6->12 with K=5.
+  Generalised here as: the student's last K layers <-> every other teacher layer from 0, i.e.
+  teacher 0,2,..,2(K-1); this needs K <= ceil(teacher_layers / 2). For every depth pair the paper
+  used (6->12, 12->24) it is the code's exact choice.
+* an explicit map ``"0:1,1:3,2:5"`` (``student:teacher`` per pair) - fixed pairs of your choosing.
+
+Random draws use a seeded ``torch.Generator`` (CPU), so every process with the same seed draws the same
+layers without communicating (the paper's code relied on a shared seed for Python's ``random``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, LeadkdError
+
+Pair = tuple[int, int]
+
+STRATEGIES = ("random", "last", "skip")
+
+__all__ = ["STRATEGIES", "select_layers", "parse_layer_map", "LayerSchedule"]
+
+_MAP_ENTRY = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
+
+
+def parse_layer_map(text: str, student_layers: int, teacher_layers: int) -> list[Pair]:
+    """Parse ``"s:t,s:t,..."`` into pairs sorted by student layer; every problem is a one-line ConfigError."""
+    entries = [entry for entry in text.split(",")]
+    if not text.strip() or any(not entry.strip() for entry in entries):
+        raise ConfigError(f"layer map {text!r} is malformed: write student:teacher pairs separated by "
+                          "commas, e.g. '0:1,1:3,2:5'")
+    pairs: list[Pair] = []
+    for entry in entries:
+        match = _MAP_ENTRY.match(entry)
+        if match is None:
+            raise ConfigError(f"layer map {text!r}: entry {entry.strip()!r} is not student:teacher "
+                              "(two layer numbers, e.g. '2:5')")
+        student, teacher = int(match.group(1)), int(match.group(2))
+        if not (0 <= student < student_layers and 0 <= teacher < teacher_layers):
+            raise ConfigError(
+                f"layer map {text!r}: pair {student}:{teacher} is out of range; the student has "
+                f"{student_layers} layers (0..{student_layers - 1}) and the teacher {teacher_layers} "
+                f"(0..{teacher_layers - 1})")
+        pairs.append((student, teacher))
+    for side, index in (("student", 0), ("teacher", 1)):
+        seen = [pair[index] for pair in pairs]
+        repeated = sorted({layer for layer in seen if seen.count(layer) > 1})
+        if repeated:
+            raise ConfigError(f"layer map {text!r}: {side} layer {repeated[0]} appears more than once")
+    return sorted(pairs)
+
+
+def _check_depths(student_layers: int, teacher_layers: int, k: int) -> None:
+    if student_layers < 1 or teacher_layers < 1:
+        raise ConfigError(f"models need at least one layer, got student {student_layers}, teacher {teacher_layers}")
+    if k < 1:
+        raise ConfigError(f"the number of distilled layer pairs must be >= 1, got {k}")
+    if k > min(student_layers, teacher_layers):
+        raise ConfigError(f"cannot distill {k} layer pairs: the student has {student_layers} layers and the "
+                          f"teacher {teacher_layers}, so at most {min(student_layers, teacher_layers)} pairs fit")
+
+
+def select_layers(strategy: str, student_layers: int, teacher_layers: int, k: int,
+                  generator: torch.Generator | None = None) -> list[Pair]:
+    """The ``(student_layer, teacher_layer)`` pairs for ``strategy``, sorted by student layer.
+
+    ``strategy`` is ``random``, ``last``, ``skip`` or an explicit map ``"s:t,..."`` (which fixes the pairs
+    itself, so ``k`` is ignored for it). ``generator`` is required for ``random`` and advanced by exactly
+    two ``randperm`` calls (student, then teacher), so equal seeds give equal draws everywhere.
+    """
+    if strategy not in STRATEGIES and re.search(r"[\d:,]", strategy):  # meant as a map, maybe malformed
+        return parse_layer_map(strategy, student_layers, teacher_layers)
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"unknown layer selection {strategy!r}; choose one of {', '.join(STRATEGIES)} "
+                          "or an explicit map like '0:1,1:3'")
+    _check_depths(student_layers, teacher_layers, k)
+    if strategy == "random":
+        if generator is None:
+            raise LeadkdError("random layer selection needs a seeded torch.Generator, so that every process "
+                              "draws the same layers")
+        student = sorted(torch.randperm(student_layers, generator=generator)[:k].tolist())
+        teacher = sorted(torch.randperm(teacher_layers, generator=generator)[:k].tolist())
+    elif strategy == "last":
+        student = list(range(student_layers - k, student_layers))
+        teacher = list(range(teacher_layers - k, teacher_layers))
+    else:  # skip
+        if 2 * (k - 1) > teacher_layers - 1:
+            raise ConfigError(f"'skip' pairs the student's last {k} layers with every other teacher layer from 0, "
+                              f"which needs {2 * k - 1} teacher layers; the teacher has {teacher_layers}")
+        student = list(range(student_layers - k, student_layers))
+        teacher = list(range(0, 2 * k, 2))
+    return list(zip(student, teacher))
+
+
+class LayerSchedule:
+    """Owns the layer pairs over training: drawn at step 0, re-drawn every ``resample_interval`` steps.
+
+    ``step`` counts completed optimizer steps. Pairs for steps ``[n*I, (n+1)*I)`` are the n-th draw of
+    one seeded generator, whatever the calling pattern (skipped intervals are drawn and discarded), so
+    all processes agree and a resumed run (via :meth:`state_dict`) continues the same sequence. The
+    interval is its own setting (default 10, the paper's value) rather than tied to checkpoint saving
+    as in the paper's code (spec §7.4-6). ``resample_interval=None`` keeps the first draw for good.
+    Deterministic strategies simply return the same pairs every time.
+    """
+
+    def __init__(self, strategy: str, student_layers: int, teacher_layers: int, k: int = 5, seed: int = 888,
+                 resample_interval: int | None = 10):
+        if resample_interval is not None and resample_interval < 1:
+            raise ConfigError(f"layer resample interval must be >= 1 optimizer steps (or None), "
+                              f"got {resample_interval}")
+        self.strategy = strategy
+        self.student_layers = student_layers
+        self.teacher_layers = teacher_layers
+        self.k = k
+        self.seed = seed
+        self.resample_interval = resample_interval
+        self.generator = torch.Generator().manual_seed(seed)
+        self._draw_index = 0
+        self._pairs = self._draw()
+
+    def _draw(self) -> list[Pair]:
+        return select_layers(self.strategy, self.student_layers, self.teacher_layers, self.k, self.generator)
+
+    @property
+    def pairs(self) -> list[Pair]:
+        """The current pairs (a copy)."""
+        return list(self._pairs)
+
+    def pairs_for_step(self, step: int) -> list[Pair]:
+        """The pairs to use at optimizer step ``step`` (>= 0, never going back)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        target = 0 if self.resample_interval is None else step // self.resample_interval
+        if target < self._draw_index:
+            raise ValueError(f"layer schedule is at draw {self._draw_index} and cannot go back to step {step}")
+        while self._draw_index < target:
+            self._draw_index += 1
+            self._pairs = self._draw()
+        return list(self._pairs)
+
+    def _settings(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "student_layers": self.student_layers,
+                "teacher_layers": self.teacher_layers, "k": self.k, "seed": self.seed,
+                "resample_interval": self.resample_interval}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Settings, generator state, draw counter and current pairs; ``torch.save``-able."""
+        return {**self._settings(), "generator_state": self.generator.get_state(),
+                "draw_index": self._draw_index, "pairs": [list(pair) for pair in self._pairs]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a saved schedule; refuses one saved under other settings (other layers would follow)."""
+        saved = {key: state.get(key) for key in self._settings()}
+        if saved != self._settings():
+            diff = ", ".join(f"{key} {saved[key]!r} (now {value!r})" for key, value in self._settings().items()
+                             if saved[key] != value)
+            raise LeadkdError(f"the saved layer schedule was made with other settings: {diff}")
+        self.generator.set_state(state["generator_state"])
+        self._draw_index = int(state["draw_index"])
+        self._pairs = [tuple(pair) for pair in state["pairs"]]

@@ -1,0 +1,176 @@
+"""Evaluation glue around ir-measures: every number comes from ir-measures (pytrec_eval underneath).
+
+Conventions (chosen to match trec_eval, and BEIR's published numbers for complete runs):
+
+* The query set is the qrels' query set. Run queries without qrels are ignored.
+* A qrels query the run has no results for scores 0 on every measure (trec_eval ``-c``). BEIR averages
+  only over queries present in the run, but its runs (and ours: search returns k documents for every
+  query) cover every query, so the two agree; for a partial run ours is the honest number. A warning
+  says how many queries were missing.
+* A qrels query with no document at the relevance threshold still counts: binary measures give it 0,
+  as trec_eval does (nDCG uses graded gains and is 0 only when no judgment is positive). A warning
+  says how many such queries there are.
+* ``rel`` (e.g. 2 for TREC DL) is applied to binary measures (AP, RR, R, P, Success, ...) only, never to
+  the graded nDCG, which uses the raw judgment as gain.
+* Ranking is score descending, ties by doc id descending, exactly as :func:`leadkd.data.runs.write_run`
+  writes and trec_eval evaluates. ir-measures' providers break ties differently (pytrec_eval: doc id
+  desc; its msmarco provider, used for RR@k: doc id asc), so scores are replaced by rank-derived
+  values before evaluation: every measure sees the same single ranking.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import ir_measures
+from ir_measures import Measure
+
+from leadkd.data.runs import ranked
+from leadkd.errors import ConfigError, LeadkdError
+from leadkd.fileio import atomic_write
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MEASURES = ["nDCG@10", "RR@10", "R@100", "R@1000", "AP"]
+_EXAMPLES = "e.g. nDCG@10, RR@10, R@100, AP, P@5, Success@10, AP(rel=2)"
+
+
+def _suggestion(name: str) -> str:
+    """A case-insensitive match of the measure's base name, since 'ndcg@10' is the usual slip."""
+    base = name.split("@")[0].split("(")[0].strip()
+    for known in ir_measures.measures.registry:
+        if known.lower() == base.lower() and known != base:
+            return f" (did you mean {name.replace(base, known, 1)!r}?)"
+    return ""
+
+
+def parse_measure(name: str | Measure, rel: int | None = None) -> Measure:
+    """One ir-measures measure from its name; ``rel`` sets the threshold of binary measures that lack one."""
+    if isinstance(name, Measure):
+        measure = name
+    else:
+        try:
+            measure = ir_measures.parse_measure(str(name).strip())
+            measure.validate_params()
+        except (NameError, ValueError, SyntaxError, AssertionError) as exc:
+            reason = str(exc).split(";")[0]
+            raise LeadkdError(f"unknown measure {name!r}: {reason}{_suggestion(str(name))}; valid names: {_EXAMPLES}") \
+                from None
+    if rel is not None and "rel" in measure.SUPPORTED_PARAMS and "rel" not in measure.params:
+        measure = measure(rel=rel)
+    if not ir_measures.DefaultPipeline.supports(measure):
+        raise LeadkdError(f"measure {measure} is not supported by the installed ir-measures providers; "
+                          f"valid names: {_EXAMPLES}")
+    return measure
+
+
+def parse_measures(names: Iterable[str | Measure], rel: int | None = None) -> list[Measure]:
+    """Parse measure names; with ``rel`` binary measures get ``rel=...`` (``AP`` -> ``AP(rel=2)``), nDCG does not."""
+    if rel is not None and (not isinstance(rel, int) or rel < 1):
+        raise ConfigError(f"relevance threshold must be an integer >= 1, got {rel!r}")
+    measures = list(dict.fromkeys(parse_measure(name, rel) for name in names))
+    if not measures:
+        raise ConfigError(f"no measures given; {_EXAMPLES}")
+    return measures
+
+
+def _clean_qrels(qrels: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:
+    clean: dict[str, dict[str, int]] = {}
+    for qid, docs in qrels.items():
+        row: dict[str, int] = {}
+        for doc_id, relevance in docs.items():
+            try:
+                valid = not isinstance(relevance, bool) and int(relevance) == relevance
+            except (TypeError, ValueError):
+                valid = False
+            if not valid:
+                raise LeadkdError(f"qrels: query {qid!r}, document {doc_id!r}: "
+                                  f"relevance {relevance!r} is not an integer")
+            row[str(doc_id)] = int(relevance)
+        clean[str(qid)] = row
+    if not clean:
+        raise LeadkdError("qrels hold no queries: nothing to evaluate")
+    return clean
+
+
+def _rank_scores(run: Mapping[str, Mapping[str, float]], qids: set[str]) -> dict[str, dict[str, float]]:
+    """Replace scores by ``n - rank`` so every ir-measures provider sees the one ranking of :func:`ranked`."""
+    out: dict[str, dict[str, float]] = {}
+    for qid, docs in run.items():
+        if str(qid) in qids and docs:
+            order = ranked({str(d): float(s) for d, s in docs.items()})
+            out[str(qid)] = {doc_id: float(len(order) - i) for i, (doc_id, _) in enumerate(order)}
+    return out
+
+
+def evaluate(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping[str, int]],
+             measures: Sequence[str | Measure] = DEFAULT_MEASURES, rel: int | None = None
+             ) -> tuple[dict[str, float], list[dict]]:
+    """Score ``run`` against ``qrels`` (conventions in the module docstring).
+
+    Returns ``(aggregate, per_query)``: ``aggregate`` maps each measure's ir-measures name
+    (``"nDCG@10"``, ``"AP(rel=2)"``) to its mean over the qrels' queries; ``per_query`` has one row
+    ``{"query_id": ..., name: value, ...}`` per qrels query, in qrels order.
+    """
+    parsed = parse_measures(measures, rel)
+    clean_qrels = _clean_qrels(qrels)
+    qids = set(clean_qrels)
+    ranked_run = _rank_scores(run, qids)
+    if run and not any(str(q) in qids for q in run):
+        raise LeadkdError(f"none of the run's {len(run)} queries appear in the qrels ({len(qids)} queries): "
+                          "wrong split, or query ids in another format?")
+    missing = len(qids) - len(ranked_run)
+    if missing:
+        logger.warning("%d of %d qrels queries have no retrieved documents; they score 0", missing, len(qids))
+    threshold = rel or 1
+    unjudged = sum(1 for docs in clean_qrels.values() if not any(r >= threshold for r in docs.values()))
+    if unjudged:
+        logger.warning("%d of %d qrels queries have no document with relevance >= %d; binary measures score them 0",
+                       unjudged, len(qids), threshold)
+
+    values: dict[str, dict[Measure, float]] = {qid: {} for qid in clean_qrels}
+    for metric in ir_measures.iter_calc(parsed, clean_qrels, ranked_run):
+        if metric.query_id in values:
+            values[metric.query_id][metric.measure] = float(metric.value)
+    per_query: list[dict] = []
+    aggregators = {measure: measure.aggregator() for measure in parsed}
+    for qid, row in values.items():
+        out: dict = {"query_id": qid}
+        for measure in parsed:
+            value = row.get(measure, float(measure.DEFAULT))  # ir-measures versions differ on filling these
+            aggregators[measure].add(value)
+            out[str(measure)] = value
+        per_query.append(out)
+    aggregate = {str(measure): float(agg.result()) for measure, agg in aggregators.items()}
+    return aggregate, per_query
+
+
+def write_metrics(aggregate: Mapping[str, float], path: str | os.PathLike) -> Path:
+    """Aggregate metrics as one JSON object, written atomically."""
+    with atomic_write(path) as handle:
+        json.dump(dict(aggregate), handle, indent=2)
+        handle.write("\n")
+    return Path(path)
+
+
+def write_per_query(rows: Iterable[Mapping], path: str | os.PathLike) -> Path:
+    """Per-query rows as JSON lines, written atomically (for significance tests and error analysis)."""
+    with atomic_write(path) as handle:
+        for row in rows:
+            handle.write(json.dumps(dict(row)) + "\n")
+    return Path(path)
+
+
+def format_table(aggregate: Mapping[str, float], digits: int = 4) -> str:
+    """A two-column plain-text table of measure names and values, for terminals and logs."""
+    width = max([len("measure")] + [len(name) for name in aggregate])
+    lines = [f"{'measure':<{width}}  value", f"{'-' * width}  {'-' * (digits + 2)}"]
+    for name, value in aggregate.items():
+        shown = "nan" if isinstance(value, float) and math.isnan(value) else f"{value:.{digits}f}"
+        lines.append(f"{name:<{width}}  {shown}")
+    return "\n".join(lines)

@@ -1,0 +1,346 @@
+"""ColBERT (late interaction) as a LEAD model: per-layer MaxSim over token states.
+
+Inputs follow the LEAD paper's code (spec §2.2): the query's [CLS] is replaced by a query marker and
+the query is padded with *attended* [MASK] tokens to a fixed length (ColBERT's query augmentation);
+the passage's [CLS] is replaced by a document marker and padded with [PAD], which is masked out.
+
+The last layer is ColBERT's: a bias-free linear projection to ``dim`` followed by L2 normalisation
+(``dim=None`` skips the projection and only normalises, which is what the paper's code does).
+Intermediate layers are scored on their raw token states, as in the paper. Truncation to the maximum
+lengths keeps the closing [SEP] (the paper's code could cut it off a long query).
+
+The padding mask of the passages is returned *with* their states and MaxSim takes it as an argument,
+so a trainer that gathers states across processes gathers the masks too (the fix for spec §7.4-1,
+where the local mask was applied to gathered states).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, LeadkdError
+from ..fileio import atomic_directory
+from .base import block_outputs, load_backbone, num_blocks, read_leadkd_config, resolve_model_path
+from .loading import write_leadkd_config
+
+logger = logging.getLogger(__name__)
+
+KIND = "colbert"
+#: Projection weights saved beside the backbone (key ``weight``, shape ``[dim, hidden]``).
+PROJECTION_FILE = "colbert_projection.safetensors"
+#: Seed of the projection's initialisation when a folder has none (a plain HF checkpoint), so two
+#: runs that start from the same backbone start from the same ColBERT.
+PROJECTION_SEED = 0
+#: Upper bound on the elements of one query-by-passage similarity block inside :func:`maxsim_scores`.
+MAXSIM_BLOCK_ELEMENTS = 1 << 25
+
+
+@dataclass(frozen=True)
+class ColBERTOptions:
+    """What a ColBERT folder remembers in ``leadkd_config.json`` besides its weights."""
+
+    dim: int | None = 128
+    query_marker: str = "[unused1]"
+    doc_marker: str = "[unused2]"
+    max_query_length: int = 32
+    max_passage_length: int = 256
+
+    def __post_init__(self) -> None:
+        if self.dim is not None and (isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1):
+            raise ConfigError(f"ColBERT dim must be a positive integer or null, got {self.dim!r}")
+        for name in ("max_query_length", "max_passage_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+                raise ConfigError(f"ColBERT {name} must be an integer >= 2 (marker and [SEP]), got {value!r}")
+        for name in ("query_marker", "doc_marker"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"ColBERT {name} must be a non-empty token string")
+
+
+def maxsim_scores(q_states: torch.Tensor, p_states: torch.Tensor, p_mask: torch.Tensor,
+                  chunk_size: int | None = None) -> torch.Tensor:
+    """Late-interaction scores of every query against every passage: ``[Q, P]``.
+
+    score(q, p) = sum over *all* query positions of the max inner product over p's non-padding tokens.
+    Padding is filled with a large negative number before the max, scaled by the query length so that
+    even a passage with no real token (a pure-padding row) sums to a finite value below any real score.
+    Passages are processed ``chunk_size`` at a time (default: a block of about 2**25 similarities), so
+    memory stays bounded; the max keeps only its indices for backward, so autograd does not hold the
+    full similarity tensor either.
+    """
+    if q_states.dim() != 3 or p_states.dim() != 3 or p_mask.dim() != 2:
+        raise ValueError("maxsim_scores expects q_states [Q,Tq,d], p_states [P,Tp,d] and p_mask [P,Tp]")
+    if q_states.shape[-1] != p_states.shape[-1] or p_mask.shape != p_states.shape[:2]:
+        raise ValueError(f"shape mismatch: q_states {tuple(q_states.shape)}, p_states {tuple(p_states.shape)}, "
+                         f"p_mask {tuple(p_mask.shape)}")
+    num_q, q_len, _ = q_states.shape
+    num_p, p_len, _ = p_states.shape
+    fill = torch.finfo(q_states.dtype).min / (2 * max(q_len, 1))
+    if num_p == 0 or p_len == 0:
+        return q_states.new_full((num_q, num_p), fill * q_len)
+    if chunk_size is None:
+        chunk_size = max(1, MAXSIM_BLOCK_ELEMENTS // max(1, num_q * q_len * p_len))
+    padding = ~p_mask.to(device=p_states.device, dtype=torch.bool)
+    blocks = []
+    for start in range(0, num_p, chunk_size):
+        sim = torch.einsum("qid,pjd->qpij", q_states, p_states[start:start + chunk_size])
+        sim = sim.masked_fill(padding[start:start + chunk_size][None, :, None, :], fill)
+        blocks.append(sim.max(dim=-1).values.sum(dim=-1))
+    return torch.cat(blocks, dim=1)
+
+
+# Helpers shared with the cross-encoder (candidates for base.py).
+
+def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
+    """Requested layer numbers as non-negative indices (negative ones count from the end); None = all."""
+    if layers is None:
+        return list(range(num_layers))
+    resolved = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -num_layers <= layer < num_layers:
+            raise LeadkdError(f"layer {layer!r} does not exist: the model has layers 0..{num_layers - 1}")
+        resolved.append(layer % num_layers)
+    if not resolved:
+        raise LeadkdError("no layers requested")
+    return resolved
+
+
+def position_limit(tokenizer, backbone) -> int | None:
+    """The longest input the model can take (its position table, or the tokenizer's stated maximum)."""
+    candidates = (getattr(backbone.config, "max_position_embeddings", None),
+                  getattr(tokenizer, "model_max_length", None))
+    valid = [value for value in candidates if isinstance(value, int) and 0 < value < 1_000_000]
+    return min(valid) if valid else None
+
+
+def options_from_folder(location: str, kind: str, options_cls: type, overrides: dict):
+    """Settings dataclass of a model kind: defaults, then the folder's saved values, then ``overrides``.
+
+    Unknown override names are a :class:`ConfigError`. A folder saved as another kind contributes only
+    its backbone (its options are ignored, with a warning), so e.g. a warmed-up dual-encoder can seed
+    a ColBERT.
+    """
+    names = [f.name for f in dataclasses.fields(options_cls)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown {kind} option(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+    saved = read_leadkd_config(location) if os.path.isdir(location) else None
+    if saved and saved.get("kind") != kind:
+        logger.warning("%s holds a %r model; loading only its backbone as a %s", location, saved.get("kind"), kind)
+        saved = None
+    kept = {key: value for key, value in (saved or {}).items() if key in names}
+    return options_cls(**{**kept, **overrides})
+
+
+def freeze_pooler(backbone: nn.Module) -> None:
+    """Freeze an HF pooler head (BERT's tanh dense): no score uses it, and DDP and optimisers must not
+    see parameters that never get a gradient. It stays in the weights, so saved folders load cleanly."""
+    pooler = getattr(backbone, "pooler", None)
+    if isinstance(pooler, nn.Module):
+        pooler.requires_grad_(False)
+
+
+def _token_id(tokenizer, token: str | None, message: str) -> int:
+    """The id of a token the input format needs, or a one-line error saying which one is missing."""
+    if not token or token not in tokenizer.get_vocab():
+        raise LeadkdError(message)
+    return tokenizer.convert_tokens_to_ids(token)
+
+
+class ColBERT(nn.Module):
+    """A ColBERT over any Hugging Face encoder, exposing every layer's MaxSim scores.
+
+    Built with :meth:`from_pretrained`; ``from_pretrained`` returns it in eval mode (as Hugging Face
+    does); call ``.train()`` to train it. Calling the module is ``layer_scores`` (so DDP can wrap it).
+    """
+
+    kind = KIND
+
+    def __init__(self, tokenizer, backbone: nn.Module, options: ColBERTOptions = ColBERTOptions(),
+                 projection: nn.Linear | None = None):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.backbone = backbone
+        self.options = options
+        self.num_layers = num_blocks(backbone)
+        freeze_pooler(backbone)
+        hidden = backbone.config.hidden_size
+        if options.dim is None:
+            if projection is not None:
+                raise ConfigError("ColBERT got a projection but dim is null")
+        elif projection is None:
+            projection = _seeded_projection(hidden, options.dim)
+        elif tuple(projection.weight.shape) != (options.dim, hidden):
+            raise ConfigError(f"ColBERT projection has shape {tuple(projection.weight.shape)}, "
+                              f"expected [dim={options.dim}, hidden={hidden}]")
+        self.projection = projection
+        missing = "ColBERT {} {!r} is not in the tokenizer's vocabulary; pass {}=... naming a token that is"
+        self.query_marker_id = _token_id(tokenizer, options.query_marker,
+                                         missing.format("query_marker", options.query_marker, "query_marker"))
+        self.doc_marker_id = _token_id(tokenizer, options.doc_marker,
+                                       missing.format("doc_marker", options.doc_marker, "doc_marker"))
+        self.mask_id = _token_id(tokenizer, tokenizer.mask_token,
+                                 "ColBERT pads queries with the mask token, but the tokenizer has none")
+        self.pad_id = _token_id(tokenizer, tokenizer.pad_token, "ColBERT needs a tokenizer with a padding token")
+        if tokenizer.cls_token_id is None:
+            raise LeadkdError("ColBERT needs a tokenizer that starts sequences with a [CLS]-like token")
+        limit = position_limit(tokenizer, backbone)
+        self.query_length = self._fit_length(options.max_query_length, limit, "max_query_length")
+        self.passage_length = self._fit_length(options.max_passage_length, limit, "max_passage_length")
+
+    @staticmethod
+    def _fit_length(wanted: int, limit: int | None, name: str) -> int:
+        if limit is not None and wanted > limit:
+            logger.warning("ColBERT %s=%d exceeds the model's %d positions; using %d", name, wanted, limit, limit)
+            return limit
+        return wanted
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, trust_remote_code: bool = False, **overrides) -> "ColBERT":
+        """Load a leadkd ColBERT folder, or start one from any HF encoder (folder or hub name).
+
+        ``overrides`` are :class:`ColBERTOptions` fields (``dim``, ``query_marker``, ``doc_marker``,
+        ``max_query_length``, ``max_passage_length``); given ones win over the folder's saved options,
+        which win over the defaults. A folder without ``colbert_projection.safetensors`` gets a fresh
+        projection, initialised as ``nn.Linear`` does but from seed :data:`PROJECTION_SEED`.
+        """
+        location = resolve_model_path(path)
+        options = options_from_folder(location, KIND, ColBERTOptions, overrides)
+        tokenizer, backbone = load_backbone(location, trust_remote_code=trust_remote_code)
+        projection = None
+        file = Path(location) / PROJECTION_FILE
+        if options.dim is not None and file.is_file():
+            projection = _load_projection(file, options.dim, backbone.config.hidden_size)
+        return cls(tokenizer, backbone, options, projection).eval()
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write backbone (safetensors), tokenizer, projection and settings; the folder appears whole or not at all."""
+        from safetensors.torch import save_file
+
+        with atomic_directory(path) as tmp:
+            self.backbone.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            if self.projection is not None:
+                save_file({"weight": self.projection.weight.detach().cpu().contiguous()}, str(tmp / PROJECTION_FILE))
+            write_leadkd_config(tmp, self.kind, self.settings())
+
+    def settings(self) -> dict:
+        """The options that, with the weights, define this model (what ``leadkd_config.json`` stores)."""
+        return dataclasses.asdict(self.options)
+
+    # ------------------------------------------------------------------ tokenisation
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def _marked_ids(self, texts: Sequence[str], max_length: int, marker_id: int) -> list[list[int]]:
+        """Token ids with special tokens, truncated (keeping the final [SEP]), first token swapped for the marker."""
+        if isinstance(texts, str):
+            raise TypeError("expected a sequence of texts, got a single string")
+        encoded = self.tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)
+        rows = []
+        for ids in encoded["input_ids"]:
+            if not ids or ids[0] != self.tokenizer.cls_token_id:
+                raise LeadkdError("ColBERT needs a tokenizer whose sequences start with its [CLS] token")
+            rows.append([marker_id] + list(ids[1:]))
+        return rows
+
+    def tokenize_queries(self, queries: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)``, ``[Q, max_query_length]``: [Q] marker, [MASK] padding, all attended."""
+        rows = self._marked_ids(queries, self.query_length, self.query_marker_id)
+        ids = torch.full((len(rows), self.query_length), self.mask_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        return ids.to(self.device), torch.ones_like(ids, device=self.device)
+
+    def tokenize_passages(self, passages: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)``, ``[P, longest]``: [D] marker, [PAD] padding masked out."""
+        rows = self._marked_ids(passages, self.passage_length, self.doc_marker_id)
+        width = max((len(row) for row in rows), default=0)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, :len(row)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # ------------------------------------------------------------------ per-layer states and scores
+    def _layer_states(self, ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int] | None) -> list[torch.Tensor]:
+        wanted = resolve_layers(layers, self.num_layers)
+        last = self.num_layers - 1
+        everything = any(layer != last for layer in wanted)
+        hidden = block_outputs(self.backbone, ids, mask, all_layers=everything)
+        states = []
+        for layer in wanted:
+            if layer != last:
+                states.append(hidden[layer])
+            else:
+                final = hidden[-1]
+                if self.projection is not None:
+                    final = self.projection(final)
+                states.append(F.normalize(final, p=2, dim=-1))
+        return states
+
+    def query_layer_states(self, queries: Sequence[str], layers: Sequence[int] | None = None
+                           ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One ``[Q, max_query_length, d_l]`` tensor per requested layer (a list: the last layer's width is
+        ``dim``, the others' the hidden size), and the query mask (all ones: [MASK] pads count)."""
+        ids, mask = self.tokenize_queries(queries)
+        return self._layer_states(ids, mask, layers), mask
+
+    def passage_layer_states(self, passages: Sequence[str], layers: Sequence[int] | None = None
+                             ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One ``[P, Tp, d_l]`` tensor per requested layer, and the ``[P, Tp]`` padding mask.
+
+        Whoever moves the states (e.g. an all-gather across processes) must move the mask with them."""
+        ids, mask = self.tokenize_passages(passages)
+        return self._layer_states(ids, mask, layers), mask
+
+    def layer_scores(self, queries: Sequence[str], passages: Sequence[str],
+                     layers: Sequence[int] | None = None) -> torch.Tensor:
+        """MaxSim of every query against every passage at each requested layer: ``[L', Q, P]``."""
+        q_states, _ = self.query_layer_states(queries, layers)
+        p_states, p_mask = self.passage_layer_states(passages, layers)
+        return torch.stack([maxsim_scores(q, p, p_mask) for q, p in zip(q_states, p_states)])
+
+    def forward(self, queries: Sequence[str], passages: Sequence[str],
+                layers: Sequence[int] | None = None) -> torch.Tensor:
+        return self.layer_scores(queries, passages, layers)
+
+    def score(self, queries: Sequence[str], passages: Sequence[str]) -> torch.Tensor:
+        """The ordinary ColBERT score (last layer), ``[Q, P]``."""
+        return self.layer_scores(queries, passages, layers=[-1])[0]
+
+
+def _seeded_projection(hidden: int, dim: int) -> nn.Linear:
+    """A fresh bias-free projection, ``nn.Linear``'s uniform(±1/sqrt(hidden)) init from a fixed seed."""
+    projection = nn.Linear(hidden, dim, bias=False)
+    generator = torch.Generator().manual_seed(PROJECTION_SEED)
+    bound = hidden ** -0.5
+    with torch.no_grad():
+        projection.weight.copy_(torch.rand(dim, hidden, generator=generator) * 2 * bound - bound)
+    return projection
+
+
+def _load_projection(file: Path, dim: int, hidden: int) -> nn.Linear:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(file))
+    weight = weights.get("weight")
+    if weight is None or tuple(weight.shape) != (dim, hidden):
+        found = None if weight is None else tuple(weight.shape)
+        raise LeadkdError(f"{file}: projection weight has shape {found}, expected [dim={dim}, hidden={hidden}]")
+    projection = nn.Linear(hidden, dim, bias=False)
+    with torch.no_grad():
+        projection.weight.copy_(weight)
+    return projection

@@ -1,0 +1,187 @@
+"""Hard-negative mining (`leadkd mine`): a retriever's near misses become each query's negatives.
+
+The paper's miner dropped only documents equal to the *first* positive and compared a string id with an
+int, so on MS MARCO passages it dropped nothing and judged positives became "negatives" (spec §7.4-2).
+Here every judged positive (relevance >= ``min_rel``) and the query's own id are excluded *inside* the
+search, by corpus row, after ids were matched as strings; a second check on the results guards that.
+
+Ranks are counted after that exclusion: rank 1 is the best-scoring passage that is neither a positive
+nor the query itself. ``rank_range=(start, end)`` keeps ranks ``start <= r < end`` (1-based), so the
+default ``(10, 100)`` skips the top 9 — the likeliest unjudged relevant passages — and offers 90.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..data.groups import GroupsBuilder, TrainingGroups
+from ..errors import ConfigError, LeadkdError
+from .pipeline import Embeddings, encode_corpus
+from .search import exact_search
+
+#: Queries searched per pass over the corpus vectors: bounds the [Q, depth] results, not the passes' cost.
+SEARCH_CHUNK = 65536
+#: Short queries listed by id in the report.
+SHORT_EXAMPLES = 10
+
+
+@dataclass
+class MiningReport:
+    """What mining did, so a user can see whether the groups are what they expect."""
+
+    queries_judged: int = 0          # queries with judgments in the split's qrels
+    processed: int = 0               # groups written
+    skipped_no_positive: int = 0     # judged, but nothing >= min_rel in the corpus
+    skipped_no_query: int = 0        # judged, but absent from the queries
+    positives_excluded: int = 0      # judged positives kept out of the candidates
+    self_excluded: int = 0           # queries whose own id is a corpus passage (kept out too)
+    positives_not_in_corpus: int = 0  # judged positive ids the corpus does not hold
+    short_queries: int = 0           # got fewer than `negatives` candidates in range
+    missing_negatives: int = 0       # sum over short queries of how many they lacked
+    fewest_negatives: int | None = None  # smallest number of negatives a group got
+    short_examples: list[tuple[str, int]] = field(default_factory=list)  # (query id, negatives got)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["short_examples"] = [list(x) for x in self.short_examples]
+        return out
+
+    def summary(self) -> str:
+        """One line for the terminal."""
+        text = (f"{self.processed} groups from {self.queries_judged} judged queries; "
+                f"skipped {self.skipped_no_positive} without a positive, {self.skipped_no_query} without text; "
+                f"{self.positives_excluded} positives excluded from candidates")
+        if self.short_queries:
+            text += (f"; {self.short_queries} queries short of negatives by {self.missing_negatives} in all "
+                     f"(fewest: {self.fewest_negatives})")
+        return text
+
+
+def _check_settings(depth: int, rank_range: tuple[int, int], negatives: int, num_docs: int) -> None:
+    start, end = rank_range
+    if depth < 1:
+        raise ConfigError(f"depth must be >= 1, got {depth}")
+    if not 1 <= start < end <= depth + 1:
+        raise ConfigError(f"rank range ({start}, {end}) must satisfy 1 <= start < end <= depth + 1 = {depth + 1} "
+                          "(1-based ranks, start included, end excluded)")
+    if negatives < 1:
+        raise ConfigError(f"negatives must be >= 1, got {negatives}")
+    if num_docs == 0:
+        raise LeadkdError("the corpus is empty: nothing to mine")
+
+
+def _corpus_vectors(model, corpus, corpus_embeddings: Embeddings | np.ndarray | None, batch_size: int,
+                    show_progress: bool) -> np.ndarray:
+    """The corpus vectors in corpus row order, encoding only when none were given."""
+    if corpus_embeddings is None:
+        return encode_corpus(model, corpus, batch_size=batch_size, show_progress=show_progress).vectors
+    if isinstance(corpus_embeddings, Embeddings):
+        ids = corpus_embeddings.ids
+        if len(ids) != len(corpus) or any(a != b for a, b in zip(ids, corpus.ids)):
+            raise LeadkdError(f"the corpus embeddings ({len(ids)} ids) are not of this corpus ({len(corpus)} "
+                              "passages) in its order")
+        return corpus_embeddings.vectors
+    vectors = corpus_embeddings
+    if vectors.ndim != 2 or len(vectors) != len(corpus):
+        raise LeadkdError(f"corpus embeddings of shape {tuple(vectors.shape)} do not match {len(corpus)} passages")
+    return vectors
+
+
+def _pick(candidates: np.ndarray, negatives: int, seed: int, query_id: str) -> np.ndarray:
+    """``negatives`` candidates uniformly without replacement, kept in rank order (hardest first).
+
+    Seeded per query id, so a query's negatives do not change when other queries are added or dropped.
+    """
+    if len(candidates) <= negatives:
+        return candidates
+    rng = np.random.default_rng([seed, zlib.crc32(query_id.encode("utf-8"))])
+    return candidates[np.sort(rng.choice(len(candidates), size=negatives, replace=False))]
+
+
+def mine_hard_negatives(model, dataset, depth: int = 200, rank_range: tuple[int, int] = (10, 100),
+                        negatives: int = 30, seed: int = 0, min_rel: int = 1, batch_size: int = 64,
+                        corpus_embeddings: Embeddings | np.ndarray | None = None, show_progress: bool = False,
+                        search_chunk: int = SEARCH_CHUNK) -> tuple[TrainingGroups, MiningReport]:
+    """Groups of (query, judged positives, sampled hard negatives) for every judged query of ``dataset``.
+
+    ``dataset`` has ``corpus``, ``queries`` and ``qrels``; the split's queries are those with judgments.
+    ``model`` needs ``encode_queries`` (and ``encode_passages`` unless ``corpus_embeddings`` — a saved
+    :class:`Embeddings` of this corpus or an array in corpus row order — is given). Negatives are sampled
+    from ranks ``rank_range`` of an exact top-``depth`` search with positives and the query's own id removed.
+    """
+    corpus, queries, qrels = dataset.corpus, dataset.queries, dataset.qrels
+    seed = int(seed)
+    if seed < 0:
+        raise ConfigError(f"seed must be >= 0, got {seed}")
+    _check_settings(depth, rank_range, negatives, len(corpus))
+    if search_chunk < 1:
+        raise ConfigError(f"search_chunk must be >= 1, got {search_chunk}")
+    start, end = rank_range
+    report = MiningReport(settings={"depth": depth, "rank_range": [start, end], "negatives": negatives,
+                                    "seed": seed, "min_rel": min_rel})
+
+    # Which queries can be mined: judged, with text, with at least one positive the corpus holds.
+    judged = list(qrels.items())
+    report.queries_judged = len(judged)
+    qrows = queries.lookup([str(q) for q, _ in judged]).tolist()
+    todo: list[tuple[str, int, list[int]]] = []  # (query id, query row, positive corpus rows)
+    for (qid, judgments), qrow in zip(judged, qrows):
+        qid = str(qid)
+        if qrow < 0:
+            report.skipped_no_query += 1
+            continue
+        relevant = [str(d) for d, r in judgments.items() if r >= min_rel]
+        rows = corpus.lookup(relevant).tolist() if relevant else []
+        positives = [r for r in rows if r >= 0]
+        report.positives_not_in_corpus += len(rows) - len(positives)
+        if not positives:
+            report.skipped_no_positive += 1
+            continue
+        todo.append((qid, qrow, positives))
+
+    builder = GroupsBuilder(corpus, queries)
+    if todo:
+        doc_vectors = _corpus_vectors(model, corpus, corpus_embeddings, batch_size, show_progress)
+        query_vectors = model.encode_queries([queries.text(r) for _, r, _ in todo], batch_size=batch_size,
+                                             show_progress=show_progress)
+        if query_vectors.shape[1] != doc_vectors.shape[1]:
+            raise LeadkdError(f"query vectors have {query_vectors.shape[1]} dimensions but passage vectors "
+                              f"{doc_vectors.shape[1]}: not the same model?")
+        self_rows = corpus.lookup([qid for qid, _, _ in todo]).tolist()
+        for lo in range(0, len(todo), search_chunk):
+            chunk = todo[lo:lo + search_chunk]
+            exclude = []
+            for (_, _, positives), own in zip(chunk, self_rows[lo:lo + search_chunk]):
+                banned = set(positives)
+                report.positives_excluded += len(banned)
+                if own >= 0:
+                    banned.add(own)
+                    report.self_excluded += 1
+                exclude.append(banned)
+            _, ranked = exact_search(query_vectors[lo:lo + len(chunk)], doc_vectors, depth, exclude=exclude)
+            for (qid, qrow, positives), banned, row in zip(chunk, exclude, ranked):
+                ranked_ok = row[row >= 0]
+                if banned.intersection(ranked_ok.tolist()):  # exact_search promises this never happens
+                    raise LeadkdError(f"internal error: an excluded passage was returned for query {qid!r}")
+                chosen = _pick(ranked_ok[start - 1:end - 1], negatives, seed, qid)
+                builder.add(qid, positives, chosen.tolist(), query_row=qrow)
+                _count_short(report, qid, len(chosen), negatives)
+    report.processed = len(builder)
+    if not len(builder):
+        raise LeadkdError(f"no query could be mined: {report.summary()}")
+    return builder.build(), report
+
+
+def _count_short(report: MiningReport, qid: str, got: int, wanted: int) -> None:
+    if report.fewest_negatives is None or got < report.fewest_negatives:
+        report.fewest_negatives = got
+    if got < wanted:
+        report.short_queries += 1
+        report.missing_negatives += wanted - got
+        if len(report.short_examples) < SHORT_EXAMPLES:
+            report.short_examples.append((qid, got))

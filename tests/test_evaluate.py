@@ -1,0 +1,129 @@
+"""Evaluation: hand-computed trec_eval values, the rel threshold, missing queries, ties, parsing and output files."""
+
+from __future__ import annotations
+
+import json
+import logging
+from math import log2
+
+import pytest
+
+from leadkd.errors import ConfigError, LeadkdError
+from leadkd.evaluate import DEFAULT_MEASURES, evaluate, format_table, parse_measures, write_metrics, write_per_query
+
+# One query; the run ranks d4 d1 d2 x d5 d8 (x unjudged); d6 and d7 are relevant but not retrieved.
+QRELS = {"q": {"d1": 0, "d2": 2, "d4": 1, "d5": 0, "d6": 3, "d7": 1, "d8": 3}}
+RUN = {"q": {"d4": 6.0, "d1": 5.0, "d2": 4.0, "x": 3.0, "d5": 2.0, "d8": 1.0}}
+
+
+def test_single_query_against_hand_computed_trec_eval():
+    aggregate, per_query = evaluate(RUN, QRELS, ["AP", "RR@10", "R@100", "nDCG@10", "P@5"])
+    # relevant (>= 1): d4 @1, d2 @3, d8 @6, plus d6, d7 unretrieved -> 5 relevant
+    assert aggregate["AP"] == pytest.approx((1 / 1 + 2 / 3 + 3 / 6) / 5)
+    assert aggregate["RR@10"] == pytest.approx(1.0)
+    assert aggregate["R@100"] == pytest.approx(3 / 5)
+    assert aggregate["P@5"] == pytest.approx(2 / 5)
+    dcg = 1 / log2(2) + 2 / log2(4) + 3 / log2(7)  # trec_eval: linear gain, log2(rank + 1)
+    ideal = 3 / log2(2) + 3 / log2(3) + 2 / log2(4) + 1 / log2(5) + 1 / log2(6)
+    assert aggregate["nDCG@10"] == pytest.approx(dcg / ideal)
+    assert per_query == [{"query_id": "q", **aggregate}]
+
+
+def test_rel_threshold_applies_to_binary_measures_only():
+    measures = parse_measures(["nDCG@10", "AP", "RR@10", "R@100", "P@5"], rel=2)
+    assert [str(m) for m in measures] == ["nDCG@10", "AP(rel=2)", "RR(rel=2)@10", "R(rel=2)@100", "P(rel=2)@5"]
+    aggregate, _ = evaluate(RUN, QRELS, ["nDCG@10", "AP", "RR@10", "R@100"], rel=2)
+    # relevant (>= 2): d2 @3, d8 @6, d6 unretrieved -> 3 relevant
+    assert aggregate["AP(rel=2)"] == pytest.approx((1 / 3 + 2 / 6) / 3)
+    assert aggregate["RR(rel=2)@10"] == pytest.approx(1 / 3)
+    assert aggregate["R(rel=2)@100"] == pytest.approx(2 / 3)
+    assert aggregate["nDCG@10"] == evaluate(RUN, QRELS, ["nDCG@10"])[0]["nDCG@10"]
+    # an explicit threshold in the name wins over rel
+    assert [str(m) for m in parse_measures(["AP(rel=3)"], rel=2)] == ["AP(rel=3)"]
+
+
+def test_missing_queries_count_as_zero_and_unjudged_queries_count(caplog):
+    qrels = {**QRELS, "absent": {"d1": 1}, "nothing-relevant": {"d1": 0}}
+    run = {**RUN, "nothing-relevant": {"d1": 1.0}, "no-qrels": {"d1": 1.0}}
+    with caplog.at_level(logging.WARNING, logger="leadkd.evaluate"):
+        aggregate, per_query = evaluate(run, qrels, ["AP", "RR@10"])
+    single, _ = evaluate(RUN, QRELS, ["AP", "RR@10"])
+    assert [row["query_id"] for row in per_query] == ["q", "absent", "nothing-relevant"]
+    assert per_query[1] == {"query_id": "absent", "AP": 0.0, "RR@10": 0.0}
+    assert per_query[2] == {"query_id": "nothing-relevant", "AP": 0.0, "RR@10": 0.0}
+    assert aggregate["AP"] == pytest.approx(single["AP"] / 3)
+    assert aggregate["RR@10"] == pytest.approx(single["RR@10"] / 3)
+    assert "1 of 3 qrels queries have no retrieved documents" in caplog.text
+    assert "no document with relevance >= 1" in caplog.text
+
+
+def test_ties_are_ranked_by_doc_id_descending_for_every_measure():
+    qrels = {"q": {"a": 1}}
+    run = {"q": {"a": 1.0, "b": 1.0, "c": 1.0}}  # trec_eval order: c, b, a
+    aggregate, _ = evaluate(run, qrels, ["RR", "RR@10", "AP", "P@1"])
+    assert aggregate == pytest.approx({"RR": 1 / 3, "RR@10": 1 / 3, "AP": 1 / 3, "P@1": 0.0})
+
+
+def test_default_measures_and_aggregate_is_mean_of_rows():
+    qrels = {"q1": {"a": 1}, "q2": {"b": 1, "c": 1}}
+    run = {"q1": {"x": 2.0, "a": 1.0}, "q2": {"b": 3.0}}
+    aggregate, rows = evaluate(run, qrels)
+    assert list(aggregate) == DEFAULT_MEASURES
+    for name in DEFAULT_MEASURES:
+        assert aggregate[name] == pytest.approx(sum(row[name] for row in rows) / 2)
+    assert rows[0]["RR@10"] == 0.5 and rows[1]["R@100"] == 0.5
+
+
+def test_parse_errors():
+    with pytest.raises(LeadkdError, match=r"unknown measure 'ndcg@10'.*did you mean 'nDCG@10'.*valid names: e\.g\."):
+        parse_measures(["ndcg@10"])
+    with pytest.raises(LeadkdError, match="unknown measure 'R@'"):
+        parse_measures(["R@"])
+    with pytest.raises(LeadkdError, match="unknown measure 'nDCG\\(rel=2\\)@10'"):
+        parse_measures(["nDCG(rel=2)@10"])
+    with pytest.raises(ConfigError):
+        parse_measures(["AP"], rel=0)
+    with pytest.raises(ConfigError):
+        parse_measures([])
+
+
+def test_input_errors():
+    with pytest.raises(LeadkdError, match="none of the run's 1 queries appear in the qrels"):
+        evaluate({"other": {"a": 1.0}}, QRELS)
+    with pytest.raises(LeadkdError, match="qrels hold no queries"):
+        evaluate(RUN, {})
+    with pytest.raises(LeadkdError, match="relevance 'high' is not an integer"):
+        evaluate(RUN, {"q": {"a": "high"}})
+
+
+def test_output_files_and_table(tmp_path):
+    aggregate, rows = evaluate(RUN, QRELS, ["nDCG@10", "AP(rel=2)"])
+    assert json.loads(write_metrics(aggregate, tmp_path / "m.json").read_text()) == aggregate
+    lines = write_per_query(rows, tmp_path / "q.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == rows
+    table = format_table(aggregate).splitlines()
+    assert table[0].split() == ["measure", "value"]
+    assert table[2].split() == ["nDCG@10", f"{aggregate['nDCG@10']:.4f}"]
+    assert table[3].startswith("AP(rel=2)")
+
+
+@pytest.mark.slow
+def test_matches_beir_style_pytrec_eval_on_real_qrels(data_dir):
+    """On a complete run, our numbers equal BEIR's recipe (pytrec_eval, mean over the run's queries)."""
+    import csv
+    import random
+
+    import pytrec_eval
+
+    folder = data_dir / "trec-dl19-passage-pool"
+    qrels: dict[str, dict[str, int]] = {}
+    with open(folder / "qrels" / "test.tsv", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle, delimiter="\t"):
+            qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
+    pool = sorted({d for docs in qrels.values() for d in docs})
+    rng = random.Random(0)
+    run = {q: {d: rng.random() for d in rng.sample(pool, 300)} for q in qrels}
+    ours, _ = evaluate(run, qrels, ["nDCG@10", "R@100", "AP", "RR"])
+    beir = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100", "map", "recip_rank"}).evaluate(run)
+    for name, key in [("nDCG@10", "ndcg_cut_10"), ("R@100", "recall_100"), ("AP", "map"), ("RR", "recip_rank")]:
+        assert ours[name] == pytest.approx(sum(v[key] for v in beir.values()) / len(beir), abs=1e-12)

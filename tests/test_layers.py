@@ -1,0 +1,199 @@
+"""Layer-pair selection: exact outputs of each strategy, random draws' properties, the schedule."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import pytest
+import torch
+
+from leadkd.distill.layers import LayerSchedule, parse_layer_map, select_layers
+from leadkd.errors import ConfigError, LeadkdError
+
+
+def gen(seed: int = 888) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- fixed strategies
+
+
+@pytest.mark.parametrize("student,teacher,k,expected", [
+    (6, 12, 5, [(1, 7), (2, 8), (3, 9), (4, 10), (5, 11)]),   # the paper code's 'last'
+    (3, 6, 2, [(1, 4), (2, 5)]),
+    (3, 6, 3, [(0, 3), (1, 4), (2, 5)]),
+])
+def test_last(student, teacher, k, expected):
+    assert select_layers("last", student, teacher, k) == expected
+
+
+@pytest.mark.parametrize("student,teacher,k,expected", [
+    (6, 12, 5, [(1, 0), (2, 2), (3, 4), (4, 6), (5, 8)]),     # the paper code's 'skip'
+    (3, 6, 3, [(0, 0), (1, 2), (2, 4)]),
+    (3, 6, 2, [(1, 0), (2, 2)]),
+    (12, 24, 6, [(6, 0), (7, 2), (8, 4), (9, 6), (10, 8), (11, 10)]),
+])
+def test_skip(student, teacher, k, expected):
+    assert select_layers("skip", student, teacher, k) == expected
+
+
+def test_skip_needs_enough_teacher_layers():
+    assert select_layers("skip", 4, 7, 4) == [(0, 0), (1, 2), (2, 4), (3, 6)]
+    with pytest.raises(ConfigError, match="needs 7 teacher layers; the teacher has 6"):
+        select_layers("skip", 6, 6, 4)
+
+
+@pytest.mark.parametrize("strategy", ["random", "last", "skip"])
+def test_k_larger_than_a_model_names_both_depths(strategy):
+    with pytest.raises(ConfigError, match="student has 6 layers and the teacher 12"):
+        select_layers(strategy, 6, 12, 7, gen())
+    with pytest.raises(ConfigError, match="student has 12 layers and the teacher 3"):
+        select_layers(strategy, 12, 3, 4, gen())
+    with pytest.raises(ConfigError, match=">= 1"):
+        select_layers(strategy, 6, 12, 0, gen())
+
+
+def test_unknown_strategy_and_missing_generator():
+    with pytest.raises(ConfigError, match="unknown layer selection 'randm'"):
+        select_layers("randm", 6, 12, 5, gen())
+    with pytest.raises(LeadkdError, match="seeded torch.Generator"):
+        select_layers("random", 6, 12, 5)
+
+
+# --------------------------------------------------------------------------- explicit maps
+
+
+def test_explicit_map_is_parsed_and_sorted():
+    assert select_layers("0:1,1:3,2:5", 6, 12, 5) == [(0, 1), (1, 3), (2, 5)]   # k is ignored for a map
+    assert select_layers(" 2:5 , 0:1 ", 3, 6, 2) == [(0, 1), (2, 5)]
+    assert parse_layer_map("5:11", 6, 12) == [(5, 11)]
+    assert parse_layer_map("0:3,1:2", 2, 4) == [(0, 3), (1, 2)]  # crossing pairs are the user's choice
+
+
+@pytest.mark.parametrize("text,match", [
+    ("0:1,", "malformed"),
+    (",", "malformed"),
+    ("0-1", "'0-1' is not student:teacher"),
+    ("a:b", "'a:b' is not student:teacher"),
+    ("0:1:2", "not student:teacher"),
+    ("6:1", r"pair 6:1 is out of range; the student has 6 layers \(0..5\) and the teacher 12 \(0..11\)"),
+    ("0:12", "pair 0:12 is out of range"),
+    ("-1:3", "pair -1:3 is out of range"),
+    ("0:1,0:2", "student layer 0 appears more than once"),
+    ("0:1,1:1", "teacher layer 1 appears more than once"),
+])
+def test_explicit_map_errors(text, match):
+    with pytest.raises(ConfigError, match=match):
+        select_layers(text, 6, 12, 5)
+
+
+def test_empty_map_is_an_error():
+    with pytest.raises(ConfigError, match="malformed"):
+        parse_layer_map("  ", 6, 12)
+
+
+# --------------------------------------------------------------------------- random
+
+
+def test_random_is_deterministic_for_a_seed_and_uses_exactly_two_permutations():
+    a, b = gen(7), gen(7)
+    draws_a = [select_layers("random", 6, 12, 5, a) for _ in range(20)]
+    draws_b = [select_layers("random", 6, 12, 5, b) for _ in range(20)]
+    assert draws_a == draws_b
+    assert len({tuple(d) for d in draws_a}) > 1  # it does change from draw to draw
+    # a process that draws the same way by hand stays in step (nothing else consumes the generator)
+    manual = gen(7)
+    torch.randperm(6, generator=manual), torch.randperm(12, generator=manual)
+    first = gen(7)
+    select_layers("random", 6, 12, 5, first)
+    assert torch.equal(first.get_state(), manual.get_state())
+
+
+def test_random_pairs_are_sorted_distinct_in_range_and_order_preserving():
+    g = gen(3)
+    for student, teacher, k in [(6, 12, 5), (3, 6, 3), (12, 24, 6), (4, 4, 4), (6, 12, 1)]:
+        for _ in range(50):
+            pairs = select_layers("random", student, teacher, k, g)
+            assert len(pairs) == k
+            students, teachers = [s for s, _ in pairs], [t for _, t in pairs]
+            assert students == sorted(set(students)) and teachers == sorted(set(teachers))
+            assert all(0 <= s < student for s in students) and all(0 <= t < teacher for t in teachers)
+
+
+def test_random_draws_are_roughly_uniform_and_can_take_final_layers():
+    g, draws = gen(11), 3000
+    students, teachers = Counter(), Counter()
+    for _ in range(draws):
+        for s, t in select_layers("random", 6, 12, 2, g):
+            students[s] += 1
+            teachers[t] += 1
+    # each student layer is chosen with probability 2/6 (expected 1000, sd ~26); teacher 2/12 (500, sd ~20)
+    assert set(students) == set(range(6)) and all(abs(c - 1000) < 150 for c in students.values())
+    assert set(teachers) == set(range(12)) and all(abs(c - 500) < 120 for c in teachers.values())
+
+
+def test_full_depth_random_is_every_layer():
+    assert select_layers("random", 3, 6, 3, gen())[-1][0] == 2
+    assert [s for s, _ in select_layers("random", 4, 4, 4, gen())] == [0, 1, 2, 3]
+
+
+# --------------------------------------------------------------------------- the schedule
+
+
+def reference_draws(n: int, seed: int = 888) -> list[list[tuple[int, int]]]:
+    g = gen(seed)
+    return [select_layers("random", 6, 12, 5, g) for _ in range(n)]
+
+
+def test_schedule_resamples_every_interval():
+    schedule = LayerSchedule("random", 6, 12, k=5, seed=888, resample_interval=10)
+    draws = reference_draws(4)
+    assert schedule.pairs == draws[0]
+    for step in range(40):
+        assert schedule.pairs_for_step(step) == draws[step // 10]
+
+
+def test_schedule_does_not_depend_on_the_calling_pattern():
+    every = LayerSchedule("random", 6, 12, resample_interval=3)
+    sparse = LayerSchedule("random", 6, 12, resample_interval=3)
+    for step in range(61):
+        pairs = every.pairs_for_step(step)
+        if step in (0, 7, 25, 60):
+            assert sparse.pairs_for_step(step) == pairs
+    with pytest.raises(ValueError, match="cannot go back"):
+        sparse.pairs_for_step(10)
+    with pytest.raises(ValueError):
+        sparse.pairs_for_step(-1)
+
+
+def test_schedule_without_resampling_and_fixed_strategies():
+    frozen = LayerSchedule("random", 6, 12, resample_interval=None)
+    assert frozen.pairs_for_step(1000) == reference_draws(1)[0]
+    skip = LayerSchedule("skip", 6, 12, k=5)
+    assert skip.pairs_for_step(0) == skip.pairs_for_step(95) == [(1, 0), (2, 2), (3, 4), (4, 6), (5, 8)]
+    explicit = LayerSchedule("0:1,5:11", 6, 12)
+    assert explicit.pairs_for_step(123) == [(0, 1), (5, 11)]
+    with pytest.raises(ConfigError, match="resample interval"):
+        LayerSchedule("random", 6, 12, resample_interval=0)
+
+
+def test_schedule_state_round_trip_continues_the_same_sequence():
+    original = LayerSchedule("random", 6, 12, k=4, seed=5, resample_interval=10)
+    original.pairs_for_step(23)
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = LayerSchedule("random", 6, 12, k=4, seed=5, resample_interval=10)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.pairs == original.pairs
+    for step in range(23, 90):
+        assert resumed.pairs_for_step(step) == original.pairs_for_step(step)
+
+
+def test_schedule_refuses_a_state_from_other_settings():
+    state = LayerSchedule("random", 6, 12, k=5, seed=1).state_dict()
+    with pytest.raises(LeadkdError, match="k 5 .now 3."):
+        LayerSchedule("random", 6, 12, k=3, seed=1).load_state_dict(state)
+    with pytest.raises(LeadkdError, match="seed 1 .now 2."):
+        LayerSchedule("random", 6, 12, k=5, seed=2).load_state_dict(state)
