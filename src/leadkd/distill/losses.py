@@ -17,7 +17,7 @@ against; it needs hidden states and one shared tokenizer, and says so when that 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -289,6 +289,7 @@ def lead_total_loss(
     response_weight: float = 1.0,
     layer_weight: float = 1.0,
     detach_teacher_targets: bool = False,
+    reduce_layer_ce: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """The whole LEAD objective of spec §2.5, term by term, from both models' layer scores.
 
@@ -307,6 +308,10 @@ def lead_total_loss(
     reported; detached and not in ``loss`` when the teacher is frozen), ``response_kl`` (the response
     term, whichever it is), ``layer_kl`` (the layer loss), and, detached for logging, ``layer_weights``,
     ``layer_pair_kl`` and ``teacher_layer_ce`` (``[K]`` each, empty without pairs).
+
+    ``reduce_layer_ce`` maps this process's per-pair teacher CE to the value the weights are built from;
+    in multi-process training it averages ell over processes (each process holds a slice of the queries),
+    so every process uses the weights one process would compute on the whole batch.
     """
     for name, scores in (("teacher", teacher_scores), ("student", student_scores)):
         if scores.dim() != 3:
@@ -337,6 +342,8 @@ def lead_total_loss(
         _check_positive("layer_temperature", layer_temperature)
         pair_kl, layer_ce = _layer_terms(teacher_scores, student_scores, labels, pairs, temperature,
                                          detach_teacher_targets)
+        if reduce_layer_ce is not None:
+            layer_ce = reduce_layer_ce(layer_ce)
         weights = _pair_weights(layer_ce, layer_temperature, reweight, layer_weight)
         layer = (weights * pair_kl).sum()
         total = total + layer

@@ -1,0 +1,278 @@
+"""leadkd.distributed: single-process no-ops, and two real gloo processes against one process on the whole batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from leadkd import distributed as D
+from leadkd.errors import LeadkdError
+
+WORLD, B, M, FEAT, DIM, LQ = 2, 3, 3, 5, 4, 4  # processes, queries/process, passages/query, widths, query tokens
+
+
+# --------------------------------------------------------------------------- single process
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in D._ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("world", [None, "1"])
+def test_single_process_context(clean_env, world):
+    if world is not None:
+        clean_env.setenv("WORLD_SIZE", world)
+    ctx = D.init_distributed(device="cpu")
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.is_distributed) == (0, 1, True, False)
+    assert ctx.device == torch.device("cpu") and ctx.backend is None
+    ctx.barrier()
+    ctx.cleanup()
+    assert not D.is_distributed() and D.get_rank() == 0 and D.get_world_size() == 1 and D.is_main_process()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2"}, "RANK is not:"),
+    ({"WORLD_SIZE": "two"}, "must be an integer"),
+    ({"WORLD_SIZE": "0"}, "must be >= 1"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "MASTER_ADDR is not"),
+    ({"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+     "outside 0..1"),
+])
+def test_bad_launch_environment_is_a_clear_error(clean_env, env, message):
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    with pytest.raises(LeadkdError, match=message):
+        D.init_distributed(device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_a_clear_error(clean_env):
+    with pytest.raises(LeadkdError, match="CUDA is not available"):
+        D.init_distributed(device="cuda")
+
+
+def test_single_process_helpers_are_identity():
+    x = torch.randn(3, 2, requires_grad=True)
+    assert D.gather_with_grad(x) is x
+    assert D.gather_padded(x, pad_value=0.0, dim=1) is x
+    assert D.broadcast_object({"pairs": [(0, 1)]}) == {"pairs": [(0, 1)]}
+    assert D.all_reduce_mean(2.5) == 2.5
+    mean = D.all_reduce_mean(x.sum())
+    assert not mean.requires_grad and torch.equal(mean, x.sum().detach())
+    assert D.main_process_only(lambda v: v + 1)(1) == 2
+    with D.main_process_first():
+        pass
+
+
+# --------------------------------------------------------------------------- two processes
+
+def _data() -> dict[str, torch.Tensor]:
+    """The global batch, identical in every process: features of queries, passages and their tokens."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [3 + 2 * r for r in range(WORLD)]  # passage token lengths differ per process (ColBERT case)
+    data = {
+        "queries": torch.randn(WORLD * B, FEAT, generator=g, dtype=torch.float64),
+        "passages": torch.randn(WORLD * B * M, FEAT, generator=g, dtype=torch.float64),
+        "query_tokens": torch.randn(WORLD * B, LQ, FEAT, generator=g, dtype=torch.float64),
+    }
+    for r, length in enumerate(lengths):
+        data[f"tokens{r}"] = torch.randn(B * M, length, FEAT, generator=g, dtype=torch.float64)
+        mask = torch.ones(B * M, length, dtype=torch.long)
+        mask[::2, -1] = 0  # some real padding inside each process's batch too
+        data[f"mask{r}"] = mask
+    return data
+
+
+def _encoder(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(FEAT, DIM).double()
+
+
+def _maxsim(q_tokens: torch.Tensor, p_tokens: torch.Tensor, p_mask: torch.Tensor) -> torch.Tensor:
+    """ColBERT scores [Q, P]: sum over query tokens of the max over real passage tokens."""
+    sim = torch.einsum("qid,pjd->qpij", q_tokens, p_tokens)
+    sim = sim.masked_fill(p_mask[None, :, None, :] == 0, -1e4)
+    return sim.max(dim=-1).values.sum(dim=-1)
+
+
+def _pad_cat(parts: list[torch.Tensor], value: float) -> torch.Tensor:
+    longest = max(part.shape[1] for part in parts)
+    return torch.cat([F.pad(part, (0, 0) * (part.dim() - 2) + (0, longest - part.shape[1]), value=value)
+                      for part in parts])
+
+
+def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.detach().clone() for name, p in module.named_parameters()}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ctx = D.init_distributed(device="cpu", timeout_s=60)
+    try:
+        _run_checks(ctx, Path(out_dir))
+    finally:
+        ctx.cleanup()
+
+
+def _run_checks(ctx: D.DistContext, out_dir: Path) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    rank, data, out = ctx.rank, _data(), {}
+    out["context"] = (ctx.rank, ctx.world_size, ctx.is_main, ctx.backend, ctx.device.type)
+    local_q = slice(rank * B, (rank + 1) * B)
+    local_p = slice(rank * B * M, (rank + 1) * B * M)
+    labels = (rank * B + torch.arange(B)) * M  # query i of rank r: positive at global column (r*B + i)*M
+
+    # Candidate order: gathered global passage ids are 0..W*B*M-1 in order, so the labels hit positives.
+    ids = D.gather_with_grad(torch.arange(B * M, dtype=torch.float64) + rank * B * M)
+    out["gathered_ids"] = ids
+    out["label_ids"] = ids[labels]
+
+    # Dual encoder: local queries against all gathered candidates, DDP averages the gradients.
+    model = DDP(_encoder(1))
+    emb = model(torch.cat([data["queries"][local_q], data["passages"][local_p]]))
+    q, p = emb[:B], emb[B:]
+    loss = F.cross_entropy(q @ D.gather_with_grad(p).T, labels)
+    loss.backward()
+    out["de_loss"] = D.all_reduce_mean(loss.detach())
+    out["de_grads"] = _grads(model.module)
+
+    # ColBERT-like: passage token lengths differ per process; states and masks padded and gathered.
+    model = DDP(_encoder(2))
+    tokens, mask = data[f"tokens{rank}"], data[f"mask{rank}"]
+    states = model(torch.cat([data["query_tokens"][local_q].reshape(-1, FEAT), tokens.reshape(-1, FEAT)]))
+    q_tokens = states[:B * LQ].reshape(B, LQ, DIM)
+    p_tokens = states[B * LQ:].reshape(B * M, tokens.shape[1], DIM)
+    all_tokens = D.gather_padded(p_tokens, pad_value=0.0, dim=1)
+    all_mask = D.gather_padded(mask, pad_value=0, dim=1)
+    out["cb_shapes"] = (tuple(all_tokens.shape), tuple(all_mask.shape))
+    loss = F.cross_entropy(_maxsim(q_tokens, all_tokens, all_mask), labels)
+    loss.backward()
+    out["cb_loss"] = D.all_reduce_mean(loss.detach())
+    out["cb_grads"] = _grads(model.module)
+
+    # The paper's way, for contrast: non-differentiable gather, local slot re-inserted, global loss.
+    model = DDP(_encoder(1))
+    emb = model(torch.cat([data["queries"][local_q], data["passages"][local_p]]))
+    slots_q = [torch.empty(B, DIM, dtype=torch.float64) for _ in range(WORLD)]
+    slots_p = [torch.empty(B * M, DIM, dtype=torch.float64) for _ in range(WORLD)]
+    torch.distributed.all_gather(slots_q, emb[:B].detach())
+    torch.distributed.all_gather(slots_p, emb[B:].detach())
+    slots_q[rank], slots_p[rank] = emb[:B], emb[B:]
+    all_q, all_p = torch.cat(slots_q), torch.cat(slots_p)
+    F.cross_entropy(all_q @ all_p.T, torch.arange(WORLD * B) * M).backward()
+    out["paper_grads"] = _grads(model.module)
+
+    # Unequal dim-0 sizes fail on every process alike (no hang).
+    try:
+        D.gather_with_grad(torch.zeros(rank + 1, 2))
+        out["unequal"] = "no error"
+    except ValueError as exc:
+        out["unequal"] = str(exc)
+
+    out["broadcast"] = D.broadcast_object({"pairs": [(rank, rank + 5)]})
+    out["mean_float"] = D.all_reduce_mean(float(rank))
+    out["mean_tensor"] = D.all_reduce_mean(torch.tensor([rank, 2.0 * rank]))
+    out["main_only"] = D.main_process_only(lambda: "written")()
+    shared = out_dir / "cache.txt"
+    with D.main_process_first():
+        if ctx.is_main:
+            shared.write_text("built by rank 0")
+        out["cache"] = shared.read_text()
+    ctx.barrier()
+    torch.save(out, out_dir / f"rank{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(out_dir: Path, timeout_s: float = 90.0) -> list[dict]:
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"  # fork skips re-importing torch
+    if method == "fork":
+        import torch._dynamo  # noqa: F401  DDP's first use imports it: once here, not once per child (~3 s)
+    context = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False,
+                                 start_method=method)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=0.5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {WORLD} gloo processes did not finish within {timeout_s:.0f} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    return _launch(tmp_path_factory.mktemp("dist"))
+
+
+def _reference() -> dict:
+    """One process, the concatenated global batch: what the two processes must reproduce."""
+    data, labels, ref = _data(), torch.arange(WORLD * B) * M, {}
+    model = _encoder(1)
+    emb = model(torch.cat([data["queries"], data["passages"]]))
+    loss = F.cross_entropy(emb[:WORLD * B] @ emb[WORLD * B:].T, labels)
+    loss.backward()
+    ref["de_loss"], ref["de_grads"] = loss.detach(), _grads(model)
+
+    model = _encoder(2)
+    tokens = _pad_cat([data[f"tokens{r}"] for r in range(WORLD)], 0.0)
+    mask = _pad_cat([data[f"mask{r}"] for r in range(WORLD)], 0)
+    states = model(torch.cat([data["query_tokens"].reshape(-1, FEAT), tokens.reshape(-1, FEAT)]))
+    q_tokens = states[:WORLD * B * LQ].reshape(WORLD * B, LQ, DIM)
+    p_tokens = states[WORLD * B * LQ:].reshape(tokens.shape[0], tokens.shape[1], DIM)
+    loss = F.cross_entropy(_maxsim(q_tokens, p_tokens, mask), labels)
+    loss.backward()
+    ref["cb_loss"], ref["cb_grads"] = loss.detach(), _grads(model)
+    return ref
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_two_processes_basics(two_ranks):
+    for rank, out in enumerate(two_ranks):
+        assert out["context"] == (rank, WORLD, rank == 0, "gloo", "cpu")
+        assert torch.equal(out["gathered_ids"], torch.arange(WORLD * B * M, dtype=torch.float64))
+        assert torch.equal(out["label_ids"], ((rank * B + torch.arange(B)) * M).double())
+        assert "same shape on every process" in out["unequal"]
+        assert out["broadcast"] == {"pairs": [(0, 5)]}
+        assert out["mean_float"] == pytest.approx(0.5)
+        assert torch.equal(out["mean_tensor"], torch.tensor([0.5, 1.0]))
+        assert out["main_only"] == ("written" if rank == 0 else None)
+        assert out["cache"] == "built by rank 0"
+
+
+def test_gathered_contrastive_loss_and_grads_equal_one_process(two_ranks):
+    ref = _reference()
+    for out in two_ranks:
+        for kind in ("de", "cb"):
+            assert _close(out[f"{kind}_loss"], ref[f"{kind}_loss"]), kind
+            for name, grad in ref[f"{kind}_grads"].items():
+                assert _close(out[f"{kind}_grads"][name], grad), (kind, name)
+        assert out["cb_shapes"] == ((WORLD * B * M, 3 + 2 * (WORLD - 1), DIM), (WORLD * B * M, 3 + 2 * (WORLD - 1)))
+
+
+def test_paper_style_gather_scales_gradients_by_one_over_world(two_ranks):
+    ref = _reference()
+    for out in two_ranks:
+        for name, grad in ref["de_grads"].items():
+            assert _close(out["paper_grads"][name], grad / WORLD), name
