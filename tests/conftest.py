@@ -55,14 +55,15 @@ TINY_WORDS = ("the a of and to in is for on with cell cells protein gene genes c
 
 
 def make_tiny_bert_folder(path: Path, words: list[str] = TINY_WORDS, layers: int = 2, hidden: int = 32,
-                          seed: int = 0, lowercase: bool = True) -> Path:
+                          seed: int = 0, lowercase: bool = True, dropout: float = 0.1, init_range: float = 0.02) -> Path:
     """Save a random BERT (``layers`` blocks, width ``hidden``) and its tokenizer as an HF folder."""
     from transformers import BertConfig, BertModel
 
     tokenizer = build_tiny_tokenizer(words, lowercase=lowercase)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128)
+                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, initializer_range=init_range)
     model = BertModel(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -81,3 +82,41 @@ def tiny_bert_other(tmp_path_factory) -> Path:
     words = [w.upper() for w in TINY_WORDS[::2]] + "alpha beta gamma delta tumour tumor".split()
     return make_tiny_bert_folder(tmp_path_factory.mktemp("tiny_bert_other"), words=words, layers=3, hidden=48,
                                  seed=1, lowercase=False)
+
+
+def make_tiny_beir(path: Path, docs: int = 24, queries: int = 12, seed: int = 0) -> Path:
+    """A small BEIR folder of word-salad passages; query i is judged relevant to passage i (train and dev)."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    words = TINY_WORDS
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 14))) for _ in range(docs)]
+    with open(path / "corpus.jsonl", "w") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"_id": f"d{i}", "title": "", "text": text}) + "\n")
+    with open(path / "queries.jsonl", "w") as f:
+        for i in range(queries):
+            f.write(json.dumps({"_id": f"q{i}", "text": " ".join(texts[i].split()[:4])}) + "\n")
+    (path / "qrels").mkdir(exist_ok=True)
+    for split, rows in (("train", range(queries)), ("dev", range(queries // 2))):
+        with open(path / "qrels" / f"{split}.tsv", "w") as f:
+            f.write("query-id\tcorpus-id\tscore\n")
+            for i in rows:
+                f.write(f"q{i}\td{i}\t1\n")
+    return path
+
+
+def make_tiny_groups(path: Path, queries: int = 12, docs: int = 24, negatives: int = 4, seed: int = 0) -> Path:
+    """A training-groups file over :func:`make_tiny_beir`'s ids: query i, positive d_i, random negatives."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(queries):
+            others = [f"d{j}" for j in range(docs) if j != i]
+            f.write(json.dumps({"query_id": f"q{i}", "positives": [f"d{i}"],
+                                "negatives": rng.sample(others, negatives)}) + "\n")
+    return path

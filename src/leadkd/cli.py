@@ -7,6 +7,7 @@ Errors the user can fix (:class:`leadkd.errors.LeadkdError`) print one line on s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -182,6 +183,50 @@ def cmd_evaluate(args) -> None:
     print(format_table(aggregate))
 
 
+def _run_training(args, kind: str) -> None:
+    from .config import load_config
+    from .distill.trainer import run_job
+
+    config = load_config(args.config, args.overrides, kind=kind)
+    result = run_job(config, resume=args.resume, log=_say)
+    if result.get("best"):
+        best = result["best"]
+        _say(f"best dev {best['metric']} = {best['value']:.4f} at step {best['step']}")
+
+
+def cmd_train(args) -> None:
+    """Train one model (dual encoder, ColBERT or cross-encoder) on ground truth: the warm-up stage."""
+    _run_training(args, "train")
+
+
+def cmd_distill(args) -> None:
+    """Distil a teacher into a dual-encoder student with LEAD (or a baseline loss)."""
+    _run_training(args, "distill")
+
+
+def cmd_mine(args) -> None:
+    """Mine hard negatives with a retriever; write a training-groups file."""
+    from .data.groups import write_training_groups
+    from .fileio import atomic_write
+    from .retrieval.mine import mine_hard_negatives
+
+    start, _, end = args.range.partition(":")
+    try:
+        rank_range = (int(start), int(end))
+    except ValueError:
+        raise LeadkdError(f"--range must look like 10:100, got {args.range!r}") from None
+    dataset = _load_data(args)
+    model = _load_model(args)
+    groups, report = mine_hard_negatives(model, dataset, depth=args.depth, rank_range=rank_range,
+                                         negatives=args.negatives, seed=args.seed, batch_size=args.batch_size,
+                                         show_progress=True)
+    write_training_groups(groups, args.output)
+    with atomic_write(Path(str(args.output) + ".report.json")) as handle:
+        handle.write(json.dumps(report.as_dict(), indent=2))
+    _say(report.summary())
+    _say(f"wrote {args.output} ({len(groups)} groups)")
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,6 +274,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="leadkd", help="run tag in the TREC file")
     p.add_argument("--output", required=True, help="run file to write")
     p.set_defaults(func=cmd_search)
+
+    for name, func, text in (("train", cmd_train, "train one model on ground truth (warm-up)"),
+                             ("distill", cmd_distill, "distil a teacher into a student with LEAD")):
+        p = commands.add_parser(name, help=text)
+        p.add_argument("--config", default=None, help="YAML or JSON config (see docs/configuration.md)")
+        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=5e-5")
+        p.set_defaults(func=func)
+
+    p = commands.add_parser("mine", help="mine hard negatives into a training-groups file")
+    _add_model_options(p)
+    _add_data_options(p, split_default="train")
+    p.add_argument("--depth", type=_positive("--depth"), default=200, help="passages retrieved per query")
+    p.add_argument("--range", default="10:100", help="ranks to sample negatives from, start:end (1-based, end excluded)")
+    p.add_argument("--negatives", type=_positive("--negatives"), default=30, help="negatives kept per query")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True, help="training-groups jsonl to write")
+    p.set_defaults(func=cmd_mine)
 
     p = commands.add_parser("evaluate", help="evaluate a TREC run with ir-measures")
     p.add_argument("--run", required=True, help="TREC run file")

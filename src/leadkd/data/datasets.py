@@ -177,6 +177,18 @@ def load_corpus(spec: str | os.PathLike, data_dir: str | os.PathLike | None = No
     raise _no_layout(target)
 
 
+def load_queries(spec: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Queries | None:
+    """Every query of a BEIR folder (``queries.jsonl``), so training groups may name queries by id alone.
+
+    None for other layouts (MS MARCO keeps one query file per split; groups then carry query texts).
+    """
+    target = resolve_dataset(spec, data_dir)
+    if isinstance(target, str) or not target.is_dir() or _layout(target) != "beir":
+        return None
+    path = _existing(target, "queries.jsonl")
+    return read_queries_jsonl(path) if path else None
+
+
 def _judged(queries: Queries, qrels: Qrels) -> Queries:
     rows = queries.lookup(list(qrels))
     rows.sort()

@@ -703,5 +703,7 @@ def group_loader(dataset: GroupDataset, batch_size: int, rank: int = 0, world_si
         raise LeadkdError(f"batch size must be >= 1, got {batch_size}")
     base = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
                               drop_last=drop_last)
+    # Its own generator: a DataLoader iterator otherwise draws a seed from torch's global RNG, which would
+    # shift dropout masks between a straight run and a resumed one.
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(base), collate_fn=collate_groups,
-                      drop_last=drop_last, num_workers=num_workers)
+                      drop_last=drop_last, num_workers=num_workers, generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,111 @@
+"""Training checkpoints: written whole or not at all, the last K kept, the newest good one resumed.
+
+A checkpoint is a folder ``step-00000100/`` holding each trained model as an ordinary model folder
+(``save_pretrained``: safetensors + settings) and ``state.pt`` with everything else a resumed run needs
+(optimizers, schedulers, RNG states, data position, layer-selection state). ``state.pt`` holds only
+tensors, numbers, strings and containers, so it is read with ``torch.load(weights_only=True)``: loading
+a checkpoint never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import LeadkdError
+from ..fileio import atomic_directory
+
+STATE_FILE = "state.pt"
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step draws from (dropout, shuffles), in a weights-only-loadable form."""
+    numpy_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": _python_state_to_tensor(random.getstate()),
+        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                  "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_python_state_from_tensor(state["python"]))
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state_to_tensor(state: tuple) -> dict[str, Any]:
+    version, internal, gauss = state
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss": gauss if gauss is None else float(gauss)}
+
+
+def _python_state_from_tensor(state: dict[str, Any]) -> tuple:
+    return state["version"], tuple(int(x) for x in state["internal"].tolist()), state["gauss"]
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, models: dict[str, Any], state: dict[str, Any],
+                    keep_last: int | None = None) -> Path:
+    """Write ``root/step-N`` atomically (models by ``save_pretrained``, ``state.pt``); prune old ones."""
+    root = Path(root)
+    target = root / checkpoint_name(step)
+    with atomic_directory(target) as tmp:
+        for name, model in models.items():
+            model.save_pretrained(tmp / name)
+        torch.save(state, tmp / STATE_FILE)
+    if keep_last:
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Checkpoint folders under ``root``, oldest first (temporary and half-written folders ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_state(folder: str | os.PathLike) -> dict[str, Any]:
+    """``state.pt`` of one checkpoint, weights-only."""
+    file = Path(folder) / STATE_FILE
+    if not file.is_file():
+        raise LeadkdError(f"{folder}: not a checkpoint (no {STATE_FILE})")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, bad pickle opcode, refused global, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LeadkdError(f"{file}: unreadable checkpoint state ({first})") from None
+
+
+def newest_checkpoint(root: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint whose state loads; a broken newer one is skipped with a warning."""
+    for folder in reversed(list_checkpoints(root)):
+        try:
+            return folder, load_state(folder)
+        except LeadkdError as exc:
+            warnings.warn(f"skipping a damaged checkpoint: {exc}", stacklevel=2)
+    return None

@@ -1,0 +1,502 @@
+"""The training loop of `leadkd train` (one model on ground truth) and `leadkd distill` (LEAD).
+
+Read it top to bottom: build the models, optimizers and data; then each step draws the layer pairs,
+encodes the batch with every model, gathers candidates across processes, scores, computes the pure
+losses of :mod:`leadkd.distill.losses`, and steps each trained model's optimizer; checkpoints, dev
+evaluation and logs happen between steps. A single process and ``torchrun`` run the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .. import distributed as dist
+from ..config import DistillConfig, TrainConfig, save_config
+from ..errors import ConfigError, LeadkdError
+from .checkpoint import newest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .layers import LayerSchedule
+from .losses import contrastive_loss, group_labels, lead_total_loss, own_group_scores
+from .views import EncodeForward, gather_passages, gathers_candidates, score
+
+Log = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------------------- models
+
+def load_model_for(config, path: str | None = None):
+    """A model of ``config.kind`` from ``path`` (default ``config.path``) with the config's overrides."""
+    from ..models.colbert import ColBERT
+    from ..models.cross_encoder import CrossEncoder
+    from ..models.dual_encoder import DualEncoder
+
+    path = path or config.path
+    common = {"trust_remote_code": config.trust_remote_code}
+    if config.kind == "dual_encoder":
+        return DualEncoder.from_pretrained(path, pooling=config.pooling, normalize=config.normalize,
+                                           max_query_length=config.max_query_length,
+                                           max_passage_length=config.max_passage_length, **common)
+    lengths = {key: value for key, value in (("max_query_length", config.max_query_length),
+                                             ("max_passage_length", config.max_passage_length)) if value}
+    if config.kind == "colbert":
+        return ColBERT.from_pretrained(path, **lengths, **common)
+    if config.kind == "cross_encoder":
+        length = config.max_passage_length
+        return CrossEncoder.from_pretrained(path, **({"max_length": length} if length else {}), **common)
+    raise ConfigError(f"unknown model kind {config.kind!r}")
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The Hugging Face encoder inside any leadkd model."""
+    return getattr(model, "backbone", None) or model.model
+
+
+def student_from_teacher(teacher: nn.Module, layers: tuple[int, ...], config) -> nn.Module:
+    """A dual-encoder student made of a subset of the teacher's blocks (DistilBERT/PROD-style init)."""
+    from ..models.dual_encoder import DEFAULTS, DualEncoder
+    from ..models.surgery import keep_layers
+
+    settings = dict(DEFAULTS)
+    if teacher.kind == "dual_encoder":
+        settings.update(teacher.settings())
+    overrides = {"pooling": config.pooling, "normalize": config.normalize,
+                 "max_query_length": config.max_query_length, "max_passage_length": config.max_passage_length}
+    settings.update({key: value for key, value in overrides.items() if value is not None})
+    return DualEncoder(keep_layers(backbone_of(teacher), layers), teacher.tokenizer, **settings)
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, eps: float) -> torch.optim.AdamW:
+    """AdamW with biases and LayerNorm weights exempt from weight decay (the paper's grouping)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, eps=eps)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the peak, then linear decay to 0 at ``total`` (as transformers' schedule)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Trained:
+    """One model the loop updates (or, for a frozen teacher, only runs)."""
+
+    name: str
+    model: nn.Module
+    forward: nn.Module
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+
+    @property
+    def trains(self) -> bool:
+        return self.optimizer is not None
+
+
+# ---------------------------------------------------------------------------------------- trainer
+
+@dataclass
+class StepResult:
+    loss: float
+    terms: dict[str, float] = field(default_factory=dict)
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    pair_kl: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs one `train` or `distill` job described by a validated config."""
+
+    def __init__(self, config: TrainConfig | DistillConfig, resume: bool = False, log: Log | None = None,
+                 show_progress: bool = True):
+        self.config = config
+        self.distill = isinstance(config, DistillConfig)
+        self.ctx = dist.init_distributed()
+        self.log = log or (lambda message: print(message, flush=True))
+        self.show_progress = show_progress and self.ctx.is_main
+        self.output = Path(config.output_dir)
+        self.checkpoints = self.output / "checkpoints"
+        self.total_steps = int(config.optim.steps)
+        self.step = 0
+        self.epoch = 0
+        self.position = 0  # batches of the current epoch already consumed
+        self.best: dict[str, Any] = {}
+        resumed = newest_checkpoint(self.checkpoints) if resume else None
+        if resume and resumed is None:
+            self._say(f"no checkpoint under {self.checkpoints}; starting from the beginning")
+        self._build(resumed)
+
+    # ------------------------------------------------------------------ building
+    def _say(self, message: str) -> None:
+        if self.ctx.is_main:
+            self.log(message)
+
+    def _build(self, resumed) -> None:
+        from ..data.datasets import load_corpus, load_queries
+        from ..data.groups import GroupDataset, group_loader, read_training_groups
+
+        cfg = self.config
+        torch.manual_seed(cfg.seed + self.ctx.rank)
+        if self.ctx.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output / "config.yaml")
+        corpus = load_corpus(cfg.data.corpus)
+        groups = read_training_groups(cfg.data.train_groups, corpus=corpus, queries=load_queries(cfg.data.corpus))
+        self.corpus_spec = cfg.data.corpus
+        self.dataset = GroupDataset(groups, negatives=cfg.data.num_negatives, seed=cfg.seed,
+                                    random_positive=cfg.data.shuffle_positives)
+        per_step = cfg.optim.batch_size * self.ctx.world_size
+        if len(self.dataset) < per_step:
+            raise ConfigError(f"{cfg.data.train_groups}: {len(self.dataset)} usable groups, fewer than one global "
+                              f"batch ({cfg.optim.batch_size} x {self.ctx.world_size} processes)")
+        self.loader = group_loader(self.dataset, cfg.optim.batch_size, rank=self.ctx.rank,
+                                   world_size=self.ctx.world_size, seed=cfg.seed)
+        ckpt = resumed[0] if resumed else None
+        self.models: dict[str, Trained] = {}
+        if self.distill:
+            self._build_distill(ckpt)
+        else:
+            model = load_model_for(cfg.model, str(ckpt / "model") if ckpt else None)
+            self.models["model"] = self._wrap("model", model, trains=True, lr=cfg.optim.lr)
+        self.schedule = None
+        if self.distill and cfg.loss.layer == "lead":
+            student, teacher = self.models["student"].model, self.models["teacher"].model
+            self.schedule = LayerSchedule(cfg.layers.strategy, student.num_layers, teacher.num_layers,
+                                          k=cfg.layers.k, seed=cfg.seed, resample_interval=cfg.layers.resample_every)
+        elif self.distill and cfg.loss.layer == "hidden_mse":
+            raise ConfigError("loss.layer=hidden_mse is not available in the trainer yet; use lead or none")
+        if resumed:
+            self._restore(resumed[1])
+            self._say(f"resumed from {ckpt} at step {self.step}")
+
+    def _build_distill(self, ckpt: Path | None) -> None:
+        cfg = self.config
+        teacher_path = str(ckpt / "teacher") if ckpt and cfg.teacher.train else None
+        teacher = load_model_for(cfg.teacher, teacher_path)
+        if ckpt:
+            student = load_model_for(cfg.student, str(ckpt / "student"))
+        elif cfg.student.init_teacher_layers:
+            student = student_from_teacher(teacher, cfg.student.init_teacher_layers, cfg.student)
+        else:
+            student = load_model_for(cfg.student)
+        if student.kind != "dual_encoder":
+            raise ConfigError(f"student.kind: the student must be a dual_encoder, got {student.kind!r}")
+        self.models["student"] = self._wrap("student", student, trains=True, lr=cfg.optim.lr)
+        self.models["teacher"] = self._wrap("teacher", teacher, trains=cfg.teacher.train,
+                                            lr=cfg.optim.teacher_lr or cfg.optim.lr)
+
+    def _wrap(self, name: str, model: nn.Module, trains: bool, lr: float) -> Trained:
+        cfg = self.config.optim
+        model.to(self.ctx.device)
+        if cfg.gradient_checkpointing and trains:
+            backbone_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        forward: nn.Module = EncodeForward(model)
+        if not trains:
+            model.eval()
+            model.requires_grad_(False)
+            return Trained(name, model, forward)
+        model.train()
+        if self.ctx.is_distributed:
+            device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+            forward = nn.parallel.DistributedDataParallel(forward, device_ids=device_ids)
+        optimizer = make_optimizer(model, lr, cfg.weight_decay, cfg.adam_eps)
+        warmup = int(cfg.warmup_ratio * self.total_steps)
+        return Trained(name, model, forward, optimizer, linear_schedule(optimizer, warmup, self.total_steps))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state = {"step": self.step, "epoch": self.epoch, "position": self.position, "best": dict(self.best),
+                 "world_size": self.ctx.world_size, "rng": rng_state(),
+                 "optimizers": {n: t.optimizer.state_dict() for n, t in self.models.items() if t.trains},
+                 "schedulers": {n: t.scheduler.state_dict() for n, t in self.models.items() if t.trains}}
+        if self.schedule is not None:
+            state["layers"] = self.schedule.state_dict()
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if state["world_size"] != self.ctx.world_size:
+            raise LeadkdError(f"the checkpoint was written by {state['world_size']} processes, this run has "
+                              f"{self.ctx.world_size}; resume with the same number")
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.best = dict(state["best"])
+        for name, trained in self.models.items():
+            if trained.trains:
+                trained.optimizer.load_state_dict(state["optimizers"][name])
+                trained.scheduler.load_state_dict(state["schedulers"][name])
+        if self.schedule is not None:
+            self.schedule.load_state_dict(state["layers"])
+        set_rng_state(state["rng"])
+
+    def save(self) -> Path | None:
+        """Checkpoint the current step (rank 0 writes; everyone waits)."""
+        path = None
+        if self.ctx.is_main:
+            models = {n: t.model for n, t in self.models.items() if t.trains}
+            path = save_checkpoint(self.checkpoints, self.step, models, self.state_dict(),
+                                   keep_last=self.config.checkpoint.keep_last)
+        self.ctx.barrier()
+        return path
+
+    # ------------------------------------------------------------------ data
+    def _batches(self) -> Iterator[Any]:
+        """Batches forever, from the saved (epoch, position); every epoch reshuffled via set_epoch."""
+        while True:
+            self.loader.sampler.set_epoch(self.epoch)
+            for index, batch in enumerate(self.loader):
+                if index < self.position:
+                    continue  # resumed mid-epoch: the same batches as before, skipped cheaply
+                self.position = index + 1
+                yield batch
+            self.epoch += 1
+            self.position = 0
+
+    # ------------------------------------------------------------------ one step
+    def _layers_for(self, pairs: list[tuple[int, int]]) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+        """Student and teacher layers to compute (the chosen ones plus each last), and the pairs as
+        positions into those lists."""
+        student, teacher = self.models["student"].model, self.models["teacher"].model
+        s_layers = sorted({s for s, _ in pairs} | {student.num_layers - 1})
+        t_layers = sorted({t for _, t in pairs} | {teacher.num_layers - 1})
+        positions = [(s_layers.index(s), t_layers.index(t)) for s, t in pairs]
+        return s_layers, t_layers, positions
+
+    def _candidates(self, student_enc, teacher_enc, batch, teacher_kind: str, in_batch: bool, cross: bool):
+        """Scores of both models over one candidate set, and each query's positive column in it."""
+        size, count = batch.group_size, len(batch.queries)
+        if not gathers_candidates(teacher_kind):  # cross-encoder: each query's own group (spec §2.3)
+            student_scores = own_group_scores(score(student_enc, "dual_encoder"), size)
+            return student_scores, score(teacher_enc, teacher_kind), group_labels(count, size, in_batch=False)
+        offset = 0
+        if cross and self.ctx.is_distributed:
+            student_enc = gather_passages(student_enc, "dual_encoder", with_grad=True)
+            teacher_enc = gather_passages(teacher_enc, teacher_kind, with_grad=self.models["teacher"].trains)
+            offset = self.ctx.rank * count
+        student_scores, teacher_scores = score(student_enc, "dual_encoder"), score(teacher_enc, teacher_kind)
+        if not in_batch:
+            return (own_group_scores(student_scores, size, offset), own_group_scores(teacher_scores, size, offset),
+                    group_labels(count, size, in_batch=False))
+        return student_scores, teacher_scores, group_labels(count, size, query_offset=offset)
+
+    def _distill_loss(self, batch, pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        cfg = self.config.loss
+        student, teacher = self.models["student"], self.models["teacher"]
+        s_layers, t_layers, positions = self._layers_for(pairs)
+        student_enc = student.forward(batch.queries, batch.passages, s_layers)
+        with contextlib.nullcontext() if teacher.trains else torch.no_grad():
+            teacher_enc = teacher.forward(batch.queries, batch.passages, t_layers)
+        student_scores, teacher_scores, labels = self._candidates(
+            student_enc, teacher_enc, batch, teacher.model.kind, cfg.in_batch_negatives, cfg.cross_process_negatives)
+        reduce = dist.all_reduce_mean if self.ctx.is_distributed else None
+        return lead_total_loss(
+            teacher_scores, student_scores, labels.to(student_scores.device), positions,
+            train_teacher=teacher.trains, response=cfg.response, temperature=cfg.temperature,
+            layer_temperature=cfg.layer_temperature, reweight=cfg.reweight, student_weight=cfg.student_ce,
+            teacher_weight=cfg.teacher_ce, response_weight=cfg.response_weight, layer_weight=cfg.layer_weight,
+            detach_teacher_targets=cfg.detach_teacher_targets, reduce_layer_ce=reduce)
+
+    def _train_loss(self, batch) -> dict[str, torch.Tensor]:
+        cfg = self.config.loss
+        trained = self.models["model"]
+        kind = trained.model.kind
+        encoded = trained.forward(batch.queries, batch.passages, [trained.model.num_layers - 1])
+        size, count = batch.group_size, len(batch.queries)
+        if not gathers_candidates(kind):
+            scores, labels = score(encoded, kind)[-1], group_labels(count, size, in_batch=False)
+        else:
+            offset = 0
+            if cfg.cross_process_negatives and self.ctx.is_distributed:
+                encoded = gather_passages(encoded, kind, with_grad=True)
+                offset = self.ctx.rank * count
+            scores = score(encoded, kind)[-1]
+            labels = group_labels(count, size, query_offset=offset)
+            if not cfg.in_batch_negatives:
+                scores, labels = own_group_scores(scores, size, offset), group_labels(count, size, in_batch=False)
+        loss = contrastive_loss(scores, labels.to(scores.device))
+        return {"loss": loss, "ce": loss}
+
+    def train_step(self) -> StepResult:
+        """One optimizer step (over ``grad_accum`` micro-batches) of every trained model."""
+        cfg = self.config.optim
+        pairs = self.schedule.pairs_for_step(self.step) if self.schedule is not None else []
+        trained = [t for t in self.models.values() if t.trains]
+        totals: dict[str, float] = {}
+        weights = pair_kl = None
+        autocast = torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+        for micro in range(cfg.grad_accum):
+            batch = next(self._iterator)
+            last = micro == cfg.grad_accum - 1
+            syncs = [t.forward.no_sync() for t in trained
+                     if not last and isinstance(t.forward, nn.parallel.DistributedDataParallel)]
+            with contextlib.ExitStack() as stack:
+                for sync in syncs:
+                    stack.enter_context(sync)
+                with autocast:
+                    terms = self._distill_loss(batch, pairs) if self.distill else self._train_loss(batch)
+                loss = terms["loss"]
+                if not torch.isfinite(loss.detach()):
+                    self._non_finite(loss)
+                (loss / cfg.grad_accum).backward()
+            for name, value in terms.items():
+                if value.dim() == 0:
+                    totals[name] = totals.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
+            weights, pair_kl = terms.get("layer_weights"), terms.get("layer_pair_kl")
+        for t in trained:
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.max_grad_norm)
+            t.optimizer.step()
+            t.scheduler.step()
+            t.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.ctx.is_distributed:
+            totals = {name: dist.all_reduce_mean(value) for name, value in totals.items()}
+        return StepResult(loss=totals["loss"], terms=totals, pairs=list(pairs),
+                          weights=[] if weights is None else [float(w) for w in weights],
+                          pair_kl=[] if pair_kl is None else [float(k) for k in pair_kl])
+
+    def _non_finite(self, loss: torch.Tensor) -> None:
+        last = newest_checkpoint(self.checkpoints)
+        where = f"the last good checkpoint is {last[0]}" if last else "no checkpoint was written yet"
+        raise LeadkdError(f"the loss became {float(loss.detach())} at step {self.step + 1}; {where}")
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float] | None:
+        """Dev-split retrieval quality of the (student) dual encoder; None where there is nothing to run."""
+        cfg = self.config.eval
+        model = self.models["student" if self.distill else "model"].model
+        if cfg.split is None or model.kind != "dual_encoder":
+            return None
+        result = None
+        if self.ctx.is_main:
+            result = evaluate_retriever(model, self.corpus_spec, cfg.split, cfg.metric, cfg.k, cfg.max_queries)
+        self.ctx.barrier()
+        return result
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        """Train to ``optim.steps``; returns the final and best dev metrics (if any)."""
+        cfg = self.config
+        self._iterator = self._batches()
+        log_file = self.output / "metrics.jsonl"
+        if self.ctx.is_main:
+            _truncate_log(log_file, self.step)
+        if self.step == 0 and cfg.eval.split is not None:
+            start = self.evaluate()  # every process enters: it waits at a barrier while rank 0 evaluates
+            if start is not None and self.ctx.is_main:
+                self._write(log_file, {"step": 0, "eval": start})
+                self._say(f"step 0: dev {start}")
+        progress = None
+        if self.show_progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=self.step, desc="distill" if self.distill else "train",
+                            unit="step")
+        started = time.perf_counter()
+        while self.step < self.total_steps:
+            result = self.train_step()
+            record = {"step": self.step, "epoch": self.epoch, "loss": result.loss, **result.terms,
+                      "lr": {n: t.scheduler.get_last_lr()[0] for n, t in self.models.items() if t.trains},
+                      "seconds": round(time.perf_counter() - started, 3)}
+            if result.pairs:
+                record.update(pairs=result.pairs, layer_weights=result.weights, layer_pair_kl=result.pair_kl)
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                self._write(log_file, record)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{result.loss:.4f}")
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps:
+                self._eval_and_keep_best(log_file)
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:
+                self.save()
+        if progress is not None:
+            progress.close()
+        final = self._eval_and_keep_best(log_file)
+        self.save()
+        self._save_final()
+        return {"final": final, "best": self.best}
+
+    def _eval_and_keep_best(self, log_file: Path) -> dict[str, float] | None:
+        result = self.evaluate()
+        if result is None or not self.ctx.is_main:
+            return result
+        metric = self.config.eval.metric
+        self._write(log_file, {"step": self.step, "eval": result})
+        self._say(f"step {self.step}: dev {metric} = {result[metric]:.4f}")
+        if not self.best or result[metric] > self.best["value"]:
+            self.best = {"step": self.step, "value": result[metric], "metric": metric}
+            self.models["student" if self.distill else "model"].model.save_pretrained(self.output / "best")
+        return result
+
+    def _save_final(self) -> None:
+        if not self.ctx.is_main:
+            return
+        for name, trained in self.models.items():
+            if trained.trains:
+                trained.model.save_pretrained(self.output / ("final" if name in ("student", "model") else f"final-{name}"))
+        self._say(f"wrote {self.output / 'final'}" + (f"; best dev step {self.best['step']} in {self.output / 'best'}"
+                                                      if self.best else ""))
+
+    def _write(self, log_file: Path, record: dict[str, Any]) -> None:
+        if self.ctx.is_main:
+            with open(log_file, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.ctx.cleanup()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint we resumed from (they will be redone)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+
+def evaluate_retriever(model, corpus_spec: str, split: str, metric: str = "nDCG@10", k: int = 100,
+                       max_queries: int | None = None) -> dict[str, float]:
+    """Full-corpus retrieval of a split's queries by a dual encoder, scored with ir-measures."""
+    from ..data.datasets import load_dataset
+    from ..evaluate import evaluate
+    from ..retrieval.pipeline import encode_corpus, encode_queries, search_run
+
+    dataset = load_dataset(corpus_spec, split=split)
+    queries, qrels = dataset.queries, dataset.qrels
+    if max_queries and len(queries) > max_queries:
+        queries = queries.subset(range(max_queries))
+        keep = {queries.id_at(i) for i in range(len(queries))}
+        qrels = type(qrels)({q: d for q, d in qrels.items() if q in keep})
+    docs = encode_corpus(model, dataset.corpus, show_progress=False)
+    run = search_run(encode_queries(model, queries, show_progress=False), docs, k)
+    measures = [metric] + [m for m in ("R@100",) if m != metric]
+    aggregate, _ = evaluate(run, qrels, measures=measures)
+    return aggregate
+
+
+def run_job(config: TrainConfig | DistillConfig, resume: bool = False, log: Log | None = None) -> dict[str, Any]:
+    """Build a trainer, train, clean up — what `leadkd train` and `leadkd distill` call."""
+    trainer = Trainer(config, resume=resume, log=log)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+

@@ -1,0 +1,90 @@
+"""How each model kind turns a batch of texts into per-layer scores during training.
+
+Training needs one step more than ``layer_scores``: with several processes, each one encodes its own
+queries and passages, the passage side is gathered from every process (autograd-aware, so gradients
+reach the process that owns each passage), and only then is everything scored. This module holds that
+split — ``encode`` (what a DistributedDataParallel wrapper calls as ``forward``), ``gather``, ``score``
+— once per kind, so the trainer itself never asks what kind of model it holds.
+
+    dual encoder   encode → pooled vectors ``[L', N, d]``; gather passages; inner products
+    ColBERT        encode → token states per layer + passage mask; gather both (padded); MaxSim
+    cross-encoder  encode → scores ``[L', Q, G]`` of each query's own group; nothing to gather
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .. import distributed as dist
+from ..models.colbert import maxsim_scores
+from ..models.dual_encoder import pair_scores
+
+
+@dataclass
+class Encoded:
+    """One model's view of a batch, for the layers it was asked for."""
+
+    queries: object = None          # DE: [L', Q, d]; ColBERT: list of [Q, Tq, d_l]
+    passages: object = None         # DE: [L', P, d]; ColBERT: list of [P, Tp, d_l]
+    passage_mask: torch.Tensor | None = None
+    scores: torch.Tensor | None = None  # cross-encoder: [L', Q, G] directly
+
+
+class EncodeForward(nn.Module):
+    """Wraps a model so that one ``forward`` encodes a whole batch — the call DDP needs to see."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, queries: Sequence[str], passages: Sequence[str], layers: Sequence[int]) -> Encoded:
+        model, kind = self.model, self.model.kind
+        if kind == "dual_encoder":
+            return Encoded(queries=model.layer_embeddings(queries, "query", layers),
+                           passages=model.layer_embeddings(passages, "passage", layers))
+        if kind == "colbert":
+            q_states, _ = model.query_layer_states(queries, layers)
+            p_states, p_mask = model.passage_layer_states(passages, layers)
+            return Encoded(queries=q_states, passages=p_states, passage_mask=p_mask)
+        if kind == "cross_encoder":
+            return Encoded(scores=model.layer_scores(queries, passages, layers))
+        raise TypeError(f"no training view for model kind {kind!r}")
+
+
+def gathers_candidates(kind: str) -> bool:
+    """Whether a kind scores every query against the whole batch (DE, ColBERT) or its own group (CE)."""
+    return kind != "cross_encoder"
+
+
+def gather_passages(encoded: Encoded, kind: str, with_grad: bool) -> Encoded:
+    """Passages of every process (this process's slice in its rank's place); queries stay local."""
+    if not dist.is_distributed() or not gathers_candidates(kind):
+        return encoded
+    gather = dist.gather_with_grad if with_grad else _gather_no_grad
+    if kind == "dual_encoder":
+        passages = gather(encoded.passages.transpose(0, 1).contiguous()).transpose(0, 1)
+        return Encoded(queries=encoded.queries, passages=passages)
+    # ColBERT: sequence lengths differ per process, so pad to the longest before gathering; the mask
+    # travels with the states (the paper's code gathered states but kept the local mask: spec §7.4-1).
+    mask = dist.gather_padded(encoded.passage_mask.unsqueeze(-1).float(), pad_value=0.0, dim=1).squeeze(-1) > 0
+    states = [dist.gather_padded(s if with_grad else s.detach(), pad_value=0.0, dim=1) for s in encoded.passages]
+    return Encoded(queries=encoded.queries, passages=states, passage_mask=mask)
+
+
+def _gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return dist.gather_with_grad(tensor.detach())
+
+
+def score(encoded: Encoded, kind: str) -> torch.Tensor:
+    """``[L', Q, C]`` scores of the encoded (and gathered) batch."""
+    if kind == "dual_encoder":
+        return pair_scores(encoded.queries, encoded.passages)
+    if kind == "colbert":
+        return torch.stack([maxsim_scores(q, p, encoded.passage_mask)
+                            for q, p in zip(encoded.queries, encoded.passages)])
+    return encoded.scores

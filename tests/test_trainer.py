@@ -1,0 +1,219 @@
+"""The training loop: LEAD and warm-up jobs on tiny models, resume exactness, two processes vs one."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from leadkd.config import load_config
+from leadkd.distill.trainer import Trainer, run_job
+from leadkd.errors import LeadkdError
+
+from conftest import make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("trainer")
+    return {
+        "teacher": make_tiny_bert_folder(root / "teacher", layers=4, seed=5, dropout=0.1),
+        # Wide initial weights: distinct scores, so gradients are well above float noise.
+        "teacher_nodrop": make_tiny_bert_folder(root / "teacher_nodrop", layers=4, seed=5, dropout=0.0, init_range=0.3),
+        "data": make_tiny_beir(root / "data"),
+        "groups": make_tiny_groups(root / "groups.jsonl"),
+    }
+
+
+def distill_config(setup, output: Path, teacher: str = "teacher", **overrides):
+    values = {
+        "teacher.path": str(setup[teacher]), "teacher.max_query_length": 16, "teacher.max_passage_length": 32,
+        "student.init": "teacher_layers=[0,2]", "student.max_query_length": 16, "student.max_passage_length": 32,
+        "data.corpus": str(setup["data"]), "data.train_groups": str(setup["groups"]), "data.num_negatives": 3,
+        "optim.steps": 4, "optim.batch_size": 4, "optim.lr": 1e-3, "layers.k": 2, "layers.resample_every": 1,
+        "checkpoint.every": 2, "eval.split": None, "log_every": 1, "output_dir": str(output),
+    }
+    values.update(overrides)
+    return load_config(None, [f"{key}={json.dumps(value) if value is None else value}" for key, value in values.items()],
+                       kind="distill")
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def log_pairs(output: Path) -> list:
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["pairs"]) for row in rows if "pairs" in row]
+
+
+def test_distill_runs_and_writes_what_users_open(setup, tmp_path):
+    out = tmp_path / "run"
+    config = distill_config(setup, out, **{"eval.split": "dev", "eval.every": 2})
+    result = run_job(config, log=lambda m: None)
+    assert (out / "config.yaml").is_file() and load_config(out / "config.yaml", kind="distill") == config
+    for folder in ("final", "final-teacher", "best"):
+        assert (out / folder / "model.safetensors").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "loss" in row]
+    assert [row["step"] for row in steps] == [1, 2, 3, 4]
+    for row in steps:
+        assert {"student_ce", "teacher_ce", "response_kl", "layer_kl", "lr"} <= row.keys()
+        assert len(row["pairs"]) == 2 and abs(sum(row["layer_weights"]) - 1) < 1e-5
+    assert [row["step"] for row in rows if "eval" in row] == [0, 2, 4]
+    assert result["best"]["metric"] == "nDCG@10"
+    from leadkd.models import load_model
+
+    student = load_model(out / "final")
+    assert student.kind == "dual_encoder" and student.num_layers == 2
+
+
+def test_frozen_teacher_is_not_updated_and_gets_no_optimizer(setup, tmp_path):
+    config = distill_config(setup, tmp_path / "run", **{"teacher.train": False, "optim.steps": 2})
+    trainer = Trainer(config, log=lambda m: None)
+    teacher = trainer.models["teacher"]
+    assert not teacher.trains and not any(p.requires_grad for p in teacher.model.parameters())
+    before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    trainer._iterator = trainer._batches()
+    trainer.train_step()
+    assert all(torch.equal(before[k], v) for k, v in teacher.model.state_dict().items())
+    assert all(p.grad is None for p in teacher.model.parameters())
+    trainer.close()
+
+
+def test_resume_gives_the_same_weights_and_layers(setup, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_job(distill_config(setup, straight), log=lambda m: None)
+
+    first = Trainer(distill_config(setup, split), log=lambda m: None)  # "killed" after step 2
+    first._iterator = first._batches()
+    for _ in range(2):
+        first.train_step()
+    first.save()
+    first.close()
+    del first
+    resumed = Trainer(distill_config(setup, split), resume=True, log=lambda m: None)
+    assert resumed.step == 2
+    resumed.fit()
+    resumed.close()
+
+    for folder in ("final", "final-teacher"):
+        a, b = weights(straight / folder), weights(split / folder)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    assert log_pairs(straight)[2:] == log_pairs(split)
+
+
+def test_warm_up_job_for_every_model_kind(setup, tmp_path):
+    for kind, extra in (("dual_encoder", {}), ("colbert", {}), ("cross_encoder", {})):
+        out = tmp_path / kind
+        overrides = {"model.path": str(setup["teacher"]), "model.kind": kind, "model.max_query_length": 16,
+                     "model.max_passage_length": 32, "data.corpus": str(setup["data"]),
+                     "data.train_groups": str(setup["groups"]), "data.num_negatives": 3, "optim.steps": 2,
+                     "optim.batch_size": 4, "eval.split": "null", "output_dir": str(out), **extra}
+        config = load_config(None, [f"{k}={v}" for k, v in overrides.items()], kind="train")
+        run_job(config, log=lambda m: None)
+        from leadkd.models import load_model
+
+        assert load_model(out / "final").kind == kind
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert all(torch.isfinite(torch.tensor(row["loss"])) for row in rows if "loss" in row)
+
+
+def test_non_finite_loss_stops_with_the_step(setup, tmp_path, monkeypatch):
+    trainer = Trainer(distill_config(setup, tmp_path / "run"), log=lambda m: None)
+    trainer._iterator = trainer._batches()
+    trainer.train_step()
+    original = trainer._distill_loss
+
+    def poisoned(batch, pairs):
+        terms = original(batch, pairs)
+        terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(trainer, "_distill_loss", poisoned)
+    with pytest.raises(LeadkdError, match="at step 2; no checkpoint"):
+        trainer.train_step()
+    trainer.close()
+
+
+# ------------------------------------------------------------------ two gloo processes vs one process
+
+WORLD, LOCAL_BATCH = 2, 2
+
+
+def _first_step(config) -> dict:
+    """Loss, layer choice and raw gradients (before any clipping) of the first optimizer step."""
+    trainer = Trainer(config, log=lambda m: None, show_progress=False)
+    grads: dict[str, dict[str, torch.Tensor]] = {}
+    for name, trained in trainer.models.items():
+        if trained.trains:
+            def record(name=name, model=trained.model, step=trained.optimizer.step):
+                grads[name] = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+                return step()
+            trained.optimizer.step = record
+    trainer._iterator = trainer._batches()
+    result = trainer.train_step()
+    trainer.close()
+    return {"loss": result.loss, "terms": result.terms, "pairs": result.pairs, "weights": result.weights,
+            "grads": grads}
+
+
+def _worker(rank: int, port: int, setup: dict, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    config = distill_config(setup, Path(out_dir) / "ddp", "teacher_nodrop",
+                            **{"optim.batch_size": LOCAL_BATCH, "optim.max_grad_norm": None})
+    torch.save(_first_step(config), Path(out_dir) / f"rank{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_on_the_whole_batch(setup, tmp_path):
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    if method == "fork":
+        import torch._dynamo  # noqa: F401  imported once here rather than in each child
+    context = mp.start_processes(_worker, args=(_free_port(), setup, str(tmp_path)), nprocs=WORLD, join=False,
+                                 start_method=method)
+    deadline = time.monotonic() + 120
+    try:
+        while not context.join(timeout=0.5):
+            if time.monotonic() > deadline:
+                pytest.fail("the two gloo processes did not finish in time")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    single = _first_step(distill_config(setup, tmp_path / "single", "teacher_nodrop",
+                                        **{"optim.batch_size": WORLD * LOCAL_BATCH, "optim.max_grad_norm": None}))
+
+    for rank in ranks:  # every process agrees with the others and with one process on the whole batch
+        assert rank["pairs"] == single["pairs"]
+        assert rank["loss"] == pytest.approx(single["loss"], abs=1e-5)
+        for term, value in single["terms"].items():
+            assert rank["terms"][term] == pytest.approx(value, abs=1e-5), term
+        assert rank["weights"] == pytest.approx(single["weights"], abs=1e-6)
+        for model in ("student", "teacher"):
+            assert rank["grads"][model].keys() == single["grads"][model].keys()
+            # Each process pads its own batch, so float sums run in another order: compare by norms, each
+            # tensor against its own size plus a floor set by the whole model's gradient (some gradients,
+            # e.g. attention key biases, are zero in exact arithmetic and pure rounding here).
+            scale = torch.cat([g.flatten() for g in single["grads"][model].values()]).norm()
+            for key, grad in single["grads"][model].items():
+                error = (rank["grads"][model][key] - grad).norm()
+                assert error <= 1e-4 * grad.norm() + 1e-5 * scale, f"{model} {key}: |diff| {error:.3g}, |grad| {grad.norm():.3g}"
