@@ -103,10 +103,11 @@ def _say(message: str) -> None:
 def cmd_retrieve(args) -> None:
     """Encode the corpus and the split's queries, search exactly, write the run, evaluate."""
     from .data.runs import write_run
-    from .evaluate import evaluate, format_table, write_metrics, write_per_query
+    from .evaluate import evaluate, format_table, parse_measures, write_metrics, write_per_query
     from .retrieval.pipeline import encode_corpus, encode_queries, search_run
 
     started = time.perf_counter()
+    parse_measures(args.measures, rel=args.rel)  # a typo must fail before minutes of encoding
     dataset = _load_data(args)
     model = _load_model(args)
     _say(f"{dataset.name}/{dataset.split}: {len(dataset.corpus)} passages, {len(dataset.queries)} queries")
@@ -169,10 +170,11 @@ def cmd_evaluate(args) -> None:
     """Score a run file against qrels with ir-measures."""
     from .data.formats import read_qrels
     from .data.runs import read_run
-    from .evaluate import evaluate, format_table, write_metrics, write_per_query
+    from .evaluate import evaluate, format_table, parse_measures, write_metrics, write_per_query
 
     if (args.qrels is None) == (args.data is None):
         raise LeadkdError("pass either --qrels FILE or --data D --split S")
+    parse_measures(args.measures, rel=args.rel)
     qrels = read_qrels(args.qrels) if args.qrels else _load_data(args).qrels
     run = read_run(args.run)
     aggregate, per_query = evaluate(run, qrels, measures=args.measures, rel=args.rel)
@@ -227,17 +229,31 @@ def cmd_mine(args) -> None:
     _say(f"wrote {args.output} ({len(groups)} groups)")
 
 
+def cmd_report(args) -> None:
+    """Rebuild a finished run's report (report.md and plots) from its results and logs."""
+    from .report import build_report
+
+    _say(f"wrote {build_report(args.run_dir)}")
+
+
 # ---------------------------------------------------------------- parser
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the same one-line error format as every other leadkd error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"leadkd: error: {message} (see `{self.prog} --help`)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="leadkd", description="LEAD distillation and dense retrieval.")
+    parser = _Parser(prog="leadkd", description="LEAD distillation and dense retrieval.")
     parser.add_argument("--version", action="version", version=f"leadkd {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--threads", type=_positive("--threads"), default=None,
                         help="torch threads (default: torch's choice)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = commands.add_parser("retrieve", help="encode, search, write a run and evaluate, in one go")
     _add_model_options(p)
@@ -293,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="training-groups jsonl to write")
     p.set_defaults(func=cmd_mine)
 
+    p = commands.add_parser("report", help="rebuild report.md and plots of a finished run")
+    p.add_argument("run_dir", help="the run folder (e.g. the quickstart's --output)")
+    p.set_defaults(func=cmd_report)
+
     p = commands.add_parser("evaluate", help="evaluate a TREC run with ir-measures")
     p.add_argument("--run", required=True, help="TREC run file")
     p.add_argument("--qrels", default=None, help="qrels file (TREC, BEIR tsv or 2-column)")
@@ -319,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"leadkd: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:  # an output path that cannot be written: the user's to fix, not a bug
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"leadkd: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("leadkd: interrupted", file=sys.stderr)

@@ -39,15 +39,39 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         raise
 
 
+#: Files that mark a folder as something leadkd (or Hugging Face) wrote, and so may be replaced.
+REPLACEABLE_MARKERS = ("meta.json", "leadkd_config.json", "config.json", "modules.json", "state.pt")
+
+
+def check_replaceable(path: Path, markers: tuple[str, ...] = REPLACEABLE_MARKERS) -> None:
+    """Refuse to replace a file, or a non-empty folder that none of ``markers`` identifies as ours.
+
+    An output path that points at the user's own folder must never be deleted by a rewrite.
+    """
+    from .errors import LeadkdError
+
+    if path.is_file() or path.is_symlink():
+        raise LeadkdError(f"{path}: exists and is a file; choose another output folder")
+    if path.is_dir() and any(path.iterdir()) and not any((path / name).exists() for name in markers):
+        raise LeadkdError(f"{path}: exists and holds files leadkd did not write; refusing to replace it "
+                          "(choose another output folder, or empty this one)")
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Build a folder under a temporary name; on success it replaces ``path`` (the old one is removed)."""
+def atomic_directory(path: str | os.PathLike, markers: tuple[str, ...] = REPLACEABLE_MARKERS) -> Iterator[Path]:
+    """Build a folder under a temporary name; on success it replaces ``path`` (the old one is removed).
+
+    An existing ``path`` is replaced only if it is empty or holds one of ``markers`` (see
+    :func:`check_replaceable`); that is checked before any work is done.
+    """
     path = Path(path)
+    check_replaceable(path, markers)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        check_replaceable(path, markers)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")

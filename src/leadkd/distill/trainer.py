@@ -389,15 +389,15 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``optim.steps``; returns the final and best dev metrics (if any)."""
         cfg = self.config
+        if self.step >= self.total_steps and (self.output / "final").is_dir():
+            self._say(f"{self.output} already finished at step {self.step}; nothing to do")
+            return {"final": None, "best": self.best}
         self._iterator = self._batches()
         log_file = self.output / "metrics.jsonl"
         if self.ctx.is_main:
             _truncate_log(log_file, self.step)
         if self.step == 0 and cfg.eval.split is not None:
-            start = self.evaluate()  # every process enters: it waits at a barrier while rank 0 evaluates
-            if start is not None and self.ctx.is_main:
-                self._write(log_file, {"step": 0, "eval": start})
-                self._say(f"step 0: dev {start}")
+            self._eval_and_keep_best(log_file)  # the starting model competes for best/ too
         progress = None
         if self.show_progress:
             from tqdm.auto import tqdm
