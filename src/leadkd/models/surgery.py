@@ -27,20 +27,6 @@ def _find_blocks(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn
     raise ConfigError(f"cannot find the transformer blocks of a {type(model).__name__} to keep a subset of them")
 
 
-def parse_layer_list(text: str, depth: int) -> list[int]:
-    """``"teacher_layers=[0,2,4]"`` or ``"0,2,4"`` → ``[0, 2, 4]``, checked against the teacher's depth."""
-    body = text.split("=", 1)[1] if "=" in text else text
-    body = body.strip().strip("[]")
-    try:
-        layers = [int(part) for part in body.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"student init {text!r}: expected a list of layer numbers like teacher_layers=[0,2,4]") from None
-    if not layers:
-        raise ConfigError(f"student init {text!r}: no layers given")
-    check_layers(layers, depth)
-    return layers
-
-
 def check_layers(layers: Sequence[int], depth: int) -> None:
     """Layers must be distinct, increasing and inside the model."""
     if list(layers) != sorted(set(layers)):

@@ -1,0 +1,174 @@
+"""Training-step speed: LEAD vs response-only KD vs our contrastive step vs sentence-transformers'.
+
+Same student (all-MiniLM-L6-v2's blocks 0, 2, 4), same teacher (all-MiniLM-L6-v2, trained jointly as
+in the paper), same batch (B queries x (1 + n) SciFact passages), same lengths and threads, all in one
+process, interleaved, median of repeats. Reported as ratios:
+
+- LEAD / response-KD step time           (target <= 1.10)
+- sentence-transformers / ours, contrastive step of the student alone   (target >= 1.1)
+
+The sentence-transformers step is its MultipleNegativesRankingLoss (in-batch + hard negatives, scale
+20, the loss it trains retrievers with) on the same texts, then AdamW (ours: the same AdamW settings).
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/train_speed.py [--steps 5 --repeats 3]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_data(root: Path, docs: int, groups: int, negatives: int) -> tuple[Path, Path]:
+    """A SciFact slice as a BEIR folder and a training-groups file over it (random negatives)."""
+    import random
+
+    from leadkd.data.datasets import load_dataset
+    from leadkd.data.formats import write_beir_qrels, write_corpus_jsonl, write_queries_jsonl
+
+    data = load_dataset("scifact", split="train")
+    rng = random.Random(0)
+    query_rows = list(range(min(groups, len(data.queries))))
+    positives = [next(iter(data.qrels[data.queries.id_at(i)])) for i in query_rows]
+    keep = list(dict.fromkeys(positives + [data.corpus.id_at(i) for i in range(docs)]))
+    folder = root / "data"
+    write_corpus_jsonl(folder / "corpus.jsonl", data.corpus.subset([data.corpus.index(d) for d in keep]))
+    write_queries_jsonl(folder / "queries.jsonl", data.queries.subset(query_rows))
+    write_beir_qrels(folder / "qrels" / "train.tsv", {data.queries.id_at(i): {p: 1} for i, p in zip(query_rows, positives)})
+    groups_file = root / "groups.jsonl"
+    with open(groups_file, "w") as handle:
+        for i, positive in zip(query_rows, positives):
+            negs = rng.sample([d for d in keep if d != positive], negatives)
+            handle.write(json.dumps({"query_id": data.queries.id_at(i), "positives": [positive], "negatives": negs}) + "\n")
+    return folder, groups_file
+
+
+def make_trainer(kind: str, root: Path, args, folder: Path, groups: Path, student_dir: Path):
+    from leadkd.config import load_config
+    from leadkd.distill.trainer import Trainer
+
+    common = [f"data.corpus={folder}", f"data.train_groups={groups}", f"data.num_negatives={args.negatives}",
+              f"optim.batch_size={args.batch}", "optim.steps=100000", "eval.split=null", "checkpoint.every=null",
+              f"output_dir={root / kind}"]
+    lengths = [f"max_query_length={args.query_length}", f"max_passage_length={args.passage_length}"]
+    if kind == "contrastive":
+        config = load_config(None, common + [f"model.path={student_dir}"] + [f"model.{x}" for x in lengths], kind="train")
+    else:
+        layer = "lead" if kind == "lead" else "none"
+        config = load_config(None, common + ["teacher.path=all-MiniLM-L6-v2", f"student.path={student_dir}",
+                                             f"loss.layer={layer}", f"layers.k={args.k}"]
+                             + [f"teacher.{x}" for x in lengths] + [f"student.{x}" for x in lengths], kind="distill")
+    trainer = Trainer(config, log=lambda m: None, show_progress=False)
+    trainer._iterator = trainer._batches()
+    return trainer
+
+
+class SentenceTransformersStep:
+    """sentence-transformers' own contrastive training step on the same batches."""
+
+    def __init__(self, student_dir: Path, trainer, args):
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+        self.model = SentenceTransformer(str(student_dir), device="cpu")
+        self.model.max_seq_length = args.passage_length
+        self.model.train()
+        self.loss = MultipleNegativesRankingLoss(self.model)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-5, eps=1e-8, weight_decay=0.0)
+        self.batches = trainer._batches()
+        self.group = args.negatives + 1
+
+    def step(self) -> None:
+        batch = next(self.batches)
+        columns = [batch.queries] + [batch.passages[j::self.group] for j in range(self.group)]
+        features = [self.model.tokenize(texts) for texts in columns]
+        loss = self.loss(features, labels=None)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 2.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def time_steps(step, count: int) -> float:
+    started = time.perf_counter()
+    for _ in range(count):
+        step()
+    return (time.perf_counter() - started) / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--negatives", type=int, default=3)
+    parser.add_argument("--query-length", type=int, default=48)
+    parser.add_argument("--passage-length", type=int, default=128)
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per variant and repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", default=str(HERE / "results" / "train_speed.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    from leadkd.distill.trainer import student_from_teacher
+    from leadkd.models.dual_encoder import DualEncoder
+
+    root = Path(tempfile.mkdtemp(prefix="leadkd-train-speed-"))
+    folder, groups = make_data(root, docs=400, groups=200, negatives=args.negatives)
+    teacher = DualEncoder.from_pretrained("all-MiniLM-L6-v2", max_query_length=args.query_length,
+                                          max_passage_length=args.passage_length)
+
+    class Lengths:
+        max_query_length, max_passage_length, pooling, normalize = args.query_length, args.passage_length, None, None
+
+    student_dir = root / "student"
+    student_from_teacher(teacher, (0, 2, 4), Lengths).save_pretrained(student_dir)
+    variants = {name: make_trainer(name, root, args, folder, groups, student_dir)
+                for name in ("lead", "response_kd", "contrastive")}
+    steps = {name: trainer.train_step for name, trainer in variants.items()}
+    steps["sentence_transformers"] = SentenceTransformersStep(student_dir, variants["contrastive"], args).step
+    for step in steps.values():  # warm-up: first-call allocations, lazy imports
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for repeat in range(args.repeats):
+        for name, step in steps.items():
+            times[name].append(time_steps(step, args.steps))
+        print(f"repeat {repeat + 1}: " + ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times.items()), flush=True)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    result = {
+        "seconds_per_step": median,
+        "all_seconds": times,
+        "ratios": {"lead_over_response_kd": median["lead"] / median["response_kd"],
+                   "sentence_transformers_over_ours_contrastive": median["sentence_transformers"] / median["contrastive"]},
+        "setup": {"student": "all-MiniLM-L6-v2 blocks 0,2,4", "teacher": "all-MiniLM-L6-v2 (trained jointly)",
+                  "batch": f"{args.batch} queries x (1 + {args.negatives}) passages, in-batch negatives",
+                  "query_length": args.query_length, "passage_length": args.passage_length, "k": args.k,
+                  "threads": args.threads, "steps": args.steps, "repeats": args.repeats},
+        "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                     "sentence_transformers": __import__("sentence_transformers").__version__,
+                     "transformers": __import__("transformers").__version__},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["ratios"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
