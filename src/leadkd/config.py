@@ -56,6 +56,7 @@ class ModelConfig:
     normalize: bool | None = None
     max_query_length: int | None = None
     max_passage_length: int | None = None
+    similarity_scale: float | None = None
     trust_remote_code: bool = False
 
 
@@ -440,8 +441,9 @@ def _check_model(model: ModelConfig, prefix: str, need_path: bool = True) -> Non
     if need_path:
         _required_text(model, prefix, "path")
     _positive(model, prefix, "max_query_length", "max_passage_length", allow_none=True)
+    _positive(model, prefix, "similarity_scale", allow_none=True)
     if model.kind != "dual_encoder":
-        for name in ("pooling", "normalize"):
+        for name in ("pooling", "normalize", "similarity_scale"):
             if getattr(model, name) is not None:
                 _fail(prefix + name, f"only applies to a dual_encoder, not to a {model.kind}")
 

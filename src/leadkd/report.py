@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -371,16 +370,9 @@ def _figure(width: float, height: float):
 
 
 def _save_png(figure, path: Path) -> None:
-    """Render ``figure`` to a temporary file beside ``path`` and rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        figure.savefig(tmp, format="png", dpi=_DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Render ``figure`` atomically to ``path`` (a temporary file beside it, renamed into place)."""
+    with atomic_write(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=_DPI)
 
 
 def _moving_average(values: Sequence[float], window: int) -> list[float]:

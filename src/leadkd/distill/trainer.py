@@ -42,7 +42,8 @@ def load_model_for(config, path: str | None = None):
     if config.kind == "dual_encoder":
         return DualEncoder.from_pretrained(path, pooling=config.pooling, normalize=config.normalize,
                                            max_query_length=config.max_query_length,
-                                           max_passage_length=config.max_passage_length, **common)
+                                           max_passage_length=config.max_passage_length,
+                                           similarity_scale=config.similarity_scale, **common)
     lengths = {key: value for key, value in (("max_query_length", config.max_query_length),
                                              ("max_passage_length", config.max_passage_length)) if value}
     if config.kind == "colbert":
@@ -67,7 +68,8 @@ def student_from_teacher(teacher: nn.Module, layers: tuple[int, ...], config) ->
     if teacher.kind == "dual_encoder":
         settings.update(teacher.settings())
     overrides = {"pooling": config.pooling, "normalize": config.normalize,
-                 "max_query_length": config.max_query_length, "max_passage_length": config.max_passage_length}
+                 "max_query_length": config.max_query_length, "max_passage_length": config.max_passage_length,
+                 "similarity_scale": getattr(config, "similarity_scale", None)}
     settings.update({key: value for key, value in overrides.items() if value is not None})
     return DualEncoder(keep_layers(backbone_of(teacher), layers), teacher.tokenizer, **settings)
 
@@ -136,7 +138,7 @@ class Trainer:
         self.position = 0  # batches of the current epoch already consumed
         self.best: dict[str, Any] = {}
         resumed = newest_checkpoint(self.checkpoints) if resume else None
-        if resume and resumed is None:
+        if resume and resumed is None and self.checkpoints.is_dir():
             self._say(f"no checkpoint under {self.checkpoints}; starting from the beginning")
         self._build(resumed)
 

@@ -32,6 +32,7 @@ class Encoded:
     passages: object = None         # DE: [L', P, d]; ColBERT: list of [P, Tp, d_l]
     passage_mask: torch.Tensor | None = None
     scores: torch.Tensor | None = None  # cross-encoder: [L', Q, G] directly
+    scale: float = 1.0                  # dual encoder: its similarity scale (e.g. 20 for cosine models)
 
 
 class EncodeForward(nn.Module):
@@ -45,7 +46,8 @@ class EncodeForward(nn.Module):
         model, kind = self.model, self.model.kind
         if kind == "dual_encoder":
             return Encoded(queries=model.layer_embeddings(queries, "query", layers),
-                           passages=model.layer_embeddings(passages, "passage", layers))
+                           passages=model.layer_embeddings(passages, "passage", layers),
+                           scale=model.similarity_scale)
         if kind == "colbert":
             q_states, _ = model.query_layer_states(queries, layers)
             p_states, p_mask = model.passage_layer_states(passages, layers)
@@ -67,7 +69,7 @@ def gather_passages(encoded: Encoded, kind: str, with_grad: bool) -> Encoded:
     gather = dist.gather_with_grad if with_grad else _gather_no_grad
     if kind == "dual_encoder":
         passages = gather(encoded.passages.transpose(0, 1).contiguous()).transpose(0, 1)
-        return Encoded(queries=encoded.queries, passages=passages)
+        return Encoded(queries=encoded.queries, passages=passages, scale=encoded.scale)
     # ColBERT: sequence lengths differ per process, so pad to the longest before gathering; the mask
     # travels with the states (the paper's code gathered states but kept the local mask: spec §7.4-1).
     mask = dist.gather_padded(encoded.passage_mask.unsqueeze(-1).float(), pad_value=0.0, dim=1).squeeze(-1) > 0
@@ -83,7 +85,7 @@ def _gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
 def score(encoded: Encoded, kind: str) -> torch.Tensor:
     """``[L', Q, C]`` scores of the encoded (and gathered) batch."""
     if kind == "dual_encoder":
-        return pair_scores(encoded.queries, encoded.passages)
+        return pair_scores(encoded.queries, encoded.passages, scale=encoded.scale)
     if kind == "colbert":
         return torch.stack([maxsim_scores(q, p, encoded.passage_mask)
                             for q, p in zip(encoded.queries, encoded.passages)])

@@ -129,6 +129,7 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
     if mode == "cls":
         return hidden[:, 0]
     if mode == "mean":
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        # A batched matrix product, [N,1,T] x [N,T,d]: no [N,T,d] temporary, forward or backward.
+        mask = attention_mask.to(hidden.dtype).unsqueeze(1)
+        return torch.bmm(mask, hidden).squeeze(1) / mask.sum(dim=2).clamp(min=1e-9)
     raise LeadkdError(f"unknown pooling {mode!r}; choose 'cls' or 'mean'")

@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 import numpy as np
 
 from ..errors import LeadkdError
@@ -89,3 +90,28 @@ def check_dims(query_embeddings: Embeddings, doc_embeddings: Embeddings) -> None
     if dq != dd:
         raise LeadkdError(f"query vectors have {dq} dimensions but passage vectors {dd}: not the same model?")
 
+
+
+def evaluate_layers(model, dataset, measures: Sequence[str] = ("nDCG@10", "R@100"), k: int = 100,
+                    batch_size: int = 32, show_progress: bool = False) -> list[dict]:
+    """Retrieval quality of every layer of a dual encoder, each layer's pooled vectors used as a retriever.
+
+    One encoding pass yields all layers, so this costs about one ordinary corpus encoding. Returns one
+    row per layer, ``{"layer": l, measure: value, ...}``; the last row is the model's ordinary quality.
+    """
+    from ..evaluate import evaluate
+
+    layers = list(range(model.num_layers))
+    corpus, queries = dataset.corpus, dataset.queries
+    doc_ids = [corpus.id_at(i) for i in range(len(corpus))]
+    query_ids = [queries.id_at(i) for i in range(len(queries))]
+    docs = model.encode_passages(corpus.passages(range(len(corpus))), batch_size=batch_size, layers=layers,
+                                 show_progress=show_progress)
+    vectors = model.encode_queries([queries.text(i) for i in range(len(queries))], batch_size=batch_size,
+                                   layers=layers, show_progress=show_progress)
+    rows = []
+    for layer in layers:
+        run = search_run(Embeddings(query_ids, vectors[layer], {}), Embeddings(doc_ids, docs[layer], {}), k)
+        aggregate, _ = evaluate(run, dataset.qrels, measures=list(measures))
+        rows.append({"layer": layer, **aggregate})
+    return rows

@@ -1,0 +1,212 @@
+"""`leadkd quickstart`: the whole LEAD recipe on real data, end to end, in one command.
+
+teacher (all-MiniLM-L6-v2 by default) → mine hard negatives with it → a 3-layer student made of the
+teacher's blocks 0, 2, 4 → short warm-up of the student on ground truth → LEAD distillation with the
+teacher trained jointly → test-split evaluation of teacher and student (before and after), per layer
+→ report.md with plots. Each stage writes its own folder and is skipped when that folder is complete,
+so an interrupted quickstart continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import LeadkdError
+from .fileio import atomic_write
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class QuickstartPlan:
+    """Sizes of one quickstart; ``fast`` shrinks everything to a CI-sized smoke run."""
+
+    teacher: str = "all-MiniLM-L6-v2"
+    student_layers: tuple[int, ...] = (0, 2, 4)
+    max_query_length: int = 48
+    max_passage_length: int = 128
+    similarity_scale: float = 20.0
+    mine_depth: int = 100
+    mine_range: tuple[int, int] = (5, 50)
+    mine_negatives: int = 20
+    negatives: int = 3
+    batch_size: int = 8
+    warmup_steps: int = 60
+    distill_steps: int = 200
+    eval_every: int = 50
+    layer_k: int = 2
+    lr: float = 5e-5
+    seed: int = 0
+    slice_queries: int | None = None      # fast mode: queries kept per split
+    slice_passages: int | None = None     # fast mode: corpus size (judged passages + fillers)
+    overrides: dict[str, Any] = field(default_factory=dict)  # extra distill config overrides
+
+    @classmethod
+    def fast(cls, **changes) -> "QuickstartPlan":
+        values = dict(max_passage_length=64, mine_depth=50, mine_range=(2, 30), mine_negatives=8,
+                      batch_size=4, warmup_steps=6, distill_steps=12, eval_every=6, slice_queries=24,
+                      slice_passages=400)
+        values.update(changes)
+        return cls(**values)
+
+
+def choose_splits(folder: Path) -> dict[str, str | None]:
+    """Train on train-nodev (or train), select checkpoints on dev, report on test — never select on test."""
+    from .data.datasets import available_splits
+
+    splits = set(available_splits(folder))
+    train = "train-nodev" if "train-nodev" in splits else "train" if "train" in splits else None
+    test = "test" if "test" in splits else "dev" if "dev" in splits else None
+    dev = "dev" if "dev" in splits and test != "dev" else None
+    if train is None or test is None:
+        raise LeadkdError(f"{folder}: the quickstart needs a train split and a test (or dev) split; "
+                          f"found {', '.join(sorted(splits)) or 'no qrels'}")
+    return {"train": train, "dev": dev, "test": test}
+
+
+def write_slice(source: Path, target: Path, splits: dict[str, str | None], queries_per_split: int,
+                passages: int, seed: int) -> Path:
+    """A small BEIR copy: the first queries of each split, their judged passages, random fillers."""
+    from .data.datasets import load_dataset
+    from .data.formats import write_beir_qrels, write_corpus_jsonl, write_queries_jsonl
+
+    rng = random.Random(seed)
+    keep_docs: list[str] = []
+    seen: set[str] = set()
+    query_rows: dict[str, tuple[str, str]] = {}
+    corpus = None
+    for split in {s for s in splits.values() if s}:
+        dataset = load_dataset(source, split=split)
+        corpus = dataset.corpus
+        ids = [dataset.queries.id_at(i) for i in range(min(queries_per_split, len(dataset.queries)))]
+        qrels = {q: dataset.qrels[q] for q in ids}
+        write_beir_qrels(target / "qrels" / f"{split}.tsv", qrels)
+        for q in ids:
+            query_rows[q] = (q, dataset.queries.text(dataset.queries.index(q)))
+            for doc in qrels[q]:
+                if doc not in seen:
+                    seen.add(doc)
+                    keep_docs.append(doc)
+    fillers = [corpus.id_at(i) for i in rng.sample(range(len(corpus)), min(len(corpus), passages * 2))]
+    for doc in fillers:
+        if len(keep_docs) >= passages:
+            break
+        if doc not in seen:
+            seen.add(doc)
+            keep_docs.append(doc)
+    rows = [corpus.index(doc) for doc in keep_docs]
+    write_corpus_jsonl(target / "corpus.jsonl", corpus.subset(rows))
+    from .data.collection import Queries
+
+    ids, texts = zip(*query_rows.values())
+    write_queries_jsonl(target / "queries.jsonl", Queries.from_records(list(ids), list(texts)))
+    return target
+
+
+def _done(folder: Path) -> bool:
+    return (folder / "final").is_dir()
+
+
+def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart", plan: QuickstartPlan | None = None,
+                   log: Log = print) -> Path:
+    """Run (or continue) every stage; returns the report's path."""
+    from .config import load_config
+    from .data.datasets import load_dataset, resolve_dataset
+    from .data.groups import write_training_groups
+    from .distill.trainer import run_job, student_from_teacher
+    from .models.dual_encoder import DualEncoder
+    from .report import build_report
+    from .retrieval.mine import mine_hard_negatives
+    from .retrieval.pipeline import evaluate_layers
+
+    plan = plan or QuickstartPlan()
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    source = resolve_dataset(data)
+    if isinstance(source, str):
+        raise LeadkdError(f"{data}: the quickstart needs a local BEIR folder; ir_datasets ids are not supported here")
+    splits = choose_splits(source)
+    folder = source
+    if plan.slice_queries:
+        folder = output / "data"
+        if not (folder / "corpus.jsonl").is_file():
+            write_slice(source, folder, splits, plan.slice_queries, plan.slice_passages or 400, plan.seed)
+    log(f"data: {folder} (train {splits['train']}, dev {splits['dev']}, test {splits['test']})")
+
+    lengths = {"max_query_length": plan.max_query_length, "max_passage_length": plan.max_passage_length}
+    teacher = DualEncoder.from_pretrained(plan.teacher, similarity_scale=plan.similarity_scale, **lengths)
+    teacher_dir = output / "teacher"
+    if not teacher_dir.is_dir():
+        teacher.save_pretrained(teacher_dir)  # pinned settings (lengths, scale) for every later stage
+    groups_file = output / "groups.jsonl"
+    if not groups_file.is_file():
+        log("mining hard negatives with the teacher")
+        groups, report = mine_hard_negatives(teacher, load_dataset(folder, split=splits["train"]),
+                                             depth=plan.mine_depth, rank_range=plan.mine_range,
+                                             negatives=plan.mine_negatives, seed=plan.seed, show_progress=True)
+        log(report.summary())
+        write_training_groups(groups, groups_file)
+    init_dir = output / "student-init"
+    if not init_dir.is_dir():
+        student_from_teacher(teacher, plan.student_layers, _Lengths(**lengths)).save_pretrained(init_dir)
+
+    common = [f"data.corpus={folder}", f"data.train_groups={groups_file}", f"data.num_negatives={plan.negatives}",
+              f"optim.batch_size={plan.batch_size}", f"optim.lr={plan.lr}", f"seed={plan.seed}",
+              f"eval.split={splits['dev'] or 'null'}", f"eval.every={plan.eval_every}", "log_every=1",
+              "checkpoint.every=null"]
+    warmup_dir = output / "stages" / "warmup"
+    if not _done(warmup_dir):
+        log("warm-up: the student alone on ground truth")
+        run_job(load_config(None, common + [f"model.path={init_dir}", f"optim.steps={plan.warmup_steps}",
+                                            f"output_dir={warmup_dir}"], kind="train"), resume=True, log=log)
+    warm = warmup_dir / ("best" if splits["dev"] and (warmup_dir / "best").is_dir() else "final")
+    distill_dir = output / "stages" / "distill"
+    if not _done(distill_dir):
+        log("LEAD: teacher and student trained jointly")
+        overrides = common + [f"teacher.path={teacher_dir}", f"student.path={warm}",
+                              f"optim.steps={plan.distill_steps}", f"layers.k={plan.layer_k}",
+                              f"output_dir={distill_dir}"] + [f"{k}={v}" for k, v in plan.overrides.items()]
+        run_job(load_config(None, overrides, kind="distill"), resume=True, log=log)
+    final = distill_dir / ("best" if splits["dev"] and (distill_dir / "best").is_dir() else "final")
+
+    results_file = output / "results.json"
+    if not results_file.is_file():
+        log(f"evaluating on {splits['test']}")
+        test = load_dataset(folder, split=splits["test"])
+        measures = ["nDCG@10", "R@100"]
+        models = {"teacher": teacher_dir, "student_init": init_dir, "student_warmup": warm, "student_lead": final}
+        layers, scores = {}, {}
+        for name, path in models.items():
+            rows = evaluate_layers(DualEncoder.from_pretrained(path), test, measures=measures)
+            layers[name] = [{"layer": r["layer"], "nDCG@10": r["nDCG@10"]} for r in rows]
+            scores[name] = {m: rows[-1][m] for m in measures}
+            log(f"  {name}: nDCG@10 {scores[name]['nDCG@10']:.4f}")
+        results = {"dataset": Path(source).name, "splits": splits, "measures": measures, "models": scores,
+                   "layers": layers,
+                   "settings": {"teacher": plan.teacher, "student_layers": list(plan.student_layers),
+                                "max_passage_length": plan.max_passage_length, "similarity_scale": plan.similarity_scale,
+                                "steps": {"warmup": plan.warmup_steps, "distill": plan.distill_steps},
+                                "batch": f"{plan.batch_size} queries x (1 + {plan.negatives})", "layer_k": plan.layer_k,
+                                "lr": plan.lr, "seed": plan.seed, "fast": bool(plan.slice_queries),
+                                "seconds": round(time.perf_counter() - started, 1)}}
+        with atomic_write(results_file) as handle:
+            json.dump(results, handle, indent=2)
+    report = build_report(output)
+    log(f"wrote {report} in {time.perf_counter() - started:.0f} s")
+    return report
+
+
+@dataclass(frozen=True)
+class _Lengths:
+    """The student settings :func:`student_from_teacher` reads (the teacher's own pooling/scale are kept)."""
+
+    max_query_length: int
+    max_passage_length: int
+    pooling: str | None = None
+    normalize: bool | None = None
