@@ -36,8 +36,8 @@ class QuickstartPlan:
     mine_negatives: int = 20
     negatives: int = 3
     batch_size: int = 8
-    warmup_steps: int = 60
-    distill_steps: int = 200
+    warmup_steps: int = 40
+    distill_steps: int = 150
     eval_every: int = 50
     layer_k: int = 2
     lr: float = 5e-5
