@@ -217,3 +217,24 @@ def test_two_processes_match_one_process_on_the_whole_batch(setup, tmp_path):
             for key, grad in single["grads"][model].items():
                 error = (rank["grads"][model][key] - grad).norm()
                 assert error <= 1e-4 * grad.norm() + 1e-5 * scale, f"{model} {key}: |diff| {error:.3g}, |grad| {grad.norm():.3g}"
+
+
+def test_hidden_state_mse_baseline_trains_and_resumes(setup, tmp_path):
+    out = tmp_path / "hidden"
+    config = distill_config(setup, out, **{"loss.layer": "hidden_mse", "optim.steps": 2, "checkpoint.every": 1})
+    run_job(config, log=lambda m: None)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert all(row["hidden_mse"] > 0 and row["layer_kl"] == 0 for row in rows)
+    from leadkd.distill.checkpoint import load_state, list_checkpoints
+
+    state = load_state(list_checkpoints(out / "checkpoints")[-1])
+    assert any(key.endswith("weight") for key in state["hidden_mse"])  # the projections travel with checkpoints
+
+
+def test_hidden_state_mse_refuses_different_tokenizers(setup, tiny_bert_other, tmp_path):
+    from leadkd.errors import LeadkdError as Error
+
+    config = distill_config(setup, tmp_path / "x", **{"loss.layer": "hidden_mse", "student.init": None,
+                                                      "student.path": str(tiny_bert_other)})
+    with pytest.raises(Error, match="share one tokenizer"):
+        Trainer(config, log=lambda m: None)

@@ -178,18 +178,17 @@ class Trainer:
             model = load_model_for(cfg.model, str(ckpt / "model") if ckpt else None)
             self.models["model"] = self._wrap("model", model, trains=True, lr=cfg.optim.lr)
         self.schedule = None
-        if self.distill and cfg.loss.layer == "lead":
+        if self.distill and cfg.loss.layer in ("lead", "hidden_mse"):
             student, teacher = self.models["student"].model, self.models["teacher"].model
             self.schedule = LayerSchedule(cfg.layers.strategy, student.num_layers, teacher.num_layers,
                                           k=cfg.layers.k, seed=cfg.seed, resample_interval=cfg.layers.resample_every)
-        elif self.distill and cfg.loss.layer == "hidden_mse":
-            raise ConfigError("loss.layer=hidden_mse is not available in the trainer yet; use lead or none")
         if resumed:
             self._restore(resumed[1])
             self._say(f"resumed from {ckpt} at step {self.step}")
 
     def _build_distill(self, ckpt: Path | None) -> None:
         cfg = self.config
+        self.hidden_mse = None
         teacher_path = str(ckpt / "teacher") if ckpt and cfg.teacher.train else None
         teacher = load_model_for(cfg.teacher, teacher_path)
         if ckpt:
@@ -200,11 +199,30 @@ class Trainer:
             student = load_model_for(cfg.student)
         if student.kind != "dual_encoder":
             raise ConfigError(f"student.kind: the student must be a dual_encoder, got {student.kind!r}")
-        self.models["student"] = self._wrap("student", student, trains=True, lr=cfg.optim.lr)
+        if cfg.loss.layer == "hidden_mse":
+            self.hidden_mse = self._hidden_mse_baseline(student, teacher)
+        self.models["student"] = self._wrap("student", student, trains=True, lr=cfg.optim.lr, extra=self.hidden_mse)
         self.models["teacher"] = self._wrap("teacher", teacher, trains=cfg.teacher.train,
                                             lr=cfg.optim.teacher_lr or cfg.optim.lr)
 
-    def _wrap(self, name: str, model: nn.Module, trains: bool, lr: float) -> Trained:
+    def _hidden_mse_baseline(self, student: nn.Module, teacher: nn.Module) -> nn.Module:
+        """The classical feature baseline's learned projections; it needs one shared tokenizer."""
+        from .losses import HiddenStateMSE, check_same_tokenizer
+
+        if teacher.kind != "dual_encoder":
+            raise ConfigError("loss.layer=hidden_mse compares dual-encoder token states; the teacher is a "
+                              f"{teacher.kind} (LEAD's layer-score loss works with any teacher)")
+        if self.ctx.is_distributed:
+            raise ConfigError("loss.layer=hidden_mse is a single-process baseline (its projections are not "
+                              "synchronised across processes)")
+        check_same_tokenizer(teacher.tokenizer, student.tokenizer)
+        for name in ("max_query_length", "max_passage_length"):
+            if getattr(teacher, name) != getattr(student, name):
+                raise ConfigError(f"loss.layer=hidden_mse needs equal {name} for teacher and student (token by "
+                                  f"token), got {getattr(teacher, name)} and {getattr(student, name)}")
+        return HiddenStateMSE(student.hidden_size, teacher.hidden_size, student.num_layers).to(self.ctx.device)
+
+    def _wrap(self, name: str, model: nn.Module, trains: bool, lr: float, extra: nn.Module | None = None) -> Trained:
         cfg = self.config.optim
         model.to(self.ctx.device)
         if cfg.gradient_checkpointing and trains:
@@ -218,7 +236,8 @@ class Trainer:
         if self.ctx.is_distributed:
             device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             forward = nn.parallel.DistributedDataParallel(forward, device_ids=device_ids)
-        optimizer = make_optimizer(model, lr, cfg.weight_decay, cfg.adam_eps)
+        optimizer = make_optimizer(model if extra is None else nn.ModuleList([model, extra]), lr, cfg.weight_decay,
+                                   cfg.adam_eps)
         warmup = int(cfg.warmup_ratio * self.total_steps)
         return Trained(name, model, forward, optimizer, linear_schedule(optimizer, warmup, self.total_steps))
 
@@ -230,6 +249,8 @@ class Trainer:
                  "schedulers": {n: t.scheduler.state_dict() for n, t in self.models.items() if t.trains}}
         if self.schedule is not None:
             state["layers"] = self.schedule.state_dict()
+        if getattr(self, "hidden_mse", None) is not None:
+            state["hidden_mse"] = self.hidden_mse.state_dict()
         return state
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -244,6 +265,8 @@ class Trainer:
                 trained.scheduler.load_state_dict(state["schedulers"][name])
         if self.schedule is not None:
             self.schedule.load_state_dict(state["layers"])
+        if getattr(self, "hidden_mse", None) is not None:
+            self.hidden_mse.load_state_dict(state["hidden_mse"])
         set_rng_state(state["rng"])
 
     def save(self) -> Path | None:
@@ -299,19 +322,28 @@ class Trainer:
     def _distill_loss(self, batch, pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         cfg = self.config.loss
         student, teacher = self.models["student"], self.models["teacher"]
-        s_layers, t_layers, positions = self._layers_for(pairs)
-        student_enc = student.forward(batch.queries, batch.passages, s_layers)
+        hidden = self.hidden_mse is not None
+        s_layers, t_layers, positions = self._layers_for([] if hidden else pairs)
+        student_enc = student.forward(batch.queries, batch.passages, s_layers, with_states=hidden)
         with contextlib.nullcontext() if teacher.trains else torch.no_grad():
-            teacher_enc = teacher.forward(batch.queries, batch.passages, t_layers)
+            teacher_enc = teacher.forward(batch.queries, batch.passages, t_layers, with_states=hidden)
         student_scores, teacher_scores, labels = self._candidates(
             student_enc, teacher_enc, batch, teacher.model.kind, cfg.in_batch_negatives, cfg.cross_process_negatives)
         reduce = dist.all_reduce_mean if self.ctx.is_distributed else None
-        return lead_total_loss(
+        terms = lead_total_loss(
             teacher_scores, student_scores, labels.to(student_scores.device), positions,
             train_teacher=teacher.trains, response=cfg.response, temperature=cfg.temperature,
             layer_temperature=cfg.layer_temperature, reweight=cfg.reweight, student_weight=cfg.student_ce,
             teacher_weight=cfg.teacher_ce, response_weight=cfg.response_weight, layer_weight=cfg.layer_weight,
             detach_teacher_targets=cfg.detach_teacher_targets, reduce_layer_ce=reduce)
+        if hidden:  # the classical baseline: projected student token states regress the teacher's
+            (sq, sq_mask, sp, sp_mask), (tq, tq_mask, tp, tp_mask) = student_enc.states, teacher_enc.states
+            detach = cfg.detach_teacher_targets
+            feature = (self.hidden_mse(sq, tq, pairs, sq_mask, tq_mask, detach_teacher_targets=detach)
+                       + self.hidden_mse(sp, tp, pairs, sp_mask, tp_mask, detach_teacher_targets=detach))
+            terms["hidden_mse"] = feature
+            terms["loss"] = terms["loss"] + cfg.layer_weight * feature
+        return terms
 
     def _train_loss(self, batch) -> dict[str, torch.Tensor]:
         cfg = self.config.loss

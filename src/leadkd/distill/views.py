@@ -33,6 +33,7 @@ class Encoded:
     passage_mask: torch.Tensor | None = None
     scores: torch.Tensor | None = None  # cross-encoder: [L', Q, G] directly
     scale: float = 1.0                  # dual encoder: its similarity scale (e.g. 20 for cosine models)
+    states: tuple | None = None         # with_states: (query states, query mask, passage states, passage mask)
 
 
 class EncodeForward(nn.Module):
@@ -42,8 +43,14 @@ class EncodeForward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, queries: Sequence[str], passages: Sequence[str], layers: Sequence[int]) -> Encoded:
+    def forward(self, queries: Sequence[str], passages: Sequence[str], layers: Sequence[int],
+                with_states: bool = False) -> Encoded:
         model, kind = self.model, self.model.kind
+        if kind == "dual_encoder" and with_states:  # token states too, for the hidden-state MSE baseline
+            q_vectors, q_states, q_mask = model.layer_outputs(queries, "query", layers)
+            p_vectors, p_states, p_mask = model.layer_outputs(passages, "passage", layers)
+            return Encoded(queries=q_vectors, passages=p_vectors, scale=model.similarity_scale,
+                           states=(q_states, q_mask, p_states, p_mask))
         if kind == "dual_encoder":
             return Encoded(queries=model.layer_embeddings(queries, "query", layers),
                            passages=model.layer_embeddings(passages, "passage", layers),

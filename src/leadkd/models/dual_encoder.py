@@ -274,6 +274,20 @@ class DualEncoder(nn.Module):
         batch = self.tokenize(texts, kind)
         return self._pooled(batch["input_ids"], batch["attention_mask"], layer_ids)
 
+    def layer_outputs(self, texts: Sequence[str], kind: Kind, layers: Sequence[int] | None = None
+                      ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Pooled vectors of ``layers`` plus every block's token states and the mask, from one forward.
+
+        For the classical feature-distillation baseline, which compares token states directly.
+        """
+        layer_ids = self._layer_ids(layers) if layers is not None else list(range(self.num_layers))
+        batch = self.tokenize(texts, kind)
+        hidden = block_outputs(self.model, batch["input_ids"], batch["attention_mask"], all_layers=True)
+        vectors = torch.stack([pool(hidden[i], batch["attention_mask"], self.pooling) for i in layer_ids])
+        if self.normalize:
+            vectors = F.normalize(vectors, p=2, dim=-1)
+        return vectors, hidden, batch["attention_mask"]
+
     def layer_scores(self, queries: Sequence[str], passages: Sequence[str],
                      layers: Sequence[int] | None = None) -> torch.Tensor:
         """``[L', Q, P]`` inner products (cosine when normalised) of all pairs, times ``similarity_scale``;
