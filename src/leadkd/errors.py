@@ -23,7 +23,7 @@ class InputError(LeadkdError):
         self.field = field
         self.reason = message
         where = self.path if line is None else f"{self.path}:{line}"
-        what = f"field '{field}': " if field else ""
+        what = f"field {field!r}: " if field else ""  # repr: a field name can never break the one line
         super().__init__(f"{where}: {what}{message}")
 
 

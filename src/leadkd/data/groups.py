@@ -267,10 +267,10 @@ class GroupsBuilder:
 @contextmanager
 def _open_text(path: str | os.PathLike) -> Iterator[IO[str]]:
     if str(path).endswith(".gz"):
-        with gzip.open(path, "rt", encoding="utf-8") as handle:
+        with gzip.open(path, "rt", encoding="utf-8-sig") as handle:
             yield handle
     else:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:
             yield handle
 
 

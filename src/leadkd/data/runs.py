@@ -74,8 +74,8 @@ def _open_text_for_read(path: Path) -> IO[str]:
     if not path.is_file():
         raise InputError(path, "run file not found")
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")  # a BOM must not join the first id
+    return open(path, encoding="utf-8-sig")
 
 
 def _first_line_of(path: Path, qid: str, doc_id: str) -> int | None:

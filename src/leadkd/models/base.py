@@ -84,7 +84,9 @@ def load_backbone(name_or_path: str, trust_remote_code: bool = False):
     ``trust_remote_code`` stays off unless the user asks: a model folder must never run code it carries.
     """
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # its per-load bars would break the one-line error contract on stderr
     path = resolve_model_path(name_or_path)
     if os.path.isdir(path) and not (Path(path) / "config.json").is_file():
         raise LeadkdError(f"{path}: not a model folder (no config.json)")
