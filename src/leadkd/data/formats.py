@@ -453,7 +453,7 @@ def _assemble(j: _Judgments, corpus: TextCollection | None, queries: TextCollect
             raise InputError(path, f"{what} is not in the {src.kind if src is not None else ''} collection{where}; "
                                    f"{len(drop)} of {len(j.qids)} judgments name unknown ids "
                                    f"({len(miss_q)} query ids, {len(miss_d)} document ids); "
-                                   "pass lenient=True to drop them", line=line, field=field)
+                                   "pass --lenient (lenient=True) to drop them", line=line, field=field)
         warnings.warn(f"{path}: dropped {len(drop)} of {len(j.qids)} judgments naming ids absent from the "
                       f"queries/corpus ({len(miss_q)} query ids, {len(miss_d)} document ids)", DataWarning,
                       stacklevel=3)

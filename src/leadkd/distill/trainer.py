@@ -528,7 +528,10 @@ def _truncate_log(path: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue  # a line cut by a crash
-    path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    from ..fileio import atomic_write
+
+    with atomic_write(path) as handle:  # a crash here must not lose the log
+        handle.write("".join(f"{line}\n" for line in kept))
 
 
 def evaluate_retriever(model, corpus_spec: str, split: str, metric: str = "nDCG@10", k: int = 100,
