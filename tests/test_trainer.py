@@ -238,3 +238,20 @@ def test_hidden_state_mse_refuses_different_tokenizers(setup, tiny_bert_other, t
                                                       "student.path": str(tiny_bert_other)})
     with pytest.raises(Error, match="share one tokenizer"):
         Trainer(config, log=lambda m: None)
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(setup, tmp_path):
+    from leadkd.distill.checkpoint import list_checkpoints, newest_checkpoint
+
+    out = tmp_path / "run"
+    run_job(distill_config(setup, out, **{"checkpoint.every": 1, "checkpoint.keep_last": 3}), log=lambda m: None)
+    folders = list_checkpoints(out / "checkpoints")
+    weights_file = folders[-1] / "student" / "model.safetensors"
+    data = weights_file.read_bytes()
+    weights_file.write_bytes(data[: len(data) // 2])  # a crash or full disk cut the newest weights
+    with pytest.warns(UserWarning, match="damaged weights"):
+        found = newest_checkpoint(out / "checkpoints")
+    assert found is not None and found[0] == folders[-2]
+    (folders[-2] / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="unreadable checkpoint state"):
+        assert newest_checkpoint(out / "checkpoints")[0] == folders[-3]

@@ -101,11 +101,25 @@ def load_state(folder: str | os.PathLike) -> dict[str, Any]:
         raise LeadkdError(f"{file}: unreadable checkpoint state ({first})") from None
 
 
+def check_weights(folder: str | os.PathLike) -> None:
+    """Every safetensors file under a checkpoint must be whole (a truncated file fails its header check)."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(folder).rglob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt") as handle:
+                handle.keys()
+        except Exception as exc:  # SafetensorError, OSError: unreadable either way
+            raise LeadkdError(f"{file}: damaged weights ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
 def newest_checkpoint(root: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint whose state loads; a broken newer one is skipped with a warning."""
+    """The newest checkpoint whose state and weights load; a broken newer one is skipped with a warning."""
     for folder in reversed(list_checkpoints(root)):
         try:
-            return folder, load_state(folder)
+            state = load_state(folder)
+            check_weights(folder)
+            return folder, state
         except LeadkdError as exc:
             warnings.warn(f"skipping a damaged checkpoint: {exc}", stacklevel=2)
     return None
