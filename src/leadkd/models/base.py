@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
+from torch import nn
 
 from ..errors import LeadkdError
 
@@ -135,3 +136,33 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
         mask = attention_mask.to(hidden.dtype).unsqueeze(1)
         return torch.bmm(mask, hidden).squeeze(1) / mask.sum(dim=2).clamp(min=1e-9)
     raise LeadkdError(f"unknown pooling {mode!r}; choose 'cls' or 'mean'")
+
+
+def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
+    """Requested layer numbers as non-negative indices (negative ones count from the end); None = all."""
+    if layers is None:
+        return list(range(num_layers))
+    resolved = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -num_layers <= layer < num_layers:
+            raise LeadkdError(f"layer {layer!r} does not exist: the model has layers 0..{num_layers - 1}")
+        resolved.append(layer % num_layers)
+    if not resolved:
+        raise LeadkdError("no layers requested")
+    return resolved
+
+
+def position_limit(tokenizer, backbone) -> int | None:
+    """The longest input the model can take (its position table, or the tokenizer's stated maximum)."""
+    candidates = (getattr(backbone.config, "max_position_embeddings", None),
+                  getattr(tokenizer, "model_max_length", None))
+    valid = [value for value in candidates if isinstance(value, int) and 0 < value < 1_000_000]
+    return min(valid) if valid else None
+
+
+def freeze_pooler(backbone: nn.Module) -> None:
+    """Freeze an HF pooler head (BERT's tanh dense): no score uses it, and DDP and optimisers must not
+    see parameters that never get a gradient. It stays in the weights, so saved folders load cleanly."""
+    pooler = getattr(backbone, "pooler", None)
+    if isinstance(pooler, nn.Module):
+        pooler.requires_grad_(False)

@@ -29,7 +29,8 @@ from torch import nn
 
 from ..errors import ConfigError, LeadkdError
 from ..fileio import atomic_directory
-from .base import block_outputs, load_backbone, num_blocks, read_leadkd_config, resolve_model_path
+from .base import (block_outputs, freeze_pooler, load_backbone, num_blocks, position_limit, read_leadkd_config,
+                   resolve_layers, resolve_model_path)
 from .loading import write_leadkd_config
 
 logger = logging.getLogger(__name__)
@@ -98,29 +99,7 @@ def maxsim_scores(q_states: torch.Tensor, p_states: torch.Tensor, p_mask: torch.
     return torch.cat(blocks, dim=1)
 
 
-# Helpers shared with the cross-encoder (candidates for base.py).
-
-def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
-    """Requested layer numbers as non-negative indices (negative ones count from the end); None = all."""
-    if layers is None:
-        return list(range(num_layers))
-    resolved = []
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not -num_layers <= layer < num_layers:
-            raise LeadkdError(f"layer {layer!r} does not exist: the model has layers 0..{num_layers - 1}")
-        resolved.append(layer % num_layers)
-    if not resolved:
-        raise LeadkdError("no layers requested")
-    return resolved
-
-
-def position_limit(tokenizer, backbone) -> int | None:
-    """The longest input the model can take (its position table, or the tokenizer's stated maximum)."""
-    candidates = (getattr(backbone.config, "max_position_embeddings", None),
-                  getattr(tokenizer, "model_max_length", None))
-    valid = [value for value in candidates if isinstance(value, int) and 0 < value < 1_000_000]
-    return min(valid) if valid else None
-
+# Shared with the cross-encoder.
 
 def options_from_folder(location: str, kind: str, options_cls: type, overrides: dict):
     """Settings dataclass of a model kind: defaults, then the folder's saved values, then ``overrides``.
@@ -139,14 +118,6 @@ def options_from_folder(location: str, kind: str, options_cls: type, overrides: 
         saved = None
     kept = {key: value for key, value in (saved or {}).items() if key in names}
     return options_cls(**{**kept, **overrides})
-
-
-def freeze_pooler(backbone: nn.Module) -> None:
-    """Freeze an HF pooler head (BERT's tanh dense): no score uses it, and DDP and optimisers must not
-    see parameters that never get a gradient. It stays in the weights, so saved folders load cleanly."""
-    pooler = getattr(backbone, "pooler", None)
-    if isinstance(pooler, nn.Module):
-        pooler.requires_grad_(False)
 
 
 def _token_id(tokenizer, token: str | None, message: str) -> int:

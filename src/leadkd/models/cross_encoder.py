@@ -26,8 +26,8 @@ from torch import nn
 
 from ..errors import ConfigError, LeadkdError
 from ..fileio import atomic_directory
-from .base import load_backbone, num_blocks, resolve_model_path
-from .colbert import freeze_pooler, options_from_folder, position_limit, resolve_layers
+from .base import freeze_pooler, load_backbone, num_blocks, position_limit, resolve_layers, resolve_model_path
+from .colbert import options_from_folder
 from .loading import write_leadkd_config
 
 logger = logging.getLogger(__name__)

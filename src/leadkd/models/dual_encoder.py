@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import LeadkdError
 from ..fileio import atomic_directory
-from .base import block_outputs, load_backbone, num_blocks, pool, read_leadkd_config, resolve_model_path
+from .base import block_outputs, freeze_pooler, load_backbone, num_blocks, pool, read_leadkd_config, resolve_model_path
 from .loading import read_st_settings, write_leadkd_config, write_st_metadata
 
 Kind = Literal["query", "passage"]
@@ -148,9 +148,7 @@ class DualEncoder(nn.Module):
         self.similarity_scale = float(similarity_scale)
         # An HF pooler head (BERT's tanh dense) never reaches a DE score: freeze it so DDP and optimisers do
         # not see parameters without gradients. It stays in the weights, so saved folders load cleanly.
-        pooler = getattr(model, "pooler", None)
-        if isinstance(pooler, nn.Module):
-            pooler.requires_grad_(False)
+        freeze_pooler(model)
         self.train(model.training)  # HF's from_pretrained gives eval mode; keep it (and dropout off)
 
     # ------------------------------------------------------------------------------------------------
