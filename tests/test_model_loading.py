@@ -177,6 +177,35 @@ def test_missing_or_non_model_paths(tmp_path):
         load_model(tmp_path / "file.bin")
 
 
+def test_pickled_weights_load_only_as_plain_tensors(tiny_bert, tmp_path):
+    """A plain ``pytorch_model.bin`` loads; one whose pickle would run code is refused and nothing runs."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin-only"
+    shutil.copytree(tiny_bert, folder)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    reference = DualEncoder.from_pretrained(tiny_bert).encode_passages(["cell protein"], show_progress=False)
+    loaded = DualEncoder.from_pretrained(folder).encode_passages(["cell protein"], show_progress=False)
+    assert np.allclose(reference, loaded, atol=1e-6)
+
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"embeddings.word_embeddings.weight": Payload()}, folder / "pytorch_model.bin")
+    with pytest.raises(LeadkdError, match="refusing its pickled weights") as info:
+        DualEncoder.from_pretrained(folder)
+    assert "\n" not in str(info.value) and str(folder) in str(info.value)
+    assert not marker.exists()
+
+
 def test_package_exports_other_kinds_lazily():
     assert {"DualEncoder", "load_model", "ColBERT", "CrossEncoder"} <= set(models_pkg.__all__)
     with pytest.raises(AttributeError):

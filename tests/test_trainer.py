@@ -145,6 +145,104 @@ def test_non_finite_loss_stops_with_the_step(setup, tmp_path, monkeypatch):
     trainer.close()
 
 
+def test_skip_non_finite_drops_the_update_then_stops_when_it_persists(setup, tmp_path, monkeypatch):
+    trainer = Trainer(distill_config(setup, tmp_path / "run", **{"optim.skip_non_finite": 1}), log=lambda m: None)
+    trainer._iterator = trainer._batches()
+    trainer.train_step()
+    original, poison = trainer._distill_loss, {"on": True}
+
+    def poisoned(batch, pairs):
+        terms = original(batch, pairs)
+        if poison["on"]:
+            terms["loss"] = terms["loss"] + float("inf")
+        return terms
+
+    monkeypatch.setattr(trainer, "_distill_loss", poisoned)
+    before = {k: v.clone() for k, v in trainer.models["student"].model.state_dict().items()}
+    lr_before = trainer.models["student"].scheduler.get_last_lr()[0]
+    result = trainer.train_step()
+    assert result.skipped and trainer.step == 2
+    after = trainer.models["student"].model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no update, not even from AdamW's state
+    assert trainer.models["student"].scheduler.get_last_lr()[0] != lr_before  # the schedule kept going
+    assert all(p.grad is None for p in trainer.models["student"].model.parameters())
+    poison["on"] = False
+    assert not trainer.train_step().skipped and trainer.non_finite_in_a_row == 0
+    changed = trainer.models["student"].model.state_dict()
+    assert any(not torch.equal(before[k], changed[k]) for k in before)
+    poison["on"] = True
+    assert trainer.train_step().skipped
+    with pytest.raises(LeadkdError, match="at step 5 after skipping 1 such batches in a row; no checkpoint"):
+        trainer.train_step()
+    trainer.close()
+
+
+def test_skipped_steps_are_logged_and_the_run_finishes(setup, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    trainer = Trainer(distill_config(setup, out, **{"optim.skip_non_finite": 2}), log=lambda m: None)
+    original = trainer._distill_loss
+
+    def poisoned(batch, pairs):
+        terms = original(batch, pairs)
+        if trainer.step == 1:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(trainer, "_distill_loss", poisoned)
+    trainer.fit()
+    trainer.close()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # strict JSON: no NaN
+    steps = {row["step"]: row for row in rows if "epoch" in row}
+    assert sorted(steps) == [1, 2, 3, 4] and steps[2] == {"step": 2, "epoch": 0, "loss": None, "skipped": True,
+                                                           "lr": steps[2]["lr"], "seconds": steps[2]["seconds"]}
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("failure", ["state", "weights"])
+def test_a_full_disk_while_checkpointing_names_it_and_keeps_the_previous_one(setup, tmp_path, monkeypatch, capsys,
+                                                                              failure):
+    """ENOSPC half-way through the second checkpoint: one clear line, the first checkpoint intact, no debris,
+    and once there is room again ``--resume`` finishes the run."""
+    import errno
+    import re
+
+    from leadkd import cli
+    from leadkd.config import save_config
+    from leadkd.distill import checkpoint
+    from leadkd.models.dual_encoder import DualEncoder
+
+    out = tmp_path / "run"
+    config_file = save_config(distill_config(setup, out, **{"checkpoint.every": 1, "checkpoint.keep_last": 1}),
+                              tmp_path / "config.yaml")
+    real = {"state": checkpoint.torch.save, "weights": DualEncoder.save_pretrained}
+
+    def fill_disk_on_step_2(where):
+        def writer(*args, **kwargs):
+            file = Path(args[1]) / ("model.safetensors" if failure == "weights" else "")
+            if ".step-00000002." in str(file):
+                file.parent.mkdir(parents=True, exist_ok=True)
+                file.write_bytes(b"\0" * 100)  # the first bytes made it, then the disk filled up
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+            return real[where](*args, **kwargs)
+        return writer
+
+    if failure == "state":
+        monkeypatch.setattr(checkpoint.torch, "save", fill_disk_on_step_2("state"))
+    else:
+        monkeypatch.setattr(DualEncoder, "save_pretrained", fill_disk_on_step_2("weights"))
+    assert cli.main(["distill", "--config", str(config_file)]) == 2
+    err = capsys.readouterr().err.strip().split("\n")[-1].split("\r")[-1]
+    first, second = out / "checkpoints" / "step-00000001", out / "checkpoints" / "step-00000002"
+    assert re.fullmatch(re.escape(f"leadkd: error: {second}: cannot write the checkpoint of step 2 (No space left on "
+                                  "device; ") + r"[\d.]+ MiB free there\); " +
+                        re.escape(f"the newest intact checkpoint is {first}"), err), err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]  # no half-written folder
+    assert checkpoint.newest_checkpoint(out / "checkpoints")[0] == first
+    monkeypatch.undo()  # room again
+    assert cli.main(["distill", "--config", str(config_file), "--resume"]) == 0
+    assert (out / "final" / "model.safetensors").is_file()
+
+
 # ------------------------------------------------------------------ two gloo processes vs one process
 
 WORLD, LOCAL_BATCH = 2, 2
@@ -240,6 +338,7 @@ def test_hidden_state_mse_refuses_different_tokenizers(setup, tiny_bert_other, t
         Trainer(config, log=lambda m: None)
 
 
+@pytest.mark.filterwarnings("ignore:skipping a damaged checkpoint:UserWarning")  # the re-emitted step-4 one
 def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(setup, tmp_path):
     from leadkd.distill.checkpoint import list_checkpoints, newest_checkpoint
 

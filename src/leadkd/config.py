@@ -146,6 +146,8 @@ class OptimConfig:
     grad_accum: int = 1
     bf16: bool = False
     gradient_checkpointing: bool = False
+    #: A NaN/inf loss stops the run (0), or up to this many such batches in a row are skipped (no update).
+    skip_non_finite: int = 0
 
 
 @dataclass(frozen=True)
@@ -454,7 +456,7 @@ def _check_common(config: Config) -> None:
     optim = config.optim
     _positive(optim, "optim.", "lr", "adam_eps", "batch_size", "grad_accum", "steps")
     _positive(optim, "optim.", "teacher_lr", "max_grad_norm", allow_none=True)
-    _non_negative(optim, "optim.", "weight_decay")
+    _non_negative(optim, "optim.", "weight_decay", "skip_non_finite")
     if not 0.0 <= optim.warmup_ratio < 1.0:
         _fail("optim.warmup_ratio", f"must be in [0, 1), got {optim.warmup_ratio}")
     _positive(config.checkpoint, "checkpoint.", "every", "keep_last", allow_none=True)

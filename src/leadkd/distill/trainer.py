@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -121,6 +122,7 @@ class StepResult:
     pairs: list[tuple[int, int]] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     pair_kl: list[float] = field(default_factory=list)
+    skipped: bool = False  # the loss was NaN/inf and ``optim.skip_non_finite`` let the update be dropped
 
 
 class Trainer:
@@ -137,6 +139,7 @@ class Trainer:
         self.checkpoints = self.output / "checkpoints"
         self.total_steps = int(config.optim.steps)
         self.step = 0
+        self.non_finite_in_a_row = 0
         self.epoch = 0
         self.position = 0  # batches of the current epoch already consumed
         self.best: dict[str, Any] = {}
@@ -244,6 +247,7 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         state = {"step": self.step, "epoch": self.epoch, "position": self.position, "best": dict(self.best),
+                 "non_finite_in_a_row": self.non_finite_in_a_row,
                  "world_size": self.ctx.world_size, "rng": rng_state(),
                  "optimizers": {n: t.optimizer.state_dict() for n, t in self.models.items() if t.trains},
                  "schedulers": {n: t.scheduler.state_dict() for n, t in self.models.items() if t.trains}}
@@ -259,6 +263,7 @@ class Trainer:
                               f"{self.ctx.world_size}; resume with the same number")
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best = dict(state["best"])
+        self.non_finite_in_a_row = int(state.get("non_finite_in_a_row", 0))
         for name, trained in self.models.items():
             if trained.trains:
                 trained.optimizer.load_state_dict(state["optimizers"][name])
@@ -384,13 +389,14 @@ class Trainer:
                 with autocast:
                     terms = self._distill_loss(batch, pairs) if self.distill else self._train_loss(batch)
                 loss = terms["loss"]
-                if not torch.isfinite(loss.detach()):
-                    self._non_finite(loss)
+                if not self._all_finite(loss):
+                    return self._skip_step(loss, trained)
                 (loss / cfg.grad_accum).backward()
             for name, value in terms.items():
                 if value.dim() == 0:
                     totals[name] = totals.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
             weights, pair_kl = terms.get("layer_weights"), terms.get("layer_pair_kl")
+        self.non_finite_in_a_row = 0
         for t in trained:
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.max_grad_norm)
@@ -404,10 +410,35 @@ class Trainer:
                           weights=[] if weights is None else [float(w) for w in weights],
                           pair_kl=[] if pair_kl is None else [float(k) for k in pair_kl])
 
-    def _non_finite(self, loss: torch.Tensor) -> None:
-        last = newest_checkpoint(self.checkpoints)
-        where = f"the last good checkpoint is {last[0]}" if last else "no checkpoint was written yet"
-        raise LeadkdError(f"the loss became {float(loss.detach())} at step {self.step + 1}; {where}")
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether every process's loss is finite; all ranks must agree before any skips a backward."""
+        finite = bool(torch.isfinite(loss.detach()))
+        if self.ctx.is_distributed and self.config.optim.skip_non_finite:
+            finite = dist.all_reduce_mean(float(finite)) == 1.0
+        return finite
+
+    def _skip_step(self, loss: torch.Tensor, trained: list) -> StepResult:
+        """Drop this step's update (or stop the run, naming the step and the last good checkpoint).
+
+        A skipped step still counts, and the schedulers still advance, so a run keeps its length and
+        learning-rate curve; too many non-finite batches in a row mean the model itself is broken.
+        """
+        self.non_finite_in_a_row += 1
+        if self.non_finite_in_a_row > self.config.optim.skip_non_finite:
+            last = newest_checkpoint(self.checkpoints)
+            where = f"the last good checkpoint is {last[0]}" if last else "no checkpoint was written yet"
+            tried = (f" after skipping {self.non_finite_in_a_row - 1} such batches in a row"
+                     if self.config.optim.skip_non_finite else "")
+            raise LeadkdError(f"the loss became {float(loss.detach())} at step {self.step + 1}{tried}; {where}")
+        self._say(f"step {self.step + 1}: loss {float(loss.detach())}, update skipped "
+                  f"({self.non_finite_in_a_row} in a row, optim.skip_non_finite={self.config.optim.skip_non_finite})")
+        with warnings.catch_warnings():  # scheduler before optimizer is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            for t in trained:
+                t.optimizer.zero_grad(set_to_none=True)
+                t.scheduler.step()
+        self.step += 1
+        return StepResult(loss=float("nan"), skipped=True)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float] | None:
@@ -435,16 +466,27 @@ class Trainer:
             _truncate_log(log_file, self.step)
         if self.step == 0 and cfg.eval.split is not None:
             self._eval_and_keep_best(log_file)  # the starting model competes for best/ too
-        progress = None
+        progress = contextlib.nullcontext()
         if self.show_progress:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=self.total_steps, initial=self.step, desc="distill" if self.distill else "train",
                             unit="step")
+        with progress:  # closed before an error is printed, so the error stays the last line
+            self._steps(progress if self.show_progress else None, log_file)
+        final = self._eval_and_keep_best(log_file)
+        self.save()
+        self._save_final()
+        return {"final": final, "best": self.best}
+
+    def _steps(self, progress, log_file: Path) -> None:
+        """Train steps up to ``optim.steps``, logging, evaluating and checkpointing on their schedules."""
+        cfg = self.config
         started = time.perf_counter()
         while self.step < self.total_steps:
             result = self.train_step()
-            record = {"step": self.step, "epoch": self.epoch, "loss": result.loss, **result.terms,
+            record = {"step": self.step, "epoch": self.epoch, "loss": None if result.skipped else result.loss,
+                      **result.terms, **({"skipped": True} if result.skipped else {}),
                       "lr": {n: t.scheduler.get_last_lr()[0] for n, t in self.models.items() if t.trains},
                       "seconds": round(time.perf_counter() - started, 3)}
             if result.pairs:
@@ -453,17 +495,11 @@ class Trainer:
                 self._write(log_file, record)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{result.loss:.4f}")
+                progress.set_postfix(loss="skipped" if result.skipped else f"{result.loss:.4f}")
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps:
                 self._eval_and_keep_best(log_file)
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:
                 self.save()
-        if progress is not None:
-            progress.close()
-        final = self._eval_and_keep_best(log_file)
-        self.save()
-        self._save_final()
-        return {"final": final, "best": self.best}
 
     def _eval_and_keep_best(self, log_file: Path) -> dict[str, float] | None:
         result = self.evaluate()

@@ -83,7 +83,11 @@ def load_backbone(name_or_path: str, trust_remote_code: bool = False):
     """Tokenizer and encoder (``AutoModel``) of a local folder or hub name, with one-line errors.
 
     ``trust_remote_code`` stays off unless the user asks: a model folder must never run code it carries.
+    Pickled weights (``pytorch_model.bin``) load only through the weights-only unpickler; one that
+    carries anything but tensors is refused with one line instead of being executed.
     """
+    from pickle import UnpicklingError
+
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -100,6 +104,9 @@ def load_backbone(name_or_path: str, trust_remote_code: bool = False):
     except ValueError as exc:
         first = str(exc).strip().splitlines()[0]
         raise LeadkdError(f"{name_or_path}: cannot load model ({first})") from None
+    except UnpicklingError:
+        raise LeadkdError(f"{name_or_path}: refusing its pickled weights: they hold objects other than "
+                          "tensors (save the model as safetensors)") from None
     return tokenizer, model
 
 
