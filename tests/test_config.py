@@ -330,3 +330,17 @@ def test_round_trip_property(tmp_path_factory, corpus, lr, steps, split, weight,
     config = validate_config(config)
     path = save_config(config, tmp_path_factory.mktemp("rt") / "config.yaml")
     assert load_config(path, [], kind="distill") == config
+
+
+def test_yaml_tags_that_would_run_code_are_refused(tmp_path):
+    """Configs are read with a safe loader: a python/object tag is an error, never a call."""
+    marker = tmp_path / "executed"
+    file = tmp_path / "evil.yaml"
+    file.write_text(f"seed: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match=r"evil\.yaml:1: invalid YAML") as info:
+        load_config(file, kind="train")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError):  # an override is taken as plain text, which is not a valid seed
+        load_config(None, ["data.corpus=c", "data.train_groups=g", "model.path=m",
+                           f"seed=!!python/object/apply:os.system ['touch {marker}']"], kind="train")
+    assert not marker.exists()

@@ -75,6 +75,20 @@ def test_distill_runs_and_writes_what_users_open(setup, tmp_path):
     assert student.kind == "dual_encoder" and student.num_layers == 2
 
 
+def test_a_run_writes_only_inside_its_output_folder(setup, tmp_path):
+    """Inputs (models, corpus, groups) are only read; everything written lands under ``output_dir``."""
+    def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+        return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+    inputs = {name: snapshot(Path(setup[name]).parent) for name in ("teacher", "data")}
+    (tmp_path / "out").mkdir()
+    run_job(distill_config(setup, tmp_path / "out" / "run", **{"eval.split": "dev", "eval.every": 2}),
+            log=lambda m: None)
+    assert {name: snapshot(Path(setup[name]).parent) for name in inputs} == inputs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run"]
+
+
 def test_frozen_teacher_is_not_updated_and_gets_no_optimizer(setup, tmp_path):
     config = distill_config(setup, tmp_path / "run", **{"teacher.train": False, "optim.steps": 2})
     trainer = Trainer(config, log=lambda m: None)
