@@ -62,9 +62,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig(ModelConfig):
-    """The teacher; ``train`` keeps the paper's joint training (its own optimizer, same schedule)."""
+    """The teacher; ``train`` keeps the paper's joint training (its own optimizer, same schedule).
+
+    ``cache`` (frozen dual-encoder teacher only) stores its per-layer vectors of every query and passage
+    on disk the first time they are seen, so later epochs cost only the student.
+    """
 
     train: bool = True
+    cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -498,6 +503,14 @@ def _check_models(config: DistillConfig) -> None:
 
 def _check_distill(config: DistillConfig) -> None:
     loss = config.loss
+    if config.teacher.cache:
+        if config.teacher.train:
+            _fail("teacher.cache", "only a frozen teacher's vectors can be cached; set teacher.train: false")
+        if config.teacher.kind != "dual_encoder":
+            _fail("teacher.cache", f"caches dual-encoder vectors; a {config.teacher.kind} teacher scores each "
+                                   "query-passage pair, so there is nothing per text to cache")
+        if loss.layer == "hidden_mse":
+            _fail("teacher.cache", "holds pooled vectors; loss.layer=hidden_mse needs the teacher's token states")
     _non_negative(loss, "loss.", "student_ce", "teacher_ce", "response_weight", "layer_weight")
     _positive(loss, "loss.", "temperature", "layer_temperature")
     terms = [loss.student_ce > 0, config.teacher.train and loss.teacher_ce > 0,

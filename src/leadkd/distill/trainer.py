@@ -162,8 +162,8 @@ class Trainer:
         if self.ctx.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output / "config.yaml")
-        corpus = load_corpus(cfg.data.corpus)
-        groups = read_training_groups(cfg.data.train_groups, corpus=corpus, queries=load_queries(cfg.data.corpus))
+        corpus, queries = load_corpus(cfg.data.corpus), load_queries(cfg.data.corpus)
+        groups = read_training_groups(cfg.data.train_groups, corpus=corpus, queries=queries)
         self.corpus_spec = cfg.data.corpus
         self.dataset = GroupDataset(groups, negatives=cfg.data.num_negatives, seed=cfg.seed,
                                     random_positive=cfg.data.shuffle_positives)
@@ -175,8 +175,11 @@ class Trainer:
                                    world_size=self.ctx.world_size, seed=cfg.seed)
         ckpt = resumed[0] if resumed else None
         self.models: dict[str, Trained] = {}
+        self.teacher_cache = None
         if self.distill:
             self._build_distill(ckpt)
+            if cfg.teacher.cache:
+                self.teacher_cache = self._teacher_cache(corpus, queries)
         else:
             model = load_model_for(cfg.model, str(ckpt / "model") if ckpt else None)
             self.models["model"] = self._wrap("model", model, trains=True, lr=cfg.optim.lr)
@@ -207,6 +210,20 @@ class Trainer:
         self.models["student"] = self._wrap("student", student, trains=True, lr=cfg.optim.lr, extra=self.hidden_mse)
         self.models["teacher"] = self._wrap("teacher", teacher, trains=cfg.teacher.train,
                                             lr=cfg.optim.teacher_lr or cfg.optim.lr)
+
+    def _teacher_cache(self, corpus, queries):
+        """Each process caches what it sees, in its own files (processes never write the same file)."""
+        from .teacher_cache import TeacherVectorCache
+
+        teacher = self.config.teacher
+        fingerprint = {"teacher": str(Path(teacher.path).resolve()) if Path(teacher.path).exists() else teacher.path,
+                       **{k: getattr(self.models["teacher"].model, k) for k in
+                          ("pooling", "normalize", "max_query_length", "max_passage_length")},
+                       # the weights themselves, cheaply: a folder rewritten in place must not reuse old vectors
+                       "weights_sum": float(sum(p.detach().double().sum() for p in
+                                                self.models["teacher"].model.parameters()))}
+        return TeacherVectorCache(self.output / "teacher-cache" / f"rank{self.ctx.rank}",
+                                  self.models["teacher"].model, corpus, queries, fingerprint, log=self.log)
 
     def _hidden_mse_baseline(self, student: nn.Module, teacher: nn.Module) -> nn.Module:
         """The classical feature baseline's learned projections; it needs one shared tokenizer."""
@@ -330,8 +347,12 @@ class Trainer:
         hidden = self.hidden_mse is not None
         s_layers, t_layers, positions = self._layers_for([] if hidden else pairs)
         student_enc = student.forward(batch.queries, batch.passages, s_layers, with_states=hidden)
-        with contextlib.nullcontext() if teacher.trains else torch.no_grad():
-            teacher_enc = teacher.forward(batch.queries, batch.passages, t_layers, with_states=hidden)
+        if self.teacher_cache is not None:
+            teacher_enc = self.teacher_cache.encode(batch.query_ids, batch.queries, batch.passage_ids,
+                                                    batch.passages, t_layers)
+        else:
+            with contextlib.nullcontext() if teacher.trains else torch.no_grad():
+                teacher_enc = teacher.forward(batch.queries, batch.passages, t_layers, with_states=hidden)
         student_scores, teacher_scores, labels = self._candidates(
             student_enc, teacher_enc, batch, teacher.model.kind, cfg.in_batch_negatives, cfg.cross_process_negatives)
         reduce = dist.all_reduce_mean if self.ctx.is_distributed else None
