@@ -132,11 +132,15 @@ def test_training_with_the_cache_matches_training_without_it(setup, tmp_path, la
 
 
 def test_resume_reuses_the_cache(setup, tmp_path):
+    import shutil
+
     out = tmp_path / "run"
-    run_job(distill_config(setup, out, **{"teacher.cache": True, "optim.steps": 3}), log=lambda m: None)
+    config = distill_config(setup, out, **{"teacher.cache": True, "checkpoint.keep_last": 2})
+    run_job(config, log=lambda m: None)
     assert (out / "teacher-cache" / "rank0" / "meta.json").is_file()
-    trainer = Trainer(distill_config(setup, out, **{"teacher.cache": True}), resume=True, log=lambda m: None,
-                      show_progress=False)
+    shutil.rmtree(out / "checkpoints" / "step-00000006")  # as if the run had died after step 3
+    shutil.rmtree(out / "final")
+    trainer = Trainer(config, resume=True, log=lambda m: None, show_progress=False)
     assert trainer.step == 3 and trainer.teacher_cache.filled()["passage"] > 0
     calls = counting(trainer.models["teacher"].model)
     trainer.fit()

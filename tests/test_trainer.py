@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from leadkd.config import load_config
 from leadkd.distill.trainer import Trainer, run_job
-from leadkd.errors import LeadkdError
+from leadkd.errors import ConfigError, LeadkdError
 
 from conftest import make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
 
@@ -87,6 +87,23 @@ def test_a_run_writes_only_inside_its_output_folder(setup, tmp_path):
     assert {name: snapshot(Path(setup[name]).parent) for name in inputs} == inputs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run"]
+
+
+def test_a_fresh_start_never_overwrites_checkpoints_and_resume_keeps_the_settings(setup, tmp_path):
+    out = tmp_path / "run"
+    config = distill_config(setup, out, **{"optim.steps": 2, "checkpoint.every": 1})
+    run_job(config, log=lambda m: None)
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match="holds checkpoints of an earlier run; pass --resume"):
+        Trainer(config, log=lambda m: None)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    longer = distill_config(setup, out, **{"optim.steps": 4, "checkpoint.every": 1, "layers.k": 1})
+    with pytest.raises(ConfigError, match=r"config\.yaml: the run being resumed used other settings "
+                                          r"\(layers\.k: 2 -> 1; optim\.steps: 2 -> 4\)"):
+        Trainer(longer, resume=True, log=lambda m: None)
+    # What only decides evaluation, logging and checkpoint keeping may change.
+    Trainer(distill_config(setup, out, **{"optim.steps": 2, "checkpoint.every": 2, "log_every": 5}), resume=True,
+            log=lambda m: None).close()
 
 
 def test_frozen_teacher_is_not_updated_and_gets_no_optimizer(setup, tmp_path):
@@ -344,7 +361,7 @@ def test_hidden_state_mse_baseline_trains_and_resumes(setup, tmp_path):
 
 
 def test_hidden_state_mse_refuses_different_tokenizers(setup, tiny_bert_other, tmp_path):
-    from leadkd.errors import LeadkdError as Error
+    from leadkd.errors import ConfigError, LeadkdError as Error
 
     config = distill_config(setup, tmp_path / "x", **{"loss.layer": "hidden_mse", "student.init": None,
                                                       "student.path": str(tiny_bert_other)})

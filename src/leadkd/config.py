@@ -759,3 +759,25 @@ def save_config(config: Config, path: str | os.PathLike) -> Path:
         handle.write(f"# leadkd {kind} config, every option resolved; load_config(path, kind={kind!r}) reads it back\n")
         handle.write(text)
     return path
+
+
+#: Settings a resumed run may change: they decide what is evaluated, logged and kept, not what is trained.
+RESUMABLE_CHANGES = ("eval.", "log_every", "checkpoint.keep_last", "checkpoint.every", "output_dir")
+
+
+def changed_settings(before: Config, after: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs of the same kind, as ``key: old -> new``."""
+    def flat(config: Any, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for item in dataclasses.fields(config):
+            value = getattr(config, item.name)
+            if dataclasses.is_dataclass(value):
+                out.update(flat(value, f"{prefix}{item.name}."))
+            else:
+                out[f"{prefix}{item.name}"] = value
+        return out
+
+    old, new = flat(before), flat(after)
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)]
+

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from .. import distributed as dist
-from ..config import DistillConfig, TrainConfig, save_config
+from ..config import DistillConfig, TrainConfig, changed_settings, load_config, save_config
 from ..errors import ConfigError, LeadkdError
-from .checkpoint import newest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import list_checkpoints, newest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .layers import LayerSchedule
 from .losses import contrastive_loss, group_labels, lead_total_loss, own_group_scores
 from .views import EncodeForward, gather_passages, gathers_candidates, score
@@ -146,7 +146,24 @@ class Trainer:
         resumed = newest_checkpoint(self.checkpoints) if resume else None
         if resume and resumed is None and self.checkpoints.is_dir():
             self._say(f"no checkpoint under {self.checkpoints}; starting from the beginning")
+        self._check_output(resume, resumed is not None)
         self._build(resumed)
+
+    def _check_output(self, resume: bool, resuming: bool) -> None:
+        """Never overwrite a run by accident, and never resume one under different settings.
+
+        A fresh start in a folder that holds checkpoints would replace them one by one; resuming with, say,
+        another ``optim.steps`` would silently bend the learning-rate schedule of the steps already taken.
+        """
+        if not resume and list_checkpoints(self.checkpoints):
+            raise ConfigError(f"{self.output}: holds checkpoints of an earlier run; pass --resume to continue "
+                              "it, or choose another output_dir")
+        saved = self.output / "config.yaml"
+        if resuming and saved.is_file():
+            changed = changed_settings(load_config(saved, kind="distill" if self.distill else "train"), self.config)
+            if changed:
+                raise ConfigError(f"{saved}: the run being resumed used other settings ({'; '.join(changed)}); "
+                                  "resume with the same settings, or start a new output_dir (e.g. from its final/)")
 
     # ------------------------------------------------------------------ building
     def _say(self, message: str) -> None:
