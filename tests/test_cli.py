@@ -104,7 +104,7 @@ def env(tmp_path_factory) -> dict[str, Path]:
 def retrieved(env) -> dict:
     """One `leadkd retrieve` on the default (test) split, shared by the tests that compare against it."""
     output = env["root"] / "retrieve"
-    out, err = ok("retrieve", *model_args(env["model"]), "--data", env["data"], "--output", output)
+    out, err = ok("retrieve", *model_args(env["model"]), "--data", env["data"], "--device", "cpu", "--output", output)
     return {"output": output, "stdout": out, "stderr": err,
             "metrics": json.loads((output / "metrics.json").read_text())}
 
@@ -436,6 +436,17 @@ def test_non_positive_lengths(env, option):
     line = user_error("retrieve", "--model", env["model"], "--data", env["data"], option, "0",
                       "--output", env["root"] / "never")
     assert f"{option} must be > 0, got 0" in line
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu0", "device 'gpu0' is not a device name (auto, cpu, cuda, cuda:N)"),
+    pytest.param("cuda", "device 'cuda' was asked for but CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_bad_device_is_one_line(env, device, message):
+    line = user_error("encode", "--model", env["model"], "--data", env["data"], "--device", device,
+                      "--output", env["root"] / "never")
+    assert message in line
 
 
 def test_unknown_measure(env, bad):

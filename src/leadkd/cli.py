@@ -42,6 +42,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=32, help="encoding batch size (default %(default)s)")
     group.add_argument("--trust-remote-code", action="store_true",
                        help="allow a model folder to run its own Python code (off by default)")
+    group.add_argument("--device", default="auto",
+                       help="auto (a GPU when there is one), cpu, cuda or cuda:N (default %(default)s)")
 
 
 def _add_data_options(parser: argparse.ArgumentParser, split_default: str | None = "test") -> None:
@@ -82,10 +84,13 @@ def _load_model(args):
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             raise LeadkdError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    from .distributed import pick_device
+
+    device = pick_device(args.device)  # checked before the (slow) model load
     return DualEncoder.from_pretrained(
         args.model, pooling=args.pooling, normalize=args.normalize, query_prefix=args.query_prefix,
         passage_prefix=args.passage_prefix, max_query_length=args.max_query_length,
-        max_passage_length=args.max_passage_length, trust_remote_code=args.trust_remote_code)
+        max_passage_length=args.max_passage_length, trust_remote_code=args.trust_remote_code).to(device)
 
 
 def _load_data(args, split: str | None = None):

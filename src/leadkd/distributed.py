@@ -123,7 +123,10 @@ def _env_int(name: str) -> int:
 def _pick_device(device: str | torch.device | None, local_rank: int) -> torch.device:
     if device is None or str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise LeadkdError(f"device {str(device)!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise LeadkdError("device 'cuda' was asked for but CUDA is not available")
@@ -131,6 +134,12 @@ def _pick_device(device: str | torch.device | None, local_rank: int) -> torch.de
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     return device
+
+
+def pick_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``, checked: for single-process
+    commands such as encode, search and mine."""
+    return _pick_device(device, 0)
 
 
 def init_distributed(device: str | torch.device | None = None, backend: str | None = None,
