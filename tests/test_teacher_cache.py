@@ -59,6 +59,35 @@ def test_cached_vectors_equal_the_teachers_and_are_computed_once(setup, tmp_path
     assert cache.filled() == {"query": 2, "passage": 3}
 
 
+def test_a_row_is_served_only_for_the_exact_text_it_was_computed_from(setup, tmp_path):
+    """A groups file may give its own text for a collection id: that text is encoded, never the cached one."""
+    teacher = DualEncoder.from_pretrained(setup["teacher"]).eval()
+    corpus, queries = load_corpus(setup["data"]), load_queries(setup["data"])
+    cache = TeacherVectorCache(tmp_path / "c", teacher, corpus, queries, {}, log=lambda m: None)
+    pid = corpus.id_at(2)
+    first = cache.encode([], [], [pid], [corpus.text(2)], layers=[2]).passages
+    calls = counting(teacher)
+    other = cache.encode([], [], [pid], ["protein gene cancer"], layers=[2]).passages
+    assert calls == [1] and not torch.allclose(first, other)
+    with torch.no_grad():
+        assert torch.allclose(other, DualEncoder.layer_embeddings(teacher, ["protein gene cancer"], "passage", [2]),
+                              atol=1e-5)
+    cache.encode([], [], [pid], ["protein gene cancer"], layers=[2])
+    assert calls == [1]  # the row now holds the new text
+
+
+def test_without_a_queries_file_queries_are_encoded_and_passages_cached(setup, tmp_path):
+    teacher = DualEncoder.from_pretrained(setup["teacher"]).eval()
+    corpus = load_corpus(setup["data"])
+    cache = TeacherVectorCache(tmp_path / "c", teacher, corpus, None, {}, layers=[-1], log=lambda m: None)
+    calls = counting(teacher)
+    for _ in range(2):
+        encoded = cache.encode(["q1"], ["cells"], [corpus.id_at(0)], [corpus.text(0)], layers=[-1])
+    assert calls == [1, 1, 1] and encoded.queries.shape == (1, 1, teacher.hidden_size)
+    with pytest.raises(ValueError, match="holding layers"):
+        cache.encode(["q1"], ["cells"], [], [], layers=[0])  # response-only cache: the last layer only
+
+
 def test_texts_outside_the_collections_are_encoded_every_time(setup, tmp_path):
     teacher = DualEncoder.from_pretrained(setup["teacher"]).eval()
     corpus, queries = load_corpus(setup["data"]), load_queries(setup["data"])
@@ -83,7 +112,7 @@ def test_a_cache_for_other_settings_is_rebuilt_and_a_matching_one_reused(setup, 
     rebuilt = TeacherVectorCache(tmp_path / "c", teacher, corpus, queries, {"teacher": "b"}, log=said.append)
     assert rebuilt.filled()["passage"] == 0 and "rebuilding" in said[0]
     meta = json.loads((tmp_path / "c" / "meta.json").read_text())
-    assert meta["teacher"] == "b" and meta["passages"] == len(corpus) and meta["num_layers"] == 3
+    assert meta["teacher"] == "b" and meta["passages"] == len(corpus) and meta["layers"] == [0, 1, 2]
 
 
 def distill_config(setup, output: Path, **overrides):

@@ -761,8 +761,12 @@ def save_config(config: Config, path: str | os.PathLike) -> Path:
     return path
 
 
-#: Settings a resumed run may change: they decide what is evaluated, logged and kept, not what is trained.
-RESUMABLE_CHANGES = ("eval.", "log_every", "checkpoint.keep_last", "checkpoint.every", "output_dir")
+#: Settings a resumed run may change: they decide what is evaluated, logged and kept, or how (not what)
+#: is computed: skipping non-finite batches after a NaN stop, trading compute for memory, the teacher cache.
+RESUMABLE_CHANGES = ("eval.", "log_every", "checkpoint.keep_last", "checkpoint.every", "output_dir",
+                     "optim.skip_non_finite", "optim.gradient_checkpointing", "teacher.cache")
+#: Settings that name files: compared after resolving, so ./data and /abs/data are the same.
+_PATH_SETTINGS = ("data.corpus", "data.train_groups", "model.path", "teacher.path", "student.path")
 
 
 def changed_settings(before: Config, after: Config) -> list[str]:
@@ -777,7 +781,14 @@ def changed_settings(before: Config, after: Config) -> list[str]:
                 out[f"{prefix}{item.name}"] = value
         return out
 
+    def same(key: str, a: Any, b: Any) -> bool:
+        if a == b:
+            return True
+        if key in _PATH_SETTINGS and isinstance(a, str) and isinstance(b, str) and os.path.exists(a):
+            return os.path.realpath(a) == os.path.realpath(b)
+        return False
+
     old, new = flat(before), flat(after)
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)]
+            if not same(key, old.get(key), new.get(key)) and not key.startswith(RESUMABLE_CHANGES)]
 

@@ -75,14 +75,16 @@ def save_checkpoint(root: str | os.PathLike, step: int, models: dict[str, Any], 
             for name, model in models.items():
                 model.save_pretrained(tmp / name)
             torch.save(state, tmp / STATE_FILE)
-    except (OSError, RuntimeError) as exc:  # a full disk surfaces as either, depending on the writer
-        if isinstance(exc, RuntimeError) and not _is_write_failure(exc):
+    except Exception as exc:  # a full disk: OSError, torch's RuntimeError or safetensors' SafetensorError
+        if not isinstance(exc, OSError) and not _is_write_failure(exc):
             raise
         intact = list_checkpoints(root)  # a failed write never touches what was already there
         kept = f"the newest intact checkpoint is {intact[-1]}" if intact else "no earlier checkpoint exists"
-        free = shutil.disk_usage(root).free if root.is_dir() else 0
-        reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror else "write failed") + \
-            f"; {free / 2**20:.1f} MiB free there"
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "write failed"
+        try:
+            reason += f"; {shutil.disk_usage(root).free / 2**20:.1f} MiB free there"
+        except OSError:
+            pass
         raise LeadkdError(f"{target}: cannot write the checkpoint of step {step} ({reason}); {kept}") from None
     if keep_last:
         for old in list_checkpoints(root)[:-keep_last]:
@@ -90,10 +92,12 @@ def save_checkpoint(root: str | os.PathLike, step: int, models: dict[str, Any], 
     return target
 
 
-def _is_write_failure(exc: RuntimeError) -> bool:
-    """torch.save reports a failed write (e.g. ENOSPC) as a RuntimeError from its zip writer."""
+def _is_write_failure(exc: Exception) -> bool:
+    """torch.save reports a failed write (e.g. ENOSPC) as a RuntimeError from its zip writer, safetensors
+    as a SafetensorError carrying the OS error."""
     text = str(exc).lower()
-    return "file write failed" in text or "no space left" in text or "unexpected pos" in text
+    return any(sign in text for sign in ("file write failed", "no space left", "unexpected pos", "os error 28",
+                                          "storagefull", "disk quota"))
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:

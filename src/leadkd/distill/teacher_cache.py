@@ -1,22 +1,27 @@
 """Per-layer vectors of a frozen dual-encoder teacher, cached per query and passage on disk.
 
-A frozen teacher runs in eval mode under ``no_grad``, so a passage gets the same vectors in every epoch.
-After a text has been seen once, response-KD and LEAD cost only the student's forward and backward.
+A frozen teacher runs in eval mode under ``no_grad``, so a text gets the same vectors in every epoch:
+after it has been seen once, response-KD and LEAD cost only the student's forward and backward.
 
-The cache is two memory-mapped arrays per side (queries, passages): the vectors ``[rows, layers, dim]``
-in float32, and one ``filled`` flag per row. Rows are the collection's own row numbers, so the cache
-needs no id-to-slot table in memory. Until a row is written, its part of the file is a sparse hole on
-filesystems that have them. A text that is not in the collection (an inline passage, or a query given
-only in the groups file) is encoded every time.
+Each side (queries, passages) has three arrays with one row per row of its collection, so no id-to-slot
+table is held in memory: the vectors ``[rows, layers, dim]`` (float32; only the layers the loss can ask
+for), and for each row a 64-bit hash of the exact text that was encoded there, 0 for "empty". A row is a
+hit only when the batch's text hashes the same, so a query text given in the groups file, an inline
+passage that reuses a corpus id, or a corpus edited in place is encoded anew, never served stale. Rows
+are written with positional writes rather than through a memory map, so a full disk is an ``OSError``
+(a one-line error) instead of a SIGBUS; the hash is written after the vectors, so a crash in between
+costs a recomputation, never a wrong vector. Unwritten rows are sparse holes where the filesystem has them.
 
-Within a run, a cached vector equals the one the teacher would compute now, up to float rounding: the
-padding of the batch it was first computed in differs. ``meta.json`` holds what the vectors depend on
-(teacher folder, lengths, pooling, layers, collection sizes); a cache that does not match is rebuilt.
+Within a run, a cached vector equals the one the teacher would compute now up to float rounding (the
+padding of the batch it was first computed in differs). ``meta.json`` holds what the vectors depend on
+(teacher, its settings, the cached layers, collection sizes); a cache that does not match is rebuilt.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -30,58 +35,104 @@ from .views import Encoded
 META = "meta.json"
 
 
+def text_hash(text: str) -> int:
+    """A nonzero signed 64-bit hash of the text (0 marks an empty row)."""
+    value = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                           "little", signed=True)
+    return value or 1
+
+
+class _RowFile:
+    """A ``.npy`` array read through a memory map and written row by row with ``os.pwrite``."""
+
+    def __init__(self, path: Path, dtype, shape: tuple[int, ...], fresh: bool):
+        if fresh:
+            np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
+        self.array = np.load(path, mmap_mode="r")
+        if self.array.shape != shape or self.array.dtype != np.dtype(dtype):
+            raise ValueError(f"{path}: shape {self.array.shape} {self.array.dtype}, expected {shape} {dtype}")
+        self.offset = self.array.offset
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+        self.fd = os.open(path, os.O_RDWR)
+
+    def write(self, rows: np.ndarray, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values, dtype=self.array.dtype)
+        for row, value in zip(rows.tolist(), values):
+            os.pwrite(self.fd, value.tobytes(), self.offset + row * self.row_bytes)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class _Side:
     """The cached vectors of one collection (the queries, or the passages)."""
 
     def __init__(self, folder: Path, name: str, collection, num_layers: int, dim: int, fresh: bool):
         self.collection = collection
-        shape = (len(collection), num_layers, dim)
-        mode = "w+" if fresh else "r+"
-        self.vectors = np.lib.format.open_memmap(folder / f"{name}.npy", mode=mode, dtype=np.float32, shape=shape)
-        self.filled = np.lib.format.open_memmap(folder / f"{name}.filled.npy", mode=mode, dtype=np.bool_,
-                                                shape=(shape[0],))
+        self.empty = collection is None or len(collection) == 0  # nothing to key on: always encode
+        if not self.empty:
+            rows = len(collection)
+            self.vectors = _RowFile(folder / f"{name}.npy", np.float32, (rows, num_layers, dim), fresh)
+            self.hashes = _RowFile(folder / f"{name}.hash.npy", np.int64, (rows,), fresh)
 
-    def vectors_for(self, model, kind: str, ids: Sequence[str], texts: Sequence[str]) -> torch.Tensor:
-        """``[layers, n, dim]`` for ``texts``: cached rows are read, the others encoded (and stored)."""
-        rows = self.collection.lookup(ids) if len(self.collection) else np.full(len(ids), -1, dtype=np.int64)
+    def vectors_for(self, encode, ids: Sequence[str], texts: Sequence[str]) -> torch.Tensor:
+        """``[cached layers, n, dim]`` for ``texts``: rows holding these exact texts are read, the rest
+        encoded with ``encode(texts) -> [layers, m, dim]`` and stored."""
+        if self.empty:
+            with torch.no_grad():
+                return encode(list(texts)).float().cpu()
+        rows = self.collection.lookup(ids)
+        hashes = np.array([text_hash(t) for t in texts], dtype=np.int64)
         known = rows >= 0
         hit = np.zeros(len(ids), dtype=bool)
-        hit[known] = self.filled[rows[known]]
-        out = np.empty((len(ids),) + self.vectors.shape[1:], dtype=np.float32)
+        hit[known] = self.hashes.array[rows[known]] == hashes[known]
+        out = np.empty((len(ids),) + self.vectors.array.shape[1:], dtype=np.float32)
         if hit.any():
-            out[hit] = self.vectors[rows[hit]]
+            out[hit] = self.vectors.array[rows[hit]]
         missing = np.flatnonzero(~hit)
         if len(missing):
             with torch.no_grad():
-                fresh = model.layer_embeddings([texts[i] for i in missing], kind)  # [L, m, d], every layer
-            fresh = fresh.float().transpose(0, 1).cpu().numpy()
-            out[missing] = fresh
-            store = known[missing]
-            if store.any():
-                # The flag is set only after the vectors are written, so a crash in between costs a
-                # recomputation, never a wrong vector.
-                target = rows[missing[store]]
-                self.vectors[target] = fresh[store]
-                self.filled[target] = True
+                fresh = encode([texts[i] for i in missing])
+            out[missing] = fresh.float().transpose(0, 1).cpu().numpy()
+            store = missing[known[missing]]
+            if len(store):
+                self.vectors.write(rows[store], out[store])
+                self.hashes.write(rows[store], hashes[store])
         return torch.from_numpy(out).transpose(0, 1)
+
+    def filled(self) -> int:
+        return 0 if self.empty else int(np.count_nonzero(self.hashes.array))
+
+    def close(self) -> None:
+        if not self.empty:
+            self.vectors.close()
+            self.hashes.close()
 
 
 class TeacherVectorCache:
-    """Serves a frozen DE teacher's per-layer vectors for training batches, computing each text once."""
+    """Serves a frozen DE teacher's per-layer vectors for training batches, computing each text once.
 
-    def __init__(self, folder: str | Path, model, corpus, queries, fingerprint: dict, log=print):
+    ``layers`` are the teacher layers the loss can ask for (every layer for LEAD's random pairs, the last
+    one for response-only KD); ``queries`` may be None (a corpus without a queries file: every query is
+    then encoded, passages are still cached).
+    """
+
+    def __init__(self, folder: str | Path, model, corpus, queries, fingerprint: dict,
+                 layers: Sequence[int] | None = None, log=print):
         folder = Path(folder)
-        meta = {**fingerprint, "num_layers": model.num_layers, "dim": int(model.hidden_size),
-                "passages": len(corpus), "queries": len(queries)}
+        self.model = model
+        self.layers = sorted({int(x) % model.num_layers for x in (layers if layers is not None
+                                                                   else range(model.num_layers))})
+        meta = {**fingerprint, "layers": self.layers, "dim": int(model.hidden_size), "passages": len(corpus),
+                "queries": len(queries) if queries is not None else 0}
         fresh = not (folder / META).is_file() or json.loads((folder / META).read_text()) != meta
         if fresh:
             if folder.exists():
                 log(f"{folder}: teacher cache built for another teacher or data; rebuilding it")
                 shutil.rmtree(folder)
             folder.mkdir(parents=True)
-        self.model = model
-        self.sides = {"query": _Side(folder, "queries", queries, meta["num_layers"], meta["dim"], fresh),
-                      "passage": _Side(folder, "passages", corpus, meta["num_layers"], meta["dim"], fresh)}
+        self.sides = {"query": _Side(folder, "queries", queries, len(self.layers), meta["dim"], fresh),
+                      "passage": _Side(folder, "passages", corpus, len(self.layers), meta["dim"], fresh)}
         if fresh:  # written last: a cache without it is rebuilt
             with atomic_write(folder / META) as handle:
                 json.dump(meta, handle, indent=2)
@@ -89,13 +140,22 @@ class TeacherVectorCache:
     def encode(self, query_ids: Sequence[str], queries: Sequence[str], passage_ids: Sequence[str],
                passages: Sequence[str], layers: Sequence[int]) -> Encoded:
         """What ``EncodeForward`` would return for the teacher, for the requested ``layers``."""
-        index = torch.as_tensor([int(l) % self.model.num_layers for l in layers], dtype=torch.long)
-        q = self.sides["query"].vectors_for(self.model, "query", query_ids, queries)
-        p = self.sides["passage"].vectors_for(self.model, "passage", passage_ids, passages)
+        wanted = [int(x) % self.model.num_layers for x in layers]
+        if not set(wanted) <= set(self.layers):
+            raise ValueError(f"layers {wanted} asked of a cache holding layers {self.layers}")
+        index = torch.as_tensor([self.layers.index(x) for x in wanted], dtype=torch.long)
+        q = self.sides["query"].vectors_for(lambda t: self.model.layer_embeddings(t, "query", self.layers),
+                                            query_ids, queries)
+        p = self.sides["passage"].vectors_for(lambda t: self.model.layer_embeddings(t, "passage", self.layers),
+                                              passage_ids, passages)
         device = next(self.model.parameters()).device
         return Encoded(queries=q.index_select(0, index).to(device), passages=p.index_select(0, index).to(device),
                        scale=self.model.similarity_scale)
 
     def filled(self) -> dict[str, int]:
         """How many queries and passages are cached so far (for the log)."""
-        return {side: int(s.filled.sum()) for side, s in self.sides.items()}
+        return {side: s.filled() for side, s in self.sides.items()}
+
+    def close(self) -> None:
+        for side in self.sides.values():
+            side.close()

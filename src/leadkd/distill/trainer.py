@@ -160,10 +160,17 @@ class Trainer:
                               "it, or choose another output_dir")
         saved = self.output / "config.yaml"
         if resuming and saved.is_file():
-            changed = changed_settings(load_config(saved, kind="distill" if self.distill else "train"), self.config)
+            try:
+                before = load_config(saved, kind="distill" if self.distill else "train")
+            except ConfigError as exc:  # written by another leadkd version: nothing reliable to compare with
+                self._say(f"warning: cannot compare with the saved settings ({exc})")
+                return
+            changed = changed_settings(before, self.config)
             if changed:
+                start = self.output / "final" if (self.output / "final").is_dir() else newest_checkpoint(
+                    self.checkpoints)[0]
                 raise ConfigError(f"{saved}: the run being resumed used other settings ({'; '.join(changed)}); "
-                                  "resume with the same settings, or start a new output_dir (e.g. from its final/)")
+                                  f"resume with the same settings, or start a new output_dir from {start}")
 
     # ------------------------------------------------------------------ building
     def _say(self, message: str) -> None:
@@ -232,15 +239,17 @@ class Trainer:
         """Each process caches what it sees, in its own files (processes never write the same file)."""
         from .teacher_cache import TeacherVectorCache
 
-        teacher = self.config.teacher
-        fingerprint = {"teacher": str(Path(teacher.path).resolve()) if Path(teacher.path).exists() else teacher.path,
-                       **{k: getattr(self.models["teacher"].model, k) for k in
-                          ("pooling", "normalize", "max_query_length", "max_passage_length")},
-                       # the weights themselves, cheaply: a folder rewritten in place must not reuse old vectors
-                       "weights_sum": float(sum(p.detach().double().sum() for p in
-                                                self.models["teacher"].model.parameters()))}
-        return TeacherVectorCache(self.output / "teacher-cache" / f"rank{self.ctx.rank}",
-                                  self.models["teacher"].model, corpus, queries, fingerprint, log=self.log)
+        teacher = self.models["teacher"].model
+        corpus_path = Path(self.config.data.corpus)
+        fingerprint = {
+            "teacher": self.config.teacher.path, "settings": teacher.settings(),
+            "corpus": str(corpus_path.resolve()) if corpus_path.exists() else str(corpus_path),
+            # the weights themselves, cheaply and device-independently: a folder rewritten in place must
+            # not reuse old vectors
+            "weights_sum": float(sum(p.detach().cpu().double().sum() for p in teacher.parameters()))}
+        layers = None if self.config.loss.layer != "none" else [teacher.num_layers - 1]
+        return TeacherVectorCache(self.output / "teacher-cache" / f"rank{self.ctx.rank}", teacher, corpus,
+                                  queries, fingerprint, layers=layers, log=self.log)
 
     def _hidden_mse_baseline(self, student: nn.Module, teacher: nn.Module) -> nn.Module:
         """The classical feature baseline's learned projections; it needs one shared tokenizer."""
@@ -451,7 +460,7 @@ class Trainer:
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Whether every process's loss is finite; all ranks must agree before any skips a backward."""
         finite = bool(torch.isfinite(loss.detach()))
-        if self.ctx.is_distributed and self.config.optim.skip_non_finite:
+        if self.ctx.is_distributed:  # so that every rank stops (or skips) together instead of hanging
             finite = dist.all_reduce_mean(float(finite)) == 1.0
         return finite
 
@@ -588,6 +597,8 @@ class Trainer:
     def close(self) -> None:
         if getattr(self, "_board", None) is not None:
             self._board.close()
+        if getattr(self, "teacher_cache", None) is not None:
+            self.teacher_cache.close()
         self.ctx.cleanup()
 
 

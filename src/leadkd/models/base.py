@@ -104,9 +104,12 @@ def load_backbone(name_or_path: str, trust_remote_code: bool = False):
     except ValueError as exc:
         first = str(exc).strip().splitlines()[0]
         raise LeadkdError(f"{name_or_path}: cannot load model ({first})") from None
-    except UnpicklingError:
-        raise LeadkdError(f"{name_or_path}: refusing its pickled weights: they hold objects other than "
-                          "tensors (save the model as safetensors)") from None
+    except UnpicklingError as exc:
+        if "weights only load failed" in str(exc).lower() or "unsupported global" in str(exc).lower():
+            raise LeadkdError(f"{name_or_path}: refusing its pickled weights: they hold objects other than "
+                              "tensors (save the model as safetensors)") from None
+        raise LeadkdError(f"{name_or_path}: cannot load model (its pickled weights are damaged: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'unreadable'})") from None
     return tokenizer, model
 
 
