@@ -146,10 +146,10 @@ class Trainer:
         resumed = newest_checkpoint(self.checkpoints) if resume else None
         if resume and resumed is None and self.checkpoints.is_dir():
             self._say(f"no checkpoint under {self.checkpoints}; starting from the beginning")
-        self._check_output(resume, resumed is not None)
+        self._check_output(resume, resumed[0] if resumed else None)
         self._build(resumed)
 
-    def _check_output(self, resume: bool, resuming: bool) -> None:
+    def _check_output(self, resume: bool, resumed_from: Path | None) -> None:
         """Never overwrite a run by accident, and never resume one under different settings.
 
         A fresh start in a folder that holds checkpoints would replace them one by one; resuming with, say,
@@ -159,7 +159,7 @@ class Trainer:
             raise ConfigError(f"{self.output}: holds checkpoints of an earlier run; pass --resume to continue "
                               "it, or choose another output_dir")
         saved = self.output / "config.yaml"
-        if resuming and saved.is_file():
+        if resumed_from is not None and saved.is_file():
             try:
                 before = load_config(saved, kind="distill" if self.distill else "train")
             except ConfigError as exc:  # written by another leadkd version: nothing reliable to compare with
@@ -167,8 +167,7 @@ class Trainer:
                 return
             changed = changed_settings(before, self.config)
             if changed:
-                start = self.output / "final" if (self.output / "final").is_dir() else newest_checkpoint(
-                    self.checkpoints)[0]
+                start = self.output / "final" if (self.output / "final").is_dir() else resumed_from
                 raise ConfigError(f"{saved}: the run being resumed used other settings ({'; '.join(changed)}); "
                                   f"resume with the same settings, or start a new output_dir from {start}")
 

@@ -146,9 +146,7 @@ class DualEncoder(nn.Module):
         # Multiplies every score (training only; rankings and embeddings do not change). Cosine scores live
         # in [-1, 1], too flat for a softmax over candidates: sentence-transformers trains them at 20.
         self.similarity_scale = float(similarity_scale)
-        # An HF pooler head (BERT's tanh dense) never reaches a DE score: freeze it so DDP and optimisers do
-        # not see parameters without gradients. It stays in the weights, so saved folders load cleanly.
-        freeze_pooler(model)
+        freeze_pooler(model)  # its tanh head never reaches a DE score
         self.train(model.training)  # HF's from_pretrained gives eval mode; keep it (and dropout off)
 
     # ------------------------------------------------------------------------------------------------
