@@ -250,3 +250,22 @@ def test_python_m_leadkd_cli_is_the_leadkd_command():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("leadkd ")
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, DistillConfig], ids=["train", "distill"])
+def test_every_option_has_a_row_in_the_configuration_reference(cls):
+    """docs/configuration.md documents each option in a table row that starts with its name: the dotted
+    key (``eval.split``), or the key inside its section (``lr`` under ``optim``)."""
+    rows = {match.group(1) for match in re.finditer(r"^\| `([\w.]+)` \|", (DOCS / "configuration.md").read_text(),
+                                                      re.MULTILINE)}
+
+    def keys(config, prefix=""):
+        for item in dataclasses.fields(config):
+            value = getattr(config, item.name)
+            if dataclasses.is_dataclass(value):
+                yield from keys(value, f"{prefix}{item.name}.")
+            else:
+                yield prefix + item.name
+
+    missing = [key for key in keys(cls()) if key not in rows and key.split(".", 1)[-1] not in rows]
+    assert not missing, f"options without a row in docs/configuration.md: {missing}"

@@ -102,6 +102,12 @@ def test_layer_numbers_are_checked(models):
         de.layer_embeddings(QUERIES, "document")
     with pytest.raises(TypeError):
         de.encode("one string")
+    # Layer numbers from numpy (a sampler's output) are integers too; bools and floats are not.
+    torch.testing.assert_close(de.layer_embeddings(QUERIES, "query", layers=[np.int64(-1)]),
+                               de.layer_embeddings(QUERIES, "query", layers=[1]))
+    for bad in (True, 1.0):
+        with pytest.raises(LeadkdError, match="does not exist"):
+            de.layer_embeddings(QUERIES, "query", layers=[bad])
 
 
 def test_gradients_reach_the_encoder_but_not_the_unused_pooler(models):

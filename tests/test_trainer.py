@@ -104,8 +104,21 @@ def test_a_fresh_start_never_overwrites_checkpoints_and_resume_keeps_the_setting
     # What only decides evaluation, logging, checkpoint keeping or NaN handling may change, and the same
     # file spelled another way is the same file.
     Trainer(distill_config(setup, out, **{"optim.steps": 2, "checkpoint.every": 2, "log_every": 5,
-                                          "optim.skip_non_finite": 3, "data.corpus": f"{setup['data']}/."}),
+                                          "optim.skip_non_finite": 3, "ddp_timeout": 60,
+                                          "data.corpus": f"{setup['data']}/."}),
             resume=True, log=lambda m: None).close()
+
+
+def test_the_collective_timeout_reaches_the_process_group(setup, tmp_path, monkeypatch):
+    """Rank 0 evaluates while the others wait at a barrier: ``ddp_timeout`` must reach init_process_group."""
+    import leadkd.distributed as D
+
+    seen, real = [], D.init_distributed
+    monkeypatch.setattr(D, "init_distributed", lambda **kw: seen.append(kw) or real(**kw))
+    Trainer(distill_config(setup, tmp_path / "run", ddp_timeout=5400), log=lambda m: None).close()
+    assert seen == [{"timeout_s": 5400}]
+    with pytest.raises(ConfigError, match="ddp_timeout: must be > 0"):
+        distill_config(setup, tmp_path / "run", ddp_timeout=0)
 
 
 def test_frozen_teacher_is_not_updated_and_gets_no_optimizer(setup, tmp_path):

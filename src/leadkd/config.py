@@ -187,6 +187,9 @@ class TrainConfig:
     seed: int = 888
     output_dir: str | None = None
     log_every: int = 10
+    #: Seconds a process may wait in a collective (torch.distributed's timeout; 10 min for NCCL otherwise).
+    #: Rank 0 evaluates and checkpoints while the others wait, and a large dev corpus takes longer.
+    ddp_timeout: int = 1800
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,9 @@ class DistillConfig:
     seed: int = 888
     output_dir: str | None = None
     log_every: int = 10
+    #: Seconds a process may wait in a collective (torch.distributed's timeout; 10 min for NCCL otherwise).
+    #: Rank 0 evaluates and checkpoints while the others wait, and a large dev corpus takes longer.
+    ddp_timeout: int = 1800
 
 
 Config = Union[TrainConfig, DistillConfig]
@@ -471,7 +477,7 @@ def _check_common(config: Config) -> None:
         _fail("eval.split", "must name a qrels split (e.g. dev), or be null to skip evaluation")
     _check_metric(config.eval.metric)
     _required_text(config, "", "output_dir")
-    _positive(config, "", "log_every")
+    _positive(config, "", "log_every", "ddp_timeout")
     if not 0 <= config.seed < 2**32:
         _fail("seed", f"must be in [0, 2**32), got {config.seed}")
 
@@ -763,8 +769,8 @@ def save_config(config: Config, path: str | os.PathLike) -> Path:
 
 #: Settings a resumed run may change: they decide what is evaluated, logged and kept, or how (not what)
 #: is computed: skipping non-finite batches after a NaN stop, trading compute for memory, the teacher cache.
-RESUMABLE_CHANGES = ("eval.", "log_every", "checkpoint.keep_last", "checkpoint.every", "output_dir",
-                     "optim.skip_non_finite", "optim.gradient_checkpointing", "teacher.cache")
+RESUMABLE_CHANGES = ("eval.", "log_every", "ddp_timeout", "checkpoint.keep_last", "checkpoint.every",
+                     "output_dir", "optim.skip_non_finite", "optim.gradient_checkpointing", "teacher.cache")
 #: Settings that name files: compared after resolving, so ./data and /abs/data are the same.
 _PATH_SETTINGS = ("data.corpus", "data.train_groups", "model.path", "teacher.path", "student.path")
 

@@ -122,8 +122,7 @@ class TeacherVectorCache:
                  layers: Sequence[int] | None = None, log=print):
         folder = Path(folder)
         self.model = model
-        self.layers = sorted(set(resolve_layers(None if layers is None else [int(x) for x in layers],
-                                                model.num_layers)))
+        self.layers = sorted(set(resolve_layers(layers, model.num_layers)))
         meta = {**fingerprint, "layers": self.layers, "dim": int(model.hidden_size), "passages": len(corpus),
                 "queries": len(queries) if queries is not None else 0}
         fresh = not (folder / META).is_file() or json.loads((folder / META).read_text()) != meta
@@ -141,7 +140,7 @@ class TeacherVectorCache:
     def encode(self, query_ids: Sequence[str], queries: Sequence[str], passage_ids: Sequence[str],
                passages: Sequence[str], layers: Sequence[int]) -> Encoded:
         """What ``EncodeForward`` would return for the teacher, for the requested ``layers``."""
-        wanted = resolve_layers([int(x) for x in layers], self.model.num_layers)
+        wanted = resolve_layers(layers, self.model.num_layers)
         if not set(wanted) <= set(self.layers):
             raise ValueError(f"layers {wanted} asked of a cache holding layers {self.layers}")
         index = torch.as_tensor([self.layers.index(x) for x in wanted], dtype=torch.long)

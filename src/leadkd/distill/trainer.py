@@ -132,7 +132,7 @@ class Trainer:
                  show_progress: bool = True):
         self.config = config
         self.distill = isinstance(config, DistillConfig)
-        self.ctx = dist.init_distributed()
+        self.ctx = dist.init_distributed(timeout_s=config.ddp_timeout)
         self.log = log or (lambda message: print(message, flush=True))
         self.show_progress = show_progress and self.ctx.is_main
         self.output = Path(config.output_dir)

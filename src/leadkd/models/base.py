@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import operator
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -154,9 +155,13 @@ def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
         return list(range(num_layers))
     resolved = []
     for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not -num_layers <= layer < num_layers:
+        try:  # any integer type (numpy's too), but not bool, float or str
+            index = None if isinstance(layer, bool) else operator.index(layer)
+        except TypeError:
+            index = None
+        if index is None or not -num_layers <= index < num_layers:
             raise LeadkdError(f"layer {layer!r} does not exist: the model has layers 0..{num_layers - 1}")
-        resolved.append(layer % num_layers)
+        resolved.append(index % num_layers)
     if not resolved:
         raise LeadkdError("no layers requested")
     return resolved

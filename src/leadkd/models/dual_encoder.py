@@ -20,7 +20,8 @@ from torch import nn
 
 from ..errors import LeadkdError
 from ..fileio import atomic_directory
-from .base import block_outputs, freeze_pooler, load_backbone, num_blocks, pool, read_leadkd_config, resolve_model_path
+from .base import (block_outputs, freeze_pooler, load_backbone, num_blocks, pool, read_leadkd_config,
+                   resolve_layers, resolve_model_path)
 from .loading import read_st_settings, write_leadkd_config, write_st_metadata
 
 Kind = Literal["query", "passage"]
@@ -232,20 +233,6 @@ class DualEncoder(nn.Module):
             raise TypeError("expected a sequence of texts, got one string")
         return ([prefix + text for text in texts] if prefix else list(texts)), limit
 
-    def _layer_ids(self, layers: Sequence[int] | None) -> list[int] | None:
-        """Validated layer numbers (negative ones count from the last); None means "the last layer only"."""
-        if layers is None:
-            return None
-        total = self.num_layers
-        ids = []
-        for layer in layers:
-            if not -total <= int(layer) < total:
-                raise LeadkdError(f"layer {layer} does not exist; the model has layers 0..{total - 1}")
-            ids.append(int(layer) % total)
-        if not ids:
-            raise LeadkdError("no layers requested")
-        return ids
-
     def tokenize(self, texts: Sequence[str], kind: Kind) -> dict[str, torch.Tensor]:
         """Prefixed, truncated, batch-padded ``input_ids`` and ``attention_mask`` on the model's device."""
         prepared, limit = self._prepare(texts, kind)
@@ -266,7 +253,7 @@ class DualEncoder(nn.Module):
     def layer_embeddings(self, texts: Sequence[str], kind: Kind,
                          layers: Sequence[int] | None = None) -> torch.Tensor:
         """``[L', N, d]``: each requested layer's pooled vector (all layers when ``layers`` is None)."""
-        layer_ids = self._layer_ids(layers) if layers is not None else list(range(self.num_layers))
+        layer_ids = resolve_layers(layers, self.num_layers)
         batch = self.tokenize(texts, kind)
         return self._pooled(batch["input_ids"], batch["attention_mask"], layer_ids)
 
@@ -276,7 +263,7 @@ class DualEncoder(nn.Module):
 
         For the classical feature-distillation baseline, which compares token states directly.
         """
-        layer_ids = self._layer_ids(layers) if layers is not None else list(range(self.num_layers))
+        layer_ids = resolve_layers(layers, self.num_layers)
         batch = self.tokenize(texts, kind)
         hidden = block_outputs(self.model, batch["input_ids"], batch["attention_mask"], all_layers=True)
         vectors = torch.stack([pool(hidden[i], batch["attention_mask"], self.pooling) for i in layer_ids])
@@ -350,7 +337,7 @@ class DualEncoder(nn.Module):
         if batch_size < 1:
             raise LeadkdError(f"batch_size must be >= 1, got {batch_size}")
         prepared, limit = self._prepare(texts, kind)
-        layer_ids = self._layer_ids(layers)
+        layer_ids = None if layers is None else resolve_layers(layers, self.num_layers)
         out_layers = 1 if layer_ids is None else len(layer_ids)
         out = np.empty((out_layers, len(prepared), self.hidden_size), dtype=np.float32)
         device = self.device
