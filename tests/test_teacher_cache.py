@@ -14,7 +14,7 @@ from leadkd.config import load_config
 from leadkd.data.datasets import load_corpus, load_queries
 from leadkd.distill.teacher_cache import TeacherVectorCache
 from leadkd.distill.trainer import Trainer, run_job
-from leadkd.errors import ConfigError
+from leadkd.errors import ConfigError, LeadkdError
 from leadkd.models.dual_encoder import DualEncoder
 
 from conftest import make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
@@ -57,6 +57,39 @@ def test_cached_vectors_equal_the_teachers_and_are_computed_once(setup, tmp_path
     assert calls == [2, 4]  # nothing re-encoded
     assert torch.equal(again.passages[0], first.passages[1].flip(0))  # layer 2 == last, order follows the batch
     assert cache.filled() == {"query": 2, "passage": 3}
+
+
+def test_short_writes_are_finished_and_a_full_disk_raises(setup, tmp_path, monkeypatch):
+    """A nearly full disk may take part of a row without an error: the rest must still be written (or an
+    ENOSPC raised), never a partial row served later as a hit."""
+    import errno
+    import os
+
+    teacher = DualEncoder.from_pretrained(setup["teacher"], pooling="mean", normalize=True).eval()
+    corpus, queries = load_corpus(setup["data"]), load_queries(setup["data"])
+    cache = TeacherVectorCache(tmp_path / "c", teacher, corpus, queries, {"teacher": "t"}, log=lambda m: None)
+    real_pwrite, budget = os.pwrite, {"bytes": 10**9}
+
+    def stingy(fd, data, offset):  # at most 7 bytes per call, and nothing once the budget is spent
+        take = min(len(data), 7, budget["bytes"])
+        budget["bytes"] -= take
+        return real_pwrite(fd, bytes(data[:take]), offset) if take else 0
+
+    monkeypatch.setattr(os, "pwrite", stingy)
+    ids, texts = [corpus.id_at(i) for i in (2, 4)], [corpus.text(i) for i in (2, 4)]
+    first = cache.encode([], [], ids, texts, layers=[0, 1, 2])
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    calls = counting(teacher)
+    assert torch.equal(cache.encode([], [], ids, texts, layers=[0, 1, 2]).passages, first.passages)
+    assert calls == []  # served from the rows written 7 bytes at a time
+    budget["bytes"] = 100  # the disk fills up inside the next row
+    monkeypatch.setattr(os, "pwrite", stingy)
+    with pytest.raises(LeadkdError, match=r"passages\.npy: cannot write the teacher cache \(No space left on "
+                                          r"device\); free space there or set teacher\.cache: false") as error:
+        cache.encode([], [], [corpus.id_at(7)], [corpus.text(7)], layers=[0])
+    assert error.value.__cause__.errno == errno.ENOSPC
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    assert cache.filled()["passage"] == 2  # the half-written row is not marked as filled
 
 
 def test_a_row_is_served_only_for_the_exact_text_it_was_computed_from(setup, tmp_path):

@@ -19,6 +19,7 @@ padding of the batch it was first computed in differs). ``meta.json`` holds what
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..errors import LeadkdError
 from ..fileio import atomic_write
 from ..models.base import resolve_layers
 from .views import Encoded
@@ -54,12 +56,22 @@ class _RowFile:
             raise ValueError(f"{path}: shape {self.array.shape} {self.array.dtype}, expected {shape} {dtype}")
         self.offset = self.array.offset
         self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+        self.path = path
         self.fd = os.open(path, os.O_RDWR)
 
     def write(self, rows: np.ndarray, values: np.ndarray) -> None:
         values = np.ascontiguousarray(values, dtype=self.array.dtype)
-        for row, value in zip(rows.tolist(), values):
-            os.pwrite(self.fd, value.tobytes(), self.offset + row * self.row_bytes)
+        try:
+            for row, value in zip(rows.tolist(), values):
+                data, position = memoryview(value.tobytes()), self.offset + row * self.row_bytes
+                while data:  # a nearly full disk may take part of a write without an error; finish or raise
+                    written = os.pwrite(self.fd, data, position)
+                    if written <= 0:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    data, position = data[written:], position + written
+        except OSError as exc:
+            raise LeadkdError(f"{self.path}: cannot write the teacher cache ({exc.strerror or exc}); free space "
+                              f"there or set teacher.cache: false, then continue with --resume") from exc
 
     def close(self) -> None:
         os.close(self.fd)
