@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import types
+from collections import namedtuple
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -120,3 +122,31 @@ def make_tiny_groups(path: Path, queries: int = 12, docs: int = 24, negatives: i
             f.write(json.dumps({"query_id": f"q{i}", "positives": [f"d{i}"],
                                 "negatives": rng.sample(others, negatives)}) + "\n")
     return path
+
+
+# -- a stand-in for the optional ir_datasets package ----------------------------------------------------
+Doc = namedtuple("Doc", "doc_id text title")
+Query = namedtuple("Query", "query_id text")
+Judgment = namedtuple("Judgment", "query_id doc_id relevance iteration")
+
+
+class FakeIrds:
+    def __init__(self, docs, queries, qrels):
+        self._d, self._q, self._r = docs, queries, qrels
+
+    def has_docs(self): return bool(self._d)
+    def has_queries(self): return bool(self._q)
+    def has_qrels(self): return bool(self._r)
+    def docs_iter(self): return iter(self._d)
+    def queries_iter(self): return iter(self._q)
+    def qrels_iter(self): return iter(self._r)
+
+
+def fake_module(datasets: dict[str, FakeIrds]) -> types.ModuleType:
+    module = types.ModuleType("ir_datasets")
+
+    def load(name: str) -> FakeIrds:
+        return datasets[name]  # the real one also raises KeyError for unknown ids
+
+    module.load = load  # type: ignore[attr-defined]
+    return module

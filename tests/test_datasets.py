@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sys
-import types
-from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,8 @@ from leadkd.data import (Corpus, DataWarning, Qrels, Queries, available_splits, 
                          resolve_dataset, write_beir_qrels, write_collection_tsv, write_corpus_jsonl,
                          write_queries_jsonl, write_queries_tsv, write_trec_qrels)
 from leadkd.errors import InputError, LeadkdError
+
+from conftest import Doc, FakeIrds, Judgment, Query, fake_module
 
 
 @pytest.fixture
@@ -125,33 +125,6 @@ def test_load_corpus_from_file_folder_and_name(beir: Path, msmarco: Path) -> Non
 
 
 # -- ir_datasets (optional) ----------------------------------------------------------------------------
-Doc = namedtuple("Doc", "doc_id text title")
-Query = namedtuple("Query", "query_id text")
-Judgment = namedtuple("Judgment", "query_id doc_id relevance iteration")
-
-
-class FakeIrds:
-    def __init__(self, docs, queries, qrels):
-        self._d, self._q, self._r = docs, queries, qrels
-
-    def has_docs(self): return bool(self._d)
-    def has_queries(self): return bool(self._q)
-    def has_qrels(self): return bool(self._r)
-    def docs_iter(self): return iter(self._d)
-    def queries_iter(self): return iter(self._q)
-    def qrels_iter(self): return iter(self._r)
-
-
-def fake_module(datasets: dict[str, FakeIrds]) -> types.ModuleType:
-    module = types.ModuleType("ir_datasets")
-
-    def load(name: str) -> FakeIrds:
-        return datasets[name]  # the real one also raises KeyError for unknown ids
-
-    module.load = load  # type: ignore[attr-defined]
-    return module
-
-
 def test_irds_spec_through_the_adapter(monkeypatch) -> None:
     ds = FakeIrds([Doc("1", "text one", "T"), Doc("2", "two", "")],
                   [Query("a", "qa"), Query("b", "qb"), Query("c", "qc")],
@@ -194,3 +167,35 @@ def test_real_scifact_and_nfcorpus(data_dir: Path) -> None:
     assert {r for docs in nf.qrels.values() for r in docs.values()} == {1, 2}
     dl = load_dataset("trec-dl19-passage-pool", data_dir=data_dir)
     assert (len(dl.corpus), len(dl.queries), dl.qrels.num_judgments()) == (14581, 43, 4337)
+
+
+def test_export_irds_writes_the_splits_that_exist_as_one_beir_folder(monkeypatch, tmp_path) -> None:
+    from leadkd.data.datasets import export_irds
+
+    docs = [Doc("1", "text one", "T"), Doc("2", "two", ""), Doc("3", "three", "")]
+    queries = [Query("a", "qa"), Query("b", "qb"), Query("c", "qc")]  # BEIR lists every query in every split
+    read = []
+
+    class Counted(FakeIrds):
+        def docs_iter(self):
+            read.append(1)
+            return super().docs_iter()
+
+    monkeypatch.setitem(sys.modules, "ir_datasets", fake_module({
+        "beir/toy/train": Counted(docs, queries, [Judgment("a", "1", 1, "0"), Judgment("b", "3", 2, "0")]),
+        "beir/toy/test": Counted(docs, queries, [Judgment("c", "2", 1, "0")])}))
+    target = tmp_path / "toy"
+    assert export_irds("beir/toy", target) == ["train", "test"]
+    assert read == [1]  # the shared corpus is read once
+    assert available_splits(target) == ["test", "train"]
+    train, test = load_dataset(target, split="train"), load_dataset(target, split="test")
+    assert train.qrels == {"a": {"1": 1}, "b": {"3": 2}} and test.qrels == {"c": {"2": 1}}
+    assert test.queries.list_ids() == ["c"] and test.queries.text(0) == "qc"
+    assert train.corpus.list_ids() == ["1", "2", "3"] and train.corpus.passage(0) == "T text one"
+    with pytest.raises(LeadkdError, match=r"irds:beir/none: ir_datasets has none of the splits "
+                                          r"beir/none/\{train,dev,test\}; name the dataset without its split"):
+        export_irds("beir/none", tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+    monkeypatch.setitem(sys.modules, "ir_datasets", None)  # not installed
+    with pytest.raises(LeadkdError, match=r"pip install leadkd\[irds\]"):
+        export_irds("beir/toy", tmp_path / "again")

@@ -42,3 +42,33 @@ def test_quickstart_without_data_says_what_to_pass(tmp_path, monkeypatch, capsys
     assert main(["quickstart", "--fast"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "LEADKD_DATA_DIR" in err[0] and "scifact" in err[0]
+
+
+def test_an_irds_dataset_is_exported_with_the_local_copys_dev_split(data_dir, tmp_path, monkeypatch):
+    """``--data irds:beir/scifact``: ir_datasets has SciFact's train and test only; the quickstart exports
+    them into its run folder and derives the very dev split ``$LEADKD_DATA_DIR``'s copy holds."""
+    import sys
+
+    from conftest import Doc, FakeIrds, Judgment, Query, fake_module
+    from leadkd.data import load_dataset, read_beir_qrels
+    from leadkd.errors import LeadkdError
+    from leadkd.quickstart import QuickstartPlan, choose_splits, run_quickstart
+
+    local = data_dir / "scifact"
+    rows = [json.loads(line) for line in (local / "corpus.jsonl").read_text().splitlines()]
+    docs = [Doc(r["_id"], r["text"], r.get("title", "")) for r in rows]
+    queries = [Query(r["_id"], r["text"]) for r in map(json.loads, (local / "queries.jsonl").read_text().splitlines())]
+    splits = {split: FakeIrds(docs, queries, [Judgment(q, d, s, "0") for q, judged in
+                                              read_beir_qrels(local / "qrels" / f"{split}.tsv").items()
+                                              for d, s in judged.items()])
+              for split in ("train", "test")}
+    monkeypatch.setitem(sys.modules, "ir_datasets", fake_module({f"beir/scifact/{s}": ds for s, ds in splits.items()}))
+    output = tmp_path / "qs"
+    with pytest.raises(LeadkdError, match="no/such/teacher"):  # stops after the data, before any model work
+        run_quickstart("irds:beir/scifact/test", output, QuickstartPlan(teacher=str(tmp_path / "no/such/teacher")),
+                       log=lambda m: None)
+    exported = output / "irds-data"
+    assert choose_splits(exported) == {"train": "train-nodev", "dev": "dev", "test": "test"}
+    for split in ("train-nodev", "dev", "test"):
+        assert read_beir_qrels(exported / "qrels" / f"{split}.tsv") == read_beir_qrels(local / "qrels" / f"{split}.tsv")
+    assert len(load_dataset(exported, split="dev").queries) == 100

@@ -328,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("quickstart", help="LEAD end to end on real data: mine, warm up, distil, evaluate, report")
     p.add_argument("--data", default="scifact",
-                   help="BEIR folder or name under $LEADKD_DATA_DIR with train and test (and dev) qrels (default %(default)s)")
+                   help="BEIR folder or name under $LEADKD_DATA_DIR with train and test (and dev) qrels, or an "
+                        "ir_datasets id such as irds:beir/scifact (its train/dev/test splits; default %(default)s)")
     p.add_argument("--output", default="runs/quickstart", help="run folder (default %(default)s); rerun to continue")
     p.add_argument("--fast", action="store_true", help="a 2-minute smoke run on a slice of the data")
     p.add_argument("--teacher", default="all-MiniLM-L6-v2", help="teacher model folder or hub name")

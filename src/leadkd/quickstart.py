@@ -9,6 +9,7 @@ so an interrupted quickstart continues where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -20,6 +21,8 @@ from .errors import LeadkdError
 from .fileio import atomic_write
 
 Log = Callable[[str], None]
+#: The ir_datasets splits a quickstart looks for under a dataset id (``beir/scifact/train``, ...).
+IRDS_SPLITS = ("train", "dev", "test")
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,37 @@ def choose_splits(folder: Path) -> dict[str, str | None]:
         raise LeadkdError(f"{folder}: the quickstart needs a train split and a test (or dev) split; "
                           f"found {', '.join(sorted(splits)) or 'no qrels'}")
     return {"train": train, "dev": dev, "test": test}
+
+
+def derive_dev(folder: Path, held_out: int = 100) -> None:
+    """Give a dataset without a dev split one: the first ``held_out`` train queries by SHA-1 of their id
+    (at most a fifth of them) become ``dev``, the rest ``train-nodev``. It is how ``$LEADKD_DATA_DIR``'s
+    SciFact got its dev split, so ``irds:beir/scifact`` gets the very same one."""
+    from .data.formats import read_beir_qrels, write_beir_qrels
+
+    train = read_beir_qrels(folder / "qrels" / "train.tsv")
+    order = sorted(train, key=lambda qid: hashlib.sha1(qid.encode("utf-8")).hexdigest())
+    dev = set(order[:min(held_out, len(order) // 5)])
+    # train-nodev first: until dev.tsv exists the folder has no dev split, and this runs again.
+    write_beir_qrels(folder / "qrels" / "train-nodev.tsv", {q: d for q, d in train.items() if q not in dev})
+    write_beir_qrels(folder / "qrels" / "dev.tsv", {q: d for q, d in train.items() if q in dev})
+
+
+def irds_folder(dataset_id: str, target: Path, log: Log = print) -> Path:
+    """An ir_datasets dataset (``beir/scifact``, or one of its splits) as a BEIR folder inside the run,
+    exported once, with a dev split derived from train where the dataset has none."""
+    from .data.datasets import available_splits, export_irds
+
+    base, _, last = dataset_id.rpartition("/")
+    if not base or last not in IRDS_SPLITS:
+        base = dataset_id
+    if not (target / "corpus.jsonl").is_file():
+        log(f"exporting irds:{base} ({', '.join(IRDS_SPLITS)} where they exist) to {target}")
+        export_irds(base, target, IRDS_SPLITS)
+    splits = available_splits(target)
+    if "dev" not in splits and "train" in splits:
+        derive_dev(target)
+    return target
 
 
 def write_slice(source: Path, target: Path, splits: dict[str, str | None], queries_per_split: int,
@@ -129,8 +163,9 @@ def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart"
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     source = resolve_dataset(data)
+    name = f"irds:{source}" if isinstance(source, str) else Path(source).name
     if isinstance(source, str):
-        raise LeadkdError(f"{data}: the quickstart needs a local BEIR folder; ir_datasets ids are not supported here")
+        source = irds_folder(source, output / "irds-data", log)
     splits = choose_splits(source)
     folder = source
     if plan.slice_queries:
@@ -187,7 +222,7 @@ def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart"
             layers[name] = [{"layer": r["layer"], "nDCG@10": r["nDCG@10"]} for r in rows]
             scores[name] = {m: rows[-1][m] for m in measures}
             log(f"  {name}: nDCG@10 {scores[name]['nDCG@10']:.4f}")
-        results = {"dataset": Path(source).name, "splits": splits, "measures": measures, "models": scores,
+        results = {"dataset": name, "splits": splits, "measures": measures, "models": scores,
                    "layers": layers,
                    "settings": {"teacher": plan.teacher, "student_layers": list(plan.student_layers),
                                 "max_passage_length": plan.max_passage_length, "similarity_scale": plan.similarity_scale,

@@ -15,13 +15,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from leadkd.data.collection import Corpus, Qrels, Queries
 from leadkd.data.formats import (check_qrels, read_collection_tsv, read_corpus, read_corpus_jsonl, read_qrels,
                                  read_queries_jsonl, read_queries_tsv)
 from leadkd.errors import InputError, LeadkdError
 
-__all__ = ["Dataset", "load_dataset", "load_corpus", "resolve_dataset", "available_splits", "DATA_DIR_ENV"]
+__all__ = ["Dataset", "load_dataset", "load_corpus", "resolve_dataset", "available_splits", "export_irds",
+           "DATA_DIR_ENV"]
 
 DATA_DIR_ENV = "LEADKD_DATA_DIR"
 _QRELS_SUFFIXES = (".tsv", ".trec", ".txt")
@@ -196,11 +198,16 @@ def _judged(queries: Queries, qrels: Qrels) -> Queries:
 
 
 # -- ir_datasets ---------------------------------------------------------------------------------------
-def _irds(dataset_id: str):
+def _irds_module(dataset_id: str):
     try:
         import ir_datasets
     except ImportError:
         raise LeadkdError(f"'irds:{dataset_id}' needs the ir_datasets package: pip install leadkd[irds]") from None
+    return ir_datasets
+
+
+def _irds(dataset_id: str):
+    ir_datasets = _irds_module(dataset_id)
     try:
         return ir_datasets.load(dataset_id)
     except KeyError:
@@ -231,13 +238,10 @@ def _irds_corpus(ds, dataset_id: str) -> Corpus:
     return corpus  # type: ignore[return-value]
 
 
-def _load_irds(dataset_id: str, lenient: bool) -> Dataset:
-    ds = _irds(dataset_id)
+def _irds_judged(ds, dataset_id: str, corpus: Corpus, lenient: bool) -> tuple[Queries, Qrels]:
+    """The queries judged in one ir_datasets split, and their checked qrels."""
     source = f"irds:{dataset_id}"
-    if not ds.has_queries() or not ds.has_qrels():
-        raise LeadkdError(f"{source}: this ir_datasets id has no queries or no qrels; name a split, "
-                          "e.g. irds:beir/scifact/test")
-    corpus = _irds_corpus(ds, dataset_id)
+    _require_judgments(ds, dataset_id)
     qb = Queries.builder(source=source)
     for q in ds.queries_iter():
         text = _text_of(q)
@@ -249,5 +253,54 @@ def _load_irds(dataset_id: str, lenient: bool) -> Dataset:
     for j in ds.qrels_iter():
         raw.setdefault(j.query_id, {})[j.doc_id] = int(j.relevance)
     qrels = check_qrels(raw, corpus=corpus, queries=queries, lenient=lenient, source=source)
-    split = dataset_id.rsplit("/", 1)[-1]
-    return Dataset(source, split, corpus, _judged(queries, qrels), qrels, source=source)  # type: ignore[arg-type]
+    return _judged(queries, qrels), qrels  # type: ignore[arg-type]
+
+
+def _require_judgments(ds, dataset_id: str) -> None:
+    if not ds.has_queries() or not ds.has_qrels():
+        raise LeadkdError(f"irds:{dataset_id}: this ir_datasets id has no queries or no qrels; name a split, "
+                          "e.g. irds:beir/scifact/test")
+
+
+def _load_irds(dataset_id: str, lenient: bool) -> Dataset:
+    ds = _irds(dataset_id)
+    _require_judgments(ds, dataset_id)  # before the slow corpus read
+    corpus = _irds_corpus(ds, dataset_id)
+    queries, qrels = _irds_judged(ds, dataset_id, corpus, lenient)
+    source = f"irds:{dataset_id}"
+    return Dataset(source, dataset_id.rsplit("/", 1)[-1], corpus, queries, qrels, source=source)
+
+
+def export_irds(dataset_id: str, target: str | os.PathLike, splits: Sequence[str] = ("train", "dev", "test"),
+                lenient: bool = False) -> list[str]:
+    """Write the ir_datasets splits ``<dataset_id>/<split>`` that exist as one BEIR folder; returns them.
+
+    Commands that need several splits of one dataset on disk (the quickstart: train, dev, test; a
+    training config's ``data.corpus``) then read it like any local folder. The corpus is read once (the
+    splits of a BEIR dataset in ir_datasets share their documents); the folder appears whole or not at all.
+    """
+    from leadkd.data.formats import write_beir_qrels, write_corpus_jsonl, write_queries_jsonl
+    from leadkd.fileio import atomic_directory
+
+    _irds_module(dataset_id)  # a missing package is its own error, not "no such split"
+    found = {}
+    for split in splits:
+        try:
+            found[split] = _irds(f"{dataset_id}/{split}")
+        except LeadkdError:
+            continue
+    if not found:
+        raise LeadkdError(f"irds:{dataset_id}: ir_datasets has none of the splits {dataset_id}/"
+                          f"{{{','.join(splits)}}}; name the dataset without its split, e.g. irds:beir/scifact")
+    first = next(iter(found))
+    corpus = _irds_corpus(found[first], f"{dataset_id}/{first}")
+    texts: dict[str, str] = {}
+    with atomic_directory(target) as tmp:
+        write_corpus_jsonl(tmp / "corpus.jsonl", corpus)
+        for split, ds in found.items():
+            queries, qrels = _irds_judged(ds, f"{dataset_id}/{split}", corpus, lenient)
+            for row in range(len(queries)):
+                texts.setdefault(queries.id_at(row), queries.text(row))
+            write_beir_qrels(tmp / "qrels" / f"{split}.tsv", qrels)
+        write_queries_jsonl(tmp / "queries.jsonl", Queries.from_records(list(texts), list(texts.values())))
+    return list(found)
