@@ -228,6 +228,11 @@ def test_dual_encoder_options_on_other_kinds_are_errors():
     message = error_of("teacher.kind=colbert", "teacher.pooling=mean")
     assert "teacher.pooling: only applies to a dual_encoder, not to a colbert" in message
     assert "student.normalize: only applies" in error_of("student.kind=cross_encoder", "student.normalize=true")
+    assert "teacher.colbert_dim: only applies to a colbert, not to a dual_encoder" in error_of("teacher.colbert_dim=0")
+    assert ("teacher.token_type_ids: only applies to a cross_encoder, not to a colbert"
+            in error_of("teacher.kind=colbert", "teacher.token_type_ids=false"))
+    assert "teacher.colbert_dim: must be >= 0, got -1" in error_of("teacher.kind=colbert", "teacher.colbert_dim=-1")
+    assert distill("teacher.kind=colbert", "teacher.colbert_dim=0").teacher.colbert_dim == 0
 
 
 def test_required_options_name_their_source(tmp_path):

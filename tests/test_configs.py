@@ -149,6 +149,9 @@ def test_train_recipes_follow_the_paper(dataset, name):
     assert config.loss.in_batch_negatives and config.loss.cross_process_negatives
     if kind == "dual_encoder":
         assert (config.model.pooling, config.model.normalize) == ("cls", False)  # [CLS], raw inner product
+    # The paper's ColBERT has no projection and its cross-encoder no segment ids (spec §2.2).
+    assert config.model.colbert_dim == (0 if kind == "colbert" else None)
+    assert config.model.token_type_ids == (False if kind == "cross_encoder" else None)
     initial = "groups-bm25" if dataset == "msmarco-passage" else "groups-random"
     groups = initial if name == "hardneg-de" else "groups-hard"
     assert config.data.train_groups == f"runs/{dataset}/{groups}.jsonl"

@@ -159,8 +159,11 @@ def test_resume_gives_the_same_weights_and_layers(setup, tmp_path):
 
 
 def test_warm_up_job_for_every_model_kind(setup, tmp_path):
-    for kind, extra in (("dual_encoder", {}), ("colbert", {}), ("cross_encoder", {})):
-        out = tmp_path / kind
+    # The paper's teacher inputs: ColBERT without a projection, a cross-encoder without segment ids.
+    paper = {"colbert": {"model.colbert_dim": 0}, "cross_encoder": {"model.token_type_ids": "false"}}
+    for kind, extra in (("dual_encoder", {}), ("colbert", {}), ("cross_encoder", {}),
+                        ("colbert", paper["colbert"]), ("cross_encoder", paper["cross_encoder"])):
+        out = tmp_path / f"{kind}{'-paper' if extra else ''}"
         overrides = {"model.path": str(setup["teacher"]), "model.kind": kind, "model.max_query_length": 16,
                      "model.max_passage_length": 32, "data.corpus": str(setup["data"]),
                      "data.train_groups": str(setup["groups"]), "data.num_negatives": 3, "optim.steps": 2,
@@ -169,7 +172,12 @@ def test_warm_up_job_for_every_model_kind(setup, tmp_path):
         run_job(config, log=lambda m: None)
         from leadkd.models import load_model
 
-        assert load_model(out / "final").kind == kind
+        final = load_model(out / "final")
+        assert final.kind == kind
+        if kind == "colbert":  # saved with the option, so it reopens the same way without it
+            assert final.options.dim == (None if extra else 128) and (final.projection is None) == bool(extra)
+        if kind == "cross_encoder":
+            assert final.options.use_token_type_ids is not bool(extra)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert all(torch.isfinite(torch.tensor(row["loss"])) for row in rows if "loss" in row)
 

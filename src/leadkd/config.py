@@ -57,6 +57,8 @@ class ModelConfig:
     max_query_length: int | None = None
     max_passage_length: int | None = None
     similarity_scale: float | None = None
+    colbert_dim: int | None = None        # colbert: projection width; 0 = none (the paper's); null = folder's, else 128
+    token_type_ids: bool | None = None    # cross_encoder: segment ids 0/1; false = all 0 (the paper's)
     trust_remote_code: bool = False
 
 
@@ -439,7 +441,7 @@ def _positive(config: Any, prefix: str, *names: str, allow_none: bool = False) -
 def _non_negative(config: Any, prefix: str, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
-        if value < 0:
+        if value is not None and value < 0:
             _fail(prefix + name, f"must be >= 0, got {value}")
 
 
@@ -455,10 +457,12 @@ def _check_model(model: ModelConfig, prefix: str, need_path: bool = True) -> Non
         _required_text(model, prefix, "path")
     _positive(model, prefix, "max_query_length", "max_passage_length", allow_none=True)
     _positive(model, prefix, "similarity_scale", allow_none=True)
-    if model.kind != "dual_encoder":
-        for name in ("pooling", "normalize", "similarity_scale"):
-            if getattr(model, name) is not None:
-                _fail(prefix + name, f"only applies to a dual_encoder, not to a {model.kind}")
+    _non_negative(model, prefix, "colbert_dim")
+    owner = {"pooling": "dual_encoder", "normalize": "dual_encoder", "similarity_scale": "dual_encoder",
+             "colbert_dim": "colbert", "token_type_ids": "cross_encoder"}
+    for name, kind in owner.items():
+        if model.kind != kind and getattr(model, name) is not None:
+            _fail(prefix + name, f"only applies to a {kind}, not to a {model.kind}")
 
 
 def _check_common(config: Config) -> None:

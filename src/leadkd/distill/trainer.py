@@ -48,10 +48,13 @@ def load_model_for(config, path: str | None = None):
     lengths = {key: value for key, value in (("max_query_length", config.max_query_length),
                                              ("max_passage_length", config.max_passage_length)) if value}
     if config.kind == "colbert":
-        return ColBERT.from_pretrained(path, **lengths, **common)
+        width = {} if config.colbert_dim is None else {"dim": config.colbert_dim or None}
+        return ColBERT.from_pretrained(path, **lengths, **width, **common)
     if config.kind == "cross_encoder":
         length = config.max_passage_length
-        return CrossEncoder.from_pretrained(path, **({"max_length": length} if length else {}), **common)
+        segments = {} if config.token_type_ids is None else {"use_token_type_ids": config.token_type_ids}
+        return CrossEncoder.from_pretrained(path, **({"max_length": length} if length else {}), **segments,
+                                            **common)
     raise ConfigError(f"unknown model kind {config.kind!r}")
 
 
