@@ -319,6 +319,35 @@ def _first_step(config) -> dict:
             "grads": grads}
 
 
+def test_models_that_train_on_the_cpu_get_the_cheaper_dropout(setup, tmp_path):
+    from leadkd.models.cpu_dropout import CpuDropout
+
+    def patched(trainer) -> dict[str, bool]:
+        found = {name: any(isinstance(m, CpuDropout) for m in t.model.modules()) for name, t in trainer.models.items()}
+        trainer.close()
+        return found
+
+    assert patched(Trainer(distill_config(setup, tmp_path / "a"), log=lambda m: None)) == {"student": True,
+                                                                                          "teacher": True}
+    assert patched(Trainer(distill_config(setup, tmp_path / "b", **{"teacher.train": False}),
+                           log=lambda m: None)) == {"student": True, "teacher": False}
+    assert patched(Trainer(distill_config(setup, tmp_path / "c", **{"optim.cpu_dropout": False}),
+                           log=lambda m: None)) == {"student": False, "teacher": False}
+
+
+@pytest.mark.parametrize("cpu_dropout", [True, False])
+def test_dropout_is_the_same_with_and_without_gradient_checkpointing(setup, tmp_path, cpu_dropout):
+    """Recomputed blocks must draw the dropout masks of the first forward again: the same step either way."""
+    runs = [_first_step(distill_config(setup, tmp_path / str(on), **{"optim.gradient_checkpointing": on,
+                                                                     "optim.cpu_dropout": cpu_dropout}))
+            for on in (False, True)]
+    assert runs[0]["pairs"] == runs[1]["pairs"] and runs[0]["loss"] == pytest.approx(runs[1]["loss"], abs=1e-6)
+    for model in ("student", "teacher"):
+        assert runs[0]["grads"][model].keys() == runs[1]["grads"][model].keys()
+        for key, grad in runs[0]["grads"][model].items():
+            torch.testing.assert_close(runs[1]["grads"][model][key], grad, rtol=1e-4, atol=1e-6)
+
+
 def _worker(rank: int, port: int, setup: dict, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

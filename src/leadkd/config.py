@@ -153,6 +153,9 @@ class OptimConfig:
     grad_accum: int = 1
     bf16: bool = False
     gradient_checkpointing: bool = False
+    #: On CPU, dropout masks from 16 random bits per element and attention dropout outside SDPA
+    #: (models/cpu_dropout.py): the same dropout, a ~15% faster forward and backward.
+    cpu_dropout: bool = True
     #: A NaN/inf loss stops the run (0), or up to this many such batches in a row are skipped (no update).
     skip_non_finite: int = 0
 
@@ -774,7 +777,8 @@ def save_config(config: Config, path: str | os.PathLike) -> Path:
 #: Settings a resumed run may change: they decide what is evaluated, logged and kept, or how (not what)
 #: is computed: skipping non-finite batches after a NaN stop, trading compute for memory, the teacher cache.
 RESUMABLE_CHANGES = ("eval.", "log_every", "ddp_timeout", "checkpoint.keep_last", "checkpoint.every",
-                     "output_dir", "optim.skip_non_finite", "optim.gradient_checkpointing", "teacher.cache")
+                     "output_dir", "optim.skip_non_finite", "optim.cpu_dropout", "optim.gradient_checkpointing",
+                     "teacher.cache")
 #: Settings that name files: compared after resolving, so ./data and /abs/data are the same.
 _PATH_SETTINGS = ("data.corpus", "data.train_groups", "model.path", "teacher.path", "student.path")
 

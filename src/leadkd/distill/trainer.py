@@ -23,6 +23,7 @@ from .. import distributed as dist
 from ..config import DistillConfig, TrainConfig, changed_settings, load_config, save_config
 from ..errors import ConfigError, LeadkdError
 from .checkpoint import list_checkpoints, newest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..models.cpu_dropout import use_cpu_dropout
 from .layers import LayerSchedule
 from .losses import contrastive_loss, group_labels, lead_total_loss, own_group_scores
 from .views import EncodeForward, gather_passages, gathers_candidates, score
@@ -56,6 +57,16 @@ def load_model_for(config, path: str | None = None):
         return CrossEncoder.from_pretrained(path, **({"max_length": length} if length else {}), **segments,
                                             **common)
     raise ConfigError(f"unknown model kind {config.kind!r}")
+
+
+def _checkpoint_activations(backbone: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass (transformers >= 5.x names it activation
+    checkpointing; older versions gradient checkpointing). Non-reentrant, so the RNG state is restored."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(backbone, "activation_checkpointing_enable"):
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
@@ -274,7 +285,9 @@ class Trainer:
         cfg = self.config.optim
         model.to(self.ctx.device)
         if cfg.gradient_checkpointing and trains:
-            backbone_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _checkpoint_activations(backbone_of(model))
+        if cfg.cpu_dropout and trains and self.ctx.device.type == "cpu":
+            use_cpu_dropout(backbone_of(model))
         forward: nn.Module = EncodeForward(model)
         if not trains:
             model.eval()
