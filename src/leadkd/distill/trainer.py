@@ -22,8 +22,8 @@ from torch import nn
 from .. import distributed as dist
 from ..config import DistillConfig, TrainConfig, changed_settings, load_config, save_config
 from ..errors import ConfigError, LeadkdError
-from .checkpoint import list_checkpoints, newest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..models.cpu_dropout import use_cpu_dropout
+from .checkpoint import list_checkpoints, newest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .layers import LayerSchedule
 from .losses import contrastive_loss, group_labels, lead_total_loss, own_group_scores
 from .views import EncodeForward, gather_passages, gathers_candidates, score

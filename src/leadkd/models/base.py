@@ -10,8 +10,8 @@ last slice is the model's ordinary score.
 from __future__ import annotations
 
 import json
-import os
 import operator
+import os
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
