@@ -109,3 +109,31 @@ def test_to_run_maps_ids_and_drops_padding():
                  np.array([[2, 0], [1, -1]]))
     assert run == {"q1": {"c": 3.0, "a": 2.0}, "q2": {"b": 1.5}}
     assert list(run["q1"]) == ["c", "a"]
+
+
+@pytest.mark.parametrize("bounds", [(0, 17, 33, 50), (0, 3, 50), (0, 25, 25, 50)], ids=["three", "tiny", "empty"])
+def test_merging_the_shards_top_k_gives_the_collections_top_k(bounds):
+    """Under torchrun each process searches a contiguous share of the corpus; the merge must be the
+    brute-force top-k of all of it, ties by lower global index, with a share smaller than k or empty."""
+    from leadkd.retrieval.search import merge_top_k
+
+    rng = np.random.default_rng(1)
+    q = rng.integers(-2, 3, (9, 4)).astype(np.float32)  # small integers: many exact ties
+    d = rng.integers(-2, 3, (50, 4)).astype(np.float32)
+    k = 8
+    full = q @ d.T
+    expected = np.array([sorted(range(50), key=lambda j: (-row[j], j))[:k] for row in full])
+    parts = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        if hi == lo:
+            parts.append((np.empty((9, 0), np.float32), np.empty((9, 0), np.int64)))
+            continue
+        scores, indices = exact_search(q, d[lo:hi], k)
+        parts.append((scores, np.where(indices >= 0, indices + lo, -1)))
+    scores, indices = merge_top_k(parts, k)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(scores, np.take_along_axis(full, expected, axis=1))
+    # Padding (-1, -inf) from an exclusion never outranks a document.
+    padded = [(np.array([[5.0, -np.inf]], np.float32), np.array([[3, -1]])),
+              (np.array([[-7.0]], np.float32), np.array([[9]]))]
+    assert merge_top_k(padded, 3)[1].tolist() == [[3, 9, -1]]

@@ -110,7 +110,8 @@ def test_a_fresh_start_never_overwrites_checkpoints_and_resume_keeps_the_setting
 
 
 def test_the_collective_timeout_reaches_the_process_group(setup, tmp_path, monkeypatch):
-    """Rank 0 evaluates while the others wait at a barrier: ``ddp_timeout`` must reach init_process_group."""
+    """Rank 0 writes checkpoints while the others wait in a collective: ``ddp_timeout`` must reach
+    init_process_group."""
     import leadkd.distributed as D
 
     seen, real = [], D.init_distributed
@@ -398,6 +399,52 @@ def test_two_processes_match_one_process_on_the_whole_batch(setup, tmp_path):
             for key, grad in single["grads"][model].items():
                 error = (rank["grads"][model][key] - grad).norm()
                 assert error <= 1e-4 * grad.norm() + 1e-5 * scale, f"{model} {key}: |diff| {error:.3g}, |grad| {grad.norm():.3g}"
+
+
+def _eval_worker(rank: int, port: int, setup: dict, out_dir: str) -> None:
+    from leadkd import distributed as D
+    from leadkd.distill.trainer import evaluate_retriever
+    from leadkd.models import load_model
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ctx = D.init_distributed(device="cpu", timeout_s=60)
+    try:
+        model = load_model(setup["teacher"])
+        results = {k: evaluate_retriever(model, str(setup["data"]), "dev", k=k) for k in (3, 100)}
+        torch.save(results, Path(out_dir) / f"eval{rank}.pt")
+    finally:
+        ctx.cleanup()
+
+
+@pytest.mark.slow
+def test_every_process_evaluates_a_share_and_rank_0_gets_the_whole_corpus_result(setup, tmp_path):
+    """No process waits while rank 0 encodes everything: each encodes half the corpus, and the merged
+    top-k lists give the single-process numbers (k = 3 cuts inside every share, k = 100 keeps all)."""
+    from leadkd.distill.trainer import evaluate_retriever
+    from leadkd.models import load_model
+
+    context = mp.start_processes(_eval_worker, args=(_free_port(), setup, str(tmp_path)), nprocs=WORLD,
+                                 join=False, start_method="fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    deadline = time.monotonic() + 120
+    try:
+        while not context.join(timeout=0.5):
+            if time.monotonic() > deadline:
+                pytest.fail("the two gloo processes did not finish in time")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    ranks = [torch.load(tmp_path / f"eval{r}.pt", weights_only=False) for r in range(WORLD)]
+    assert ranks[1] == {3: None, 100: None}
+    model = load_model(setup["teacher"])
+    for k in (3, 100):
+        single = evaluate_retriever(model, str(setup["data"]), "dev", k=k)
+        assert ranks[0][k].keys() == single.keys() == {"nDCG@10", "R@100"}
+        for measure, value in single.items():
+            assert ranks[0][k][measure] == pytest.approx(value, abs=1e-6), (k, measure)
+    assert ranks[0][3]["R@100"] < ranks[0][100]["R@100"]  # the cut at 3 is real
 
 
 def test_hidden_state_mse_baseline_trains_and_resumes(setup, tmp_path):

@@ -193,7 +193,7 @@ class TrainConfig:
     output_dir: str | None = None
     log_every: int = 10
     #: Seconds a process may wait in a collective (torch.distributed's timeout; 10 min for NCCL otherwise).
-    #: Rank 0 evaluates and checkpoints while the others wait, and a large dev corpus takes longer.
+    #: Rank 0 alone writes checkpoints and scores dev evaluations while the others wait in a collective.
     ddp_timeout: int = 1800
 
 
@@ -213,7 +213,7 @@ class DistillConfig:
     output_dir: str | None = None
     log_every: int = 10
     #: Seconds a process may wait in a collective (torch.distributed's timeout; 10 min for NCCL otherwise).
-    #: Rank 0 evaluates and checkpoints while the others wait, and a large dev corpus takes longer.
+    #: Rank 0 alone writes checkpoints and scores dev evaluations while the others wait in a collective.
     ddp_timeout: int = 1800
 
 

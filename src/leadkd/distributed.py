@@ -34,7 +34,7 @@ from .errors import LeadkdError
 
 __all__ = [
     "DistContext", "init_distributed", "is_distributed", "get_rank", "get_world_size", "is_main_process",
-    "barrier", "gather_with_grad", "gather_padded", "broadcast_object", "all_reduce_mean",
+    "barrier", "gather_with_grad", "gather_padded", "broadcast_object", "gather_object", "all_reduce_mean",
     "main_process_only", "main_process_first",
 ]
 
@@ -284,6 +284,16 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     holder = [obj if get_rank() == src else None]
     dist.broadcast_object_list(holder, src=src, device=_collective_device())
     return holder[0]
+
+
+def gather_object(obj: T, dst: int = 0) -> list[T] | None:
+    """Every process's picklable ``obj``, in rank order, on rank ``dst`` (None on the others); ``[obj]`` in
+    a single process. For small results each process computed on its share (e.g. top-k lists)."""
+    if not is_distributed():
+        return [obj]
+    holder: list[Any] | None = [None] * get_world_size() if get_rank() == dst else None
+    dist.gather_object(obj, holder, dst=dst)
+    return holder
 
 
 def all_reduce_mean(value: float | torch.Tensor) -> float | torch.Tensor:

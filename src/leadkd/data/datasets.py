@@ -131,8 +131,10 @@ def _no_layout(folder: Path) -> LeadkdError:
 
 # -- loading -------------------------------------------------------------------------------------------
 def load_dataset(spec: str | os.PathLike, split: str = "test", lenient: bool = False,
-                 data_dir: str | os.PathLike | None = None) -> Dataset:
+                 data_dir: str | os.PathLike | None = None, corpus: Corpus | None = None) -> Dataset:
     """Load one split of a dataset (see the module docstring for what ``spec`` may be).
+
+    ``corpus``: this folder's corpus, already loaded (e.g. by a trainer), used instead of reading it again.
 
     ``Dataset.queries`` keeps only the queries judged in ``split`` (a BEIR ``queries.jsonl`` holds
     every split's). Judgments naming unknown queries or passages raise InputError, or with
@@ -152,13 +154,15 @@ def load_dataset(spec: str | os.PathLike, split: str = "test", lenient: bool = F
         queries_path = _existing(target, "queries.jsonl")
         if queries_path is None:
             raise LeadkdError(f"{target}: BEIR folder without queries.jsonl")
-        corpus = read_corpus_jsonl(_existing(target, "corpus.jsonl"))  # type: ignore[arg-type]
+        if corpus is None:
+            corpus = read_corpus_jsonl(_existing(target, "corpus.jsonl"))  # type: ignore[arg-type]
         queries = read_queries_jsonl(queries_path)
     else:
         queries_path = _existing(target, f"queries.{split}.tsv")
         if queries_path is None:
             raise LeadkdError(f"{target}: MS MARCO folder without queries.{split}.tsv for split {split!r}")
-        corpus = read_collection_tsv(_existing(target, "collection.tsv"))  # type: ignore[arg-type]
+        if corpus is None:
+            corpus = read_collection_tsv(_existing(target, "collection.tsv"))  # type: ignore[arg-type]
         queries = read_queries_tsv(queries_path)
     qrels = read_qrels(qrels_path, corpus=corpus, queries=queries, lenient=lenient)
     return Dataset(target.name, split, corpus, _judged(queries, qrels), qrels, source=str(target))

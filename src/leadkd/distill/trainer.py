@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -201,7 +202,7 @@ class Trainer:
             save_config(cfg, self.output / "config.yaml")
         corpus, queries = load_corpus(cfg.data.corpus), load_queries(cfg.data.corpus)
         groups = read_training_groups(cfg.data.train_groups, corpus=corpus, queries=queries)
-        self.corpus_spec = cfg.data.corpus
+        self.corpus_spec, self.corpus = cfg.data.corpus, corpus  # the groups hold it anyway; evaluation reuses it
         self.dataset = GroupDataset(groups, negatives=cfg.data.num_negatives, seed=cfg.seed,
                                     random_positive=cfg.data.shuffle_positives)
         per_step = cfg.optim.batch_size * self.ctx.world_size
@@ -504,16 +505,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float] | None:
-        """Dev-split retrieval quality of the (student) dual encoder; None where there is nothing to run."""
+        """Dev-split retrieval quality of the (student) dual encoder, on rank 0 (every process encodes a
+        share of the corpus); None on the other ranks and where there is nothing to run."""
         cfg = self.config.eval
         model = self.models["student" if self.distill else "model"].model
         if cfg.split is None or model.kind != "dual_encoder":
             return None
-        result = None
-        if self.ctx.is_main:
-            result = evaluate_retriever(model, self.corpus_spec, cfg.split, cfg.metric, cfg.k, cfg.max_queries)
-        self.ctx.barrier()
-        return result
+        return evaluate_retriever(model, self.corpus_spec, cfg.split, cfg.metric, cfg.k, cfg.max_queries,
+                                  corpus=self.corpus)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
@@ -635,20 +634,36 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def evaluate_retriever(model, corpus_spec: str, split: str, metric: str = "nDCG@10", k: int = 100,
-                       max_queries: int | None = None) -> dict[str, float]:
-    """Full-corpus retrieval of a split's queries by a dual encoder, scored with ir-measures."""
+                       max_queries: int | None = None, corpus=None) -> dict[str, float] | None:
+    """Full-corpus retrieval of a split's queries by a dual encoder, scored with ir-measures.
+
+    Under torchrun every process encodes and searches its own contiguous share of the corpus, and rank 0
+    merges the shares' top-k lists and scores them: evaluation then takes 1/processes of the time, with
+    no process idling at a barrier. Returns the measures on rank 0, None on the others. ``corpus``: the
+    corpus already loaded from ``corpus_spec``, so it is not read again.
+    """
     from ..data.datasets import load_dataset
     from ..evaluate import evaluate
-    from ..retrieval.pipeline import encode_corpus, encode_queries, search_run
+    from ..retrieval.search import exact_search, merge_top_k, to_run
 
-    dataset = load_dataset(corpus_spec, split=split)
-    queries, qrels = dataset.queries, dataset.qrels
+    dataset = load_dataset(corpus_spec, split=split, corpus=corpus)
+    queries, qrels, corpus = dataset.queries, dataset.qrels, dataset.corpus
     if max_queries and len(queries) > max_queries:
         queries = queries.subset(range(max_queries))
         keep = {queries.id_at(i) for i in range(len(queries))}
         qrels = type(qrels)({q: d for q, d in qrels.items() if q in keep})
-    docs = encode_corpus(model, dataset.corpus, show_progress=False)
-    run = search_run(encode_queries(model, queries, show_progress=False), docs, k)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    lo, hi = rank * len(corpus) // world, (rank + 1) * len(corpus) // world
+    query_vectors = model.encode_queries([queries.text(i) for i in range(len(queries))], batch_size=64)
+    share = model.encode_passages(corpus.passages(range(lo, hi)), batch_size=32)
+    scores, indices = exact_search(query_vectors, share, k) if hi > lo else (
+        np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64))
+    parts = dist.gather_object((scores, np.where(indices >= 0, indices + lo, -1)))
+    if parts is None:
+        return None
+    scores, indices = merge_top_k(parts, k)
+    run = to_run([queries.id_at(i) for i in range(len(queries))], [corpus.id_at(i) for i in range(len(corpus))],
+                 scores, indices)
     measures = [metric] + [m for m in ("R@100",) if m != metric]
     aggregate, _ = evaluate(run, qrels, measures=measures)
     return aggregate

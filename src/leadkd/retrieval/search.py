@@ -148,6 +148,20 @@ def exact_search(queries: ArrayLike, docs: ArrayLike, k: int, query_batch_size: 
     return best_values.numpy(), best_index.numpy()
 
 
+def merge_top_k(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``k`` of several searches of the same queries over disjoint document shards.
+
+    Each part is ``(scores [Q, k_i], indices [Q, k_i])`` from :func:`exact_search` with indices already
+    made global; ``-1`` padding (score ``-inf``) goes last. The result follows :func:`exact_search`'s order
+    (score desc, index asc), so merging the shards' top-k gives the top-k of the whole collection.
+    """
+    scores = np.concatenate([np.asarray(s, dtype=np.float32) for s, _ in parts], axis=1)
+    indices = np.concatenate([np.asarray(i, dtype=np.int64) for _, i in parts], axis=1)
+    padding = indices < 0
+    order = np.lexsort((np.where(padding, np.iinfo(np.int64).max, indices), -scores, padding), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(indices, order, axis=1)
+
+
 def to_run(query_ids: Sequence[str], doc_ids: Sequence[str], scores: ArrayLike, indices: ArrayLike
            ) -> dict[str, dict[str, float]]:
     """Turn search output into a run ``{query_id: {doc_id: score}}`` (best first; ``-1`` padding dropped)."""
