@@ -484,3 +484,34 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(setup, tmp_path):
     (folders[-2] / "state.pt").write_bytes(b"not a checkpoint")
     with pytest.warns(UserWarning, match="unreadable checkpoint state"):
         assert newest_checkpoint(out / "checkpoints")[0] == folders[-3]
+
+
+@pytest.mark.slow
+def test_torchrun_runs_distill_with_evaluation_and_checkpoints(setup, tmp_path):
+    """The way users scale out: ``torchrun -m leadkd.cli distill`` with two gloo processes, evaluating
+    (each process a share of the corpus) and checkpointing on schedule; ``--resume`` with other settings
+    is refused there too."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    args = [f"teacher.path={setup['teacher']}", "teacher.max_query_length=16", "teacher.max_passage_length=32",
+            "student.init=teacher_layers=[0,2]", f"data.corpus={setup['data']}",
+            f"data.train_groups={setup['groups']}", "data.num_negatives=3", "optim.batch_size=2", "layers.k=2",
+            "checkpoint.every=2", "eval.split=dev", "eval.every=2", "log_every=1", f"output_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def torchrun(*extra: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                   f"--master_port={_free_port()}", "-m", "leadkd.cli", "distill", *args, *extra]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+    first = torchrun("optim.steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = torchrun("optim.steps=4", "--resume")
+    assert resumed.returncode != 0 and "optim.steps: 2 -> 4" in resumed.stderr  # a longer run is a new run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "eval" in row] == [0, 2]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2]  # rank 0 alone writes the log
+    for folder in ("final", "final-teacher", "best"):
+        assert (out / folder / "model.safetensors").is_file()
