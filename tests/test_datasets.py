@@ -199,3 +199,9 @@ def test_export_irds_writes_the_splits_that_exist_as_one_beir_folder(monkeypatch
     monkeypatch.setitem(sys.modules, "ir_datasets", None)  # not installed
     with pytest.raises(LeadkdError, match=r"pip install leadkd\[irds\]"):
         export_irds("beir/toy", tmp_path / "again")
+
+
+def test_a_corpus_already_loaded_is_reused(beir: Path) -> None:
+    corpus = load_corpus(beir)
+    dataset = load_dataset(beir, split="test", corpus=corpus)
+    assert dataset.corpus is corpus and dataset.qrels == {"q1": {"d1": 1, "d2": 0}, "q3": {"d4": 2}}

@@ -309,10 +309,9 @@ def _first_step(config) -> dict:
     grads: dict[str, dict[str, torch.Tensor]] = {}
     for name, trained in trainer.models.items():
         if trained.trains:
-            def record(name=name, model=trained.model, step=trained.optimizer.step):
+            def record(optimizer, args, kwargs, name=name, model=trained.model):
                 grads[name] = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
-                return step()
-            trained.optimizer.step = record
+            trained.optimizer.register_step_pre_hook(record)
     trainer._iterator = trainer._batches()
     result = trainer.train_step()
     trainer.close()
