@@ -148,6 +148,34 @@ def test_encode_layers_and_edge_cases(models):
         de.encode(PASSAGES, batch_size=0)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_batches_on_worker_threads_give_the_same_vectors_and_restore_the_thread_count(models, monkeypatch, bf16):
+    import leadkd.models.dual_encoder as module
+
+    de = models[("mean", True)]
+    texts = [" ".join(PASSAGES[i % len(PASSAGES)].split()[: 2 + i % 9]) for i in range(40)]
+    calls = []
+    real = module._on_worker_threads
+    monkeypatch.setattr(module, "_on_worker_threads", lambda *a: calls.append(len(a[1])) or real(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        de.parallel_cpu_batches = False
+        serial = de.encode(texts, batch_size=3, layers=[0, 1], bf16=bf16)
+        de.parallel_cpu_batches = True
+        parallel = de.encode(texts, batch_size=3, layers=[0, 1], bf16=bf16, show_progress=True)
+        assert calls == [14] and torch.get_num_threads() == 2  # 40 texts in 14 batches; restored after
+        np.testing.assert_allclose(parallel, serial, atol=1e-2 if bf16 else 1e-6)
+        # A failure in a worker reaches the caller, and the thread count is still restored.
+        monkeypatch.setattr(de, "_pooled", lambda *a: (_ for _ in ()).throw(RuntimeError("batch failed")))
+        with pytest.raises(RuntimeError, match="batch failed"):
+            de.encode(texts, batch_size=3)
+        assert torch.get_num_threads() == 2
+    finally:
+        de.parallel_cpu_batches = True
+        torch.set_num_threads(before)
+
+
 def test_encode_is_deterministic_in_train_mode_and_restores_it(models):
     de = models[("cls", False)]
     reference = de.encode(PASSAGES)
