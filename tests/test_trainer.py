@@ -363,22 +363,27 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process_on_the_whole_batch(setup, tmp_path):
+def _run_gloo_workers(worker, setup: dict, out_dir: Path, seconds: float = 120) -> None:
+    """``worker(rank, port, setup, out_dir)`` in WORLD processes (fork where available), killed on a hang."""
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     if method == "fork":
         import torch._dynamo  # noqa: F401  imported once here rather than in each child
-    context = mp.start_processes(_worker, args=(_free_port(), setup, str(tmp_path)), nprocs=WORLD, join=False,
+    context = mp.start_processes(worker, args=(_free_port(), setup, str(out_dir)), nprocs=WORLD, join=False,
                                  start_method=method)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + seconds
     try:
         while not context.join(timeout=0.5):
             if time.monotonic() > deadline:
-                pytest.fail("the two gloo processes did not finish in time")
+                pytest.fail(f"the {WORLD} gloo processes did not finish in time")
     finally:
         for process in context.processes:
             if process.is_alive():
                 process.kill()
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_on_the_whole_batch(setup, tmp_path):
+    _run_gloo_workers(_worker, setup, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     single = _first_step(distill_config(setup, tmp_path / "single", "teacher_nodrop",
                                         **{"optim.batch_size": WORLD * LOCAL_BATCH, "optim.max_grad_norm": None}))
@@ -424,17 +429,7 @@ def test_every_process_evaluates_a_share_and_rank_0_gets_the_whole_corpus_result
     from leadkd.distill.trainer import evaluate_retriever
     from leadkd.models import load_model
 
-    context = mp.start_processes(_eval_worker, args=(_free_port(), setup, str(tmp_path)), nprocs=WORLD,
-                                 join=False, start_method="fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    deadline = time.monotonic() + 120
-    try:
-        while not context.join(timeout=0.5):
-            if time.monotonic() > deadline:
-                pytest.fail("the two gloo processes did not finish in time")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    _run_gloo_workers(_eval_worker, setup, tmp_path)
     ranks = [torch.load(tmp_path / f"eval{r}.pt", weights_only=False) for r in range(WORLD)]
     assert ranks[1] == {3: None, 100: None}
     model = load_model(setup["teacher"])
