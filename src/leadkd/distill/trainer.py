@@ -644,6 +644,7 @@ def evaluate_retriever(model, corpus_spec: str, split: str, metric: str = "nDCG@
     """
     from ..data.datasets import load_dataset
     from ..evaluate import evaluate
+    from ..retrieval.pipeline import encode_queries
     from ..retrieval.search import exact_search, merge_top_k, to_run
 
     dataset = load_dataset(corpus_spec, split=split, corpus=corpus)
@@ -654,16 +655,13 @@ def evaluate_retriever(model, corpus_spec: str, split: str, metric: str = "nDCG@
         qrels = type(qrels)({q: d for q, d in qrels.items() if q in keep})
     rank, world = dist.get_rank(), dist.get_world_size()
     lo, hi = rank * len(corpus) // world, (rank + 1) * len(corpus) // world
-    query_vectors = model.encode_queries([queries.text(i) for i in range(len(queries))], batch_size=64)
+    query_embeddings = encode_queries(model, queries, show_progress=False)
     share = model.encode_passages(corpus.passages(range(lo, hi)), batch_size=32)
-    scores, indices = exact_search(query_vectors, share, k) if hi > lo else (
-        np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64))
+    scores, indices = exact_search(query_embeddings.vectors, share, k)  # [Q, 0] for an empty share
     parts = dist.gather_object((scores, np.where(indices >= 0, indices + lo, -1)))
     if parts is None:
         return None
-    scores, indices = merge_top_k(parts, k)
-    run = to_run([queries.id_at(i) for i in range(len(queries))], [corpus.id_at(i) for i in range(len(corpus))],
-                 scores, indices)
+    run = to_run(query_embeddings.ids, corpus.ids, *merge_top_k(parts, k))
     measures = [metric] + [m for m in ("R@100",) if m != metric]
     aggregate, _ = evaluate(run, qrels, measures=measures)
     return aggregate

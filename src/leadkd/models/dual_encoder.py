@@ -398,8 +398,7 @@ class DualEncoder(nn.Module):
                 lengths = tokens["attention_mask"].sum(axis=1)
                 order = np.argsort(-lengths, kind="stable")
 
-                def encode_batch(rows: np.ndarray, begin=begin, input_ids=input_ids, attention=attention,
-                                 lengths=lengths) -> None:
+                def encode_batch(rows: np.ndarray) -> None:  # every call returns within this chunk's loop
                     width = int(lengths[rows[0]])
                     index = torch.from_numpy(rows)
                     vectors = self._pooled(input_ids[index, :width].to(device), attention[index, :width].to(device),
