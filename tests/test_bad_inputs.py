@@ -3,7 +3,7 @@
 Each case is (command line, input files, expected substrings of the error). A bad input must end as a user
 error: exit status 2, nothing on stdout, exactly one stderr line starting ``leadkd: error:`` that names the
 file (and the line and field where there is one), and no traceback. The ``ok`` cases (BOM, CRLF, ties in a
-run) must instead succeed.
+run, relevance -1, fields after the run tag, ``#`` comments) must instead succeed.
 
 Inputs live in ``tests/bad_inputs/`` (see its README); the big ones are generated in ``tmp_path``.
 A case names its inputs with placeholders:
@@ -155,10 +155,13 @@ CASES: list[Case] = [
     # -- scores ----------------------------------------------------------------------------------------------
     Case("qrels-non-numeric-score", _enc(), ["{D}/qrels/test.tsv:3: field 'score': 'high' is not a number"],
          {"qrels/test.tsv": "qrels_nonnumeric.tsv"}),
-    Case("qrels-negative-score", _enc(), ["{D}/qrels/test.tsv:3: field 'score': negative relevance '-1'"],
-         {"qrels/test.tsv": "qrels_negative.tsv"}),
-    Case("qrels-negative-score-evaluate", _eval("{B}/run_ties_ok.trec", "{B}/qrels_negative.tsv"),
-         ["{B}/qrels_negative.tsv:3: field 'score': negative relevance"]),
+    # relevance -1 (trec_eval >= 8.1: pooled but unjudged) is legal and not relevant: q1's doc-3 ranks first
+    # but doc-1 third (RR 1/3, nDCG 1/log2(4)), q2's doc-2 first; a -1 gain or a -1 counted relevant would differ.
+    Case("qrels-negative-score-ok", _enc(), files={"qrels/test.tsv": "qrels_negative_ok.tsv"}, ok=True),
+    Case("qrels-negative-score-evaluate-ok", _eval("{B}/run_ties_ok.trec", "{B}/qrels_negative_ok.tsv"), ok=True,
+         stdout=["nDCG@10  0.7500", "RR@10    0.6667"]),
+    Case("qrels-minus-one-ok", _eval("{B}/run_ties_ok.trec", "{B}/qrels_minus_one_ok.trec"), ok=True,
+         stdout=["nDCG@10  0.7500", "RR@10    0.6667"]),
     Case("run-non-finite-score", _eval("{B}/run_nan_score.trec"),
          ["{B}/run_nan_score.trec:2: field 'score': score 'nan' is not finite"]),
     Case("run-negative-scores-ok", _eval("{B}/run_negative_score_ok.trec"), ok=True),
@@ -211,6 +214,14 @@ CASES: list[Case] = [
     # trec_eval order: equal scores by doc id descending, so q1's doc-1 is third (RR 1/3), q2's doc-2 first.
     Case("run-ties-ok", _eval("{B}/run_ties_ok.trec", "{B}/qrels_ties_ok.trec"), ok=True,
          stdout=["RR@10    0.6667"]),
+    # trec_eval ignores fields after the run tag; q1's doc-1 ranks first (RR 1), q2's doc-2 second (RR 1/2).
+    Case("run-extra-fields-ok", _eval("{B}/run_extra_fields_ok.trec", "{B}/qrels_ties_ok.trec"), ok=True,
+         stdout=["RR@10    0.7500"]),
+    # -- '#' comment lines (trec_eval 10 skips them), also indented ones and commented-out records ------------
+    Case("qrels-comments-ok", _eval("{B}/run_ties_ok.trec", "{B}/qrels_comments_ok.trec"), ok=True,
+         stdout=["RR@10    0.6667"]),  # the 3-word first comment is not taken for a BEIR header
+    Case("run-comments-ok", _eval("{B}/run_comments_ok.trec", "{B}/qrels_ties_ok.trec"), ok=True,
+         stdout=["RR@10    0.7500"]),
     # -- training groups without a positive --------------------------------------------------------------
     Case("groups-empty-positives", _train("data.train_groups={B}/groups_no_positive.jsonl"),
          ["{B}/groups_no_positive.jsonl:2: field 'positives': empty (every group needs at least one positive)"]),

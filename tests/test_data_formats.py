@@ -267,7 +267,6 @@ def test_read_beir_qrels(tmp_path: Path) -> None:
     (BEIR + "q1\td1\n", 2, None, "expected 3 tab-separated columns (query-id, corpus-id, score), found 2"),
     (BEIR + "q1\td1\t1\t7\n", 2, None, "found 4"),
     (BEIR + "q1\td1\t1\nq1\td2\thigh\n", 3, "score", "'high' is not a number"),
-    (BEIR + "q1\td1\t-1\n", 2, "score", "negative relevance '-1'"),
     (BEIR + "q1\td1\t0.5\n", 2, "score", "'0.5' is not an integer"),
     (BEIR + "\td1\t1\n", 2, "query-id", "empty"),
     (BEIR + "q1\t\t1\n", 2, "corpus-id", "empty"),
@@ -296,7 +295,6 @@ def test_read_trec_qrels_four_and_two_columns(tmp_path: Path) -> None:
     (read_trec_qrels, "1 d\n2 0 e 1\n", 2, None, "expected 2 columns (qid docid) as on line 1, found 4"),
     (read_trec_qrels, "1 0 d 1 extra more\n", 1, None, "expected 4 columns (qid iter docid rel) or 2 columns"),
     (read_trec_qrels, "1 0 d x\n", 1, "rel", "'x' is not a number"),
-    (read_trec_qrels, "1 0 d -2\n", 1, "rel", "negative relevance"),
     (read_trec_qrels, "1 0 d 1\n1 Q0 d 1\n", 2, "docid", "duplicate judgment of query '1' and document 'd'"),
     (read_trec_qrels, "  \n", None, None, "no judgments"),
     (read_qrels, "q1 d1 1\n", 1, None, "expected the header 'query-id<TAB>corpus-id<TAB>score'"),
@@ -306,6 +304,37 @@ def test_read_trec_qrels_four_and_two_columns(tmp_path: Path) -> None:
 ])
 def test_read_trec_and_detected_qrels_errors(tmp_path: Path, reader, content, line, field, fragment) -> None:
     expect(reader, put(tmp_path, "qrels.txt", content), line, field, fragment)
+
+
+def test_negative_relevance_is_kept(tmp_path: Path) -> None:
+    """trec_eval >= 8.1 writes -1 for pooled but unjudged documents (infAP); rel <= 0 is never relevant."""
+    trec = put(tmp_path, "qrels.trec", "q1 0 d1 -1\nq1 0 d2 1\nq1 0 d3 -2\nq2 0 d1 0\n")
+    assert read_trec_qrels(trec) == read_qrels(trec) == {"q1": {"d1": -1, "d2": 1, "d3": -2}, "q2": {"d1": 0}}
+    beir = put(tmp_path, "test.tsv", BEIR + "q1\td1\t-1\nq1\td2\t1\nq2\td1\t-1.0\n")
+    assert read_beir_qrels(beir) == read_qrels(beir) == {"q1": {"d1": -1, "d2": 1}, "q2": {"d1": -1}}
+    assert read_qrels(trec).relevant("q1") == ["d2"]
+    assert read_beir_qrels(BAD_INPUTS / "qrels_negative_ok.tsv") == {"q1": {"doc-1": 1, "doc-3": -1},
+                                                                     "q2": {"doc-2": 1}}
+    assert read_trec_qrels(BAD_INPUTS / "qrels_minus_one_ok.trec")["q2"] == {"doc-2": 1, "doc-1": -1}
+    expect(read_trec_qrels, put(tmp_path, "bad.trec", "q1 0 d1 -x\n"), 1, "rel", "'-x' is not a number")
+
+
+def test_comment_lines_are_skipped(tmp_path: Path) -> None:
+    """A line whose first non-blank character is '#' is a comment (trec_eval 10); '#' anywhere else is data."""
+    trec = put(tmp_path, "qrels.trec", "# pooled judgments\nq1 0 d#1 1\n  # q1 0 d2 1 (commented out)\n"
+                                       "#q2 0 d3 1\nq2 0 d4 0\n")
+    assert read_qrels(trec) == read_trec_qrels(trec) == {"q1": {"d#1": 1}, "q2": {"d4": 0}}
+    pairs = put(tmp_path, "pairs.tsv", "# qid docid\nq1\td1\n#\nq2\td2\n")
+    assert read_qrels(pairs) == {"q1": {"d1": 1}, "q2": {"d2": 1}}
+    beir = put(tmp_path, "test.tsv", "# exported from x\n" + BEIR + "q1\td1\t1\n# q1\td2\t1\nq1\td3\t2\n")
+    assert read_qrels(beir) == read_beir_qrels(beir) == {"q1": {"d1": 1, "d3": 2}}
+    assert read_qrels(BAD_INPUTS / "qrels_comments_ok.trec") == {"q1": {"doc-1": 1}, "q2": {"doc-2": 1}}
+    # line numbers still count the comments; a file of comments only has no judgments
+    expect(read_qrels, put(tmp_path, "late.trec", "# c\nq1 0 d1 1\n# c\nq1 0 d2\n"), 4, None,
+           "expected 4 columns (qid iter docid rel) as on line 2, found 3")
+    expect(read_qrels, put(tmp_path, "hdr.tsv", "# c\nqid\tdocid\trel\n"), 2, None, "expected the header")
+    expect(read_qrels, put(tmp_path, "only.trec", "# nothing\n  # here\n"), None, None, "no judgments")
+    expect(read_beir_qrels, put(tmp_path, "only.tsv", "# nothing\n"), None, None, "empty file: expected the header")
 
 
 @pytest.fixture
@@ -336,8 +365,7 @@ def test_check_qrels_in_memory(coll_pair) -> None:
     assert check_qrels(good, corpus, queries) == good and isinstance(check_qrels(good), Qrels)
     with pytest.raises(InputError, match="^mem: field 'corpus-id': document id 'nope'"):
         check_qrels({"q1": {"nope": 1}}, corpus, queries, source="mem")
-    with pytest.raises(InputError, match="negative relevance"):
-        check_qrels({"q1": {"d1": -1}})
+    assert check_qrels({"q1": {"d1": -1}}) == {"q1": {"d1": -1}}  # trec_eval's pooled-but-unjudged mark
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert check_qrels({"q1": {"nope": 1, "d1": 2}}, corpus, queries, lenient=True) == {"q1": {"d1": 2}}
@@ -391,6 +419,16 @@ def test_qrels_writers_round_trip(tmp_path: Path) -> None:
     assert not (tmp_path / "x.trec").exists() and not (tmp_path / "x.tsv").exists()
 
 
+def test_qrels_writers_refuse_a_query_id_read_back_as_a_comment(tmp_path: Path) -> None:
+    """A query id opens its line, and a line opening with '#' is a comment: it would vanish on reading."""
+    for writer, name in ((write_beir_qrels, "x.tsv"), (write_trec_qrels, "x.trec")):
+        with pytest.raises(LeadkdError, match="cannot write query id '#1'.*comment"):
+            writer(tmp_path / name, {"q": {"d": 1}, "#1": {"d": 1}})
+        assert not (tmp_path / name).exists()
+    write_trec_qrels(tmp_path / "ok.trec", {"q#1": {"#d": 1}})  # '#' elsewhere is data
+    assert read_qrels(tmp_path / "ok.trec") == {"q#1": {"#d": 1}}
+
+
 # -- fixture files kept in tests/bad_inputs ------------------------------------------------------------
 BAD_FILES = [
     ("corpus_bad_json.jsonl", read_corpus_jsonl, 2, None, "invalid JSON"),
@@ -399,7 +437,6 @@ BAD_FILES = [
     ("queries_empty_text.jsonl", read_queries_jsonl, 2, "text", "empty"),
     ("collection_ragged.tsv", read_collection_tsv, 3, None, "as on line 1, found 3"),
     ("qrels_bad_header.tsv", read_beir_qrels, 1, None, "expected the header"),
-    ("qrels_negative.tsv", read_beir_qrels, 3, "score", "negative relevance"),
     ("qrels_mixed.trec", read_qrels, 2, None, "expected 4 columns (qid iter docid rel) as on line 1, found 2"),
 ]
 

@@ -42,6 +42,53 @@ def test_rel_threshold_applies_to_binary_measures_only():
     assert [str(m) for m in parse_measures(["AP(rel=3)"], rel=2)] == ["AP(rel=3)"]
 
 
+# Two queries for the counts: relevance >= 2 is a, d (q1) and f (q2); >= 1 adds b (q1) and a (q2).
+COUNT_QRELS = "q1 0 a 2\nq1 0 b 1\nq1 0 c 0\nq1 0 d 2\nq2 0 a 1\nq2 0 f 3\n"
+COUNT_RUN = "q1 Q0 a 1 3 t\nq1 Q0 b 2 2 t\nq1 Q0 x 3 1 t\nq2 Q0 f 1 2 t\nq2 Q0 g 2 1 t\nq2 Q0 h 3 0.5 t\n"
+
+
+@pytest.mark.parametrize("rel, expected", [
+    # retrieved: 3 + 3 whatever the threshold; relevant retrieved: q1 a, b + q2 f at 1, q1 a + q2 f at 2;
+    # relevant: q1 a, b, d + q2 a, f at 1, q1 a, d + q2 f at 2 (trec_eval -l 2: num_ret 6, num_rel_ret 2, num_rel 3)
+    (None, {"NumRet": 6, "NumRet(rel=1)": 3, "NumRel": 5}),
+    ("2", {"NumRet": 6, "NumRet(rel=2)": 2, "NumRel(rel=2)": 3}),
+])
+def test_cli_rel_applies_to_counts_as_trec_eval_l(tmp_path, capsys, rel, expected):
+    from leadkd.cli import main
+
+    (tmp_path / "qrels.trec").write_text(COUNT_QRELS)
+    (tmp_path / "run.trec").write_text(COUNT_RUN)
+    argv = ["evaluate", "--run", str(tmp_path / "run.trec"), "--qrels", str(tmp_path / "qrels.trec"),
+            "--measures", "NumRet", "NumRelRet", "NumRel", "--output", str(tmp_path / "m.json")]
+    assert main(argv + (["--rel", rel] if rel else [])) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "m.json").read_text()) == expected
+    out = capsys.readouterr().out
+    assert all(f"{name} " in out for name in expected), out
+
+
+def test_rel_threshold_of_counts():
+    qrels = {"q": {"a": 2, "b": 1, "c": 0, "d": 3}, "r": {"a": 1}}
+    run = {"q": {"a": 3.0, "b": 2.0, "x": 1.0}, "r": {"a": 1.0, "y": 0.5}}
+    # NumRet keeps counting everything; an explicit threshold in the name still wins over rel
+    assert evaluate(run, qrels, ["NumRet", "NumRelRet", "NumRel", "NumRel(rel=3)", "NumRet(rel=1)"], rel=2)[0] \
+        == {"NumRet": 5, "NumRet(rel=2)": 1, "NumRel(rel=2)": 2, "NumRel(rel=3)": 1, "NumRet(rel=1)": 3}
+    _, rows = evaluate(run, qrels, ["NumRel(rel=2)", "NumRel"])
+    assert rows == [{"query_id": "q", "NumRel(rel=2)": 2, "NumRel": 3},
+                    {"query_id": "r", "NumRel(rel=2)": 0, "NumRel": 1}]
+    assert [str(m) for m in parse_measures(["NumRet", "NumRelRet", "NumRel"], rel=3)] \
+        == ["NumRet", "NumRet(rel=3)", "NumRel(rel=3)"]
+
+
+def test_minus_one_is_pooled_but_unjudged_as_in_trec_eval():
+    """-1 is not relevant, and unlike 0 not judged either: bpref skips it (trec_eval's RELVALUE_UNJUDGED)."""
+    run = {"q": {"c": 3.0, "a": 2.0, "b": 1.0}}  # c, a, b
+    # bpref = 1 - (judged non-relevant above a) / min(R, N): with c = -1 nothing judged is above a (1 - 0/1),
+    # with c = 0 c is (1 - 1/1); AP is 1/2 either way.
+    assert evaluate(run, {"q": {"a": 1, "b": 0, "c": -1}}, ["Bpref", "AP", "RR"])[0] \
+        == pytest.approx({"Bpref": 1.0, "AP": 0.5, "RR": 0.5})
+    assert evaluate(run, {"q": {"a": 1, "b": 0, "c": 0}}, ["Bpref"])[0] == pytest.approx({"Bpref": 0.0})
+
+
 def test_missing_queries_count_as_zero_and_unjudged_queries_count(caplog):
     qrels = {**QRELS, "absent": {"d1": 1}, "nothing-relevant": {"d1": 0}}
     run = {**RUN, "nothing-relevant": {"d1": 1.0}, "no-qrels": {"d1": 1.0}}

@@ -182,6 +182,9 @@ def test_odd_table_rows(name, rows, sep, header, crlf, tmp_path):
 _ID_TEXT = st.text(alphabet=st.characters(blacklist_categories=["Cs", "Zs", "Zl", "Zp", "Cc"]), min_size=1, max_size=12)
 _BODY = st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=60).filter(lambda t: t.strip())
 _TSV_BODY = _BODY.filter(lambda t: not any(c in t for c in "\t\n\r"))
+#: A query id of a qrels or run file: one starting with '#' would read back as a comment (trec_eval's rule),
+#: so the writers refuse it.
+_QID = _ID_TEXT.filter(lambda s: not s.startswith("#"))
 
 
 def _same(a, b) -> None:
@@ -217,7 +220,7 @@ def test_tsv_round_trip(rows, titles, tmp_path):
     _same(read_queries_tsv(tmp_path / "q.tsv"), queries)
 
 
-_QRELS = st.dictionaries(_ID_TEXT, st.dictionaries(_ID_TEXT, st.integers(0, 3), min_size=1, max_size=4),
+_QRELS = st.dictionaries(_QID, st.dictionaries(_ID_TEXT, st.integers(-1, 3), min_size=1, max_size=4),
                          min_size=1, max_size=5)
 
 
@@ -233,7 +236,7 @@ def test_qrels_round_trip(qrels, tmp_path):
 
 
 @SETTINGS
-@given(run=st.dictionaries(_ID_TEXT, st.dictionaries(_ID_TEXT, st.floats(allow_nan=False, allow_infinity=False)
+@given(run=st.dictionaries(_QID, st.dictionaries(_ID_TEXT, st.floats(allow_nan=False, allow_infinity=False)
                                                        | st.sampled_from([0.0, 1.0, -0.0]), max_size=5),
                            max_size=5), gz=st.booleans())
 def test_run_round_trip(run, gz, tmp_path):

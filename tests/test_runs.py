@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gzip
+from pathlib import Path
 
 import pytest
 
 from leadkd.data.runs import ranked, read_run, write_run
 from leadkd.errors import InputError, LeadkdError
 
+B = Path(__file__).parent / "bad_inputs"
 RUN = {"q2": {"d1": 0.5, "d2": 1 / 3, "d3": 2.0}, "q1": {"x": 1e-7, "y": -3.25}}
 
 
@@ -63,9 +65,41 @@ def test_read_accepts_ties_blank_lines_and_any_rank(tmp_path):
     assert read_run(path) == {"q1": {"a": 1.5, "b": 1.5}, "q2": {"a": -2.0}}
 
 
+CATALOGUE_RUN = {"q1": {"doc-1": 3.0, "doc-2": 2.0}, "q2": {"doc-1": 0.9, "doc-2": 0.5}}  # the *_ok.trec runs
+
+
+def test_read_ignores_fields_after_the_tag(tmp_path):
+    """trec_eval reads six fields and skips the rest of the line."""
+    path = tmp_path / "r"
+    path.write_text("q1 Q0 a 1 1.5 t extra 17\nq1 Q0 b 2 0.5 t x\nq1 Q0 a 3 0.1 t\n")
+    with pytest.raises(InputError, match=r"r:3: field 'docid': .* again \(first on line 1\)"):
+        read_run(path)
+    path.write_text("q1 Q0 a 1 1.5 t extra 17\nq1 Q0 b 2 0.5 t x\n")
+    assert read_run(path) == {"q1": {"a": 1.5, "b": 0.5}}
+    assert read_run(B / "run_extra_fields_ok.trec") == CATALOGUE_RUN
+
+
+def test_read_skips_comment_lines(tmp_path):
+    """A line whose first non-blank character is '#' is a comment (trec_eval 10); '#' inside a field is data."""
+    path = tmp_path / "r"
+    path.write_text("# bm25 run\nq1 Q0 d#1 1 1.5 t\n  # q1 Q0 b 2 0.5 t\n#q2 Q0 a 1 1 t\nq1 Q0 c 3 0.2 t\n#\n")
+    assert read_run(path) == {"q1": {"d#1": 1.5, "c": 0.2}}
+    path.write_text("# c\nq1 Q0 a 1 1.5 t\n# c\nq1 Q0 a 2 0.5 t\n")
+    with pytest.raises(InputError, match=r"r:4: field 'docid': .* again \(first on line 2\)"):
+        read_run(path)
+    assert read_run(B / "run_comments_ok.trec") == CATALOGUE_RUN
+
+
+def test_write_refuses_a_query_id_read_back_as_a_comment(tmp_path):
+    with pytest.raises(LeadkdError, match="query id '#1' cannot be written to a TREC run.*comment"):
+        write_run({"q": {"a": 1.0}, "#1": {"a": 1.0}}, tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    assert read_run(write_run({"q#1": {"#a": 1.0}}, tmp_path / "r")) == {"q#1": {"#a": 1.0}}
+
+
 @pytest.mark.parametrize("line,match", [
     ("q1 Q0 a 1 0.5", r"r:2: expected 6 columns .* found 5"),
-    ("q1 Q0 a 1 0.5 t extra", r"r:2: expected 6 columns .* found 7"),
+    ("q1 Q0 a", r"r:2: expected 6 columns 'qid Q0 docid rank score tag' \(more are ignored\), found 3"),
     ("q1 Q0 a one 0.5 t", r"r:2: field 'rank': rank 'one' is not an integer"),
     ("q1 Q0 a 1 high t", r"r:2: field 'score': score 'high' is not a number"),
     ("q1 Q0 a 1 nan t", r"r:2: field 'score': score 'nan' is not finite"),

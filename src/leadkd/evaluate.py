@@ -10,8 +10,10 @@ Conventions (chosen to match trec_eval, and BEIR's published numbers for complet
 * A qrels query with no document at the relevance threshold still counts: binary measures give it 0,
   as trec_eval does (nDCG uses graded gains and is 0 only when no judgment is positive). A warning
   says how many such queries there are.
-* ``rel`` (e.g. 2 for TREC DL) is applied to binary measures (AP, RR, R, P, Success, ...) only, never to
-  the graded nDCG, which uses the raw judgment as gain.
+* ``rel`` (e.g. 2 for TREC DL) means what trec_eval's ``-l`` means: a document is relevant iff its
+  judgment is >= rel. It is applied to binary measures (AP, RR, R, P, Success, ...) and to the counts
+  NumRelRet and NumRel, never to NumRet (everything retrieved) nor to the graded nDCG, which uses the raw
+  judgment as gain. Judgments <= 0 (trec_eval's -1: pooled but unjudged) are never relevant.
 * Ranking is score descending, ties by doc id descending, exactly as :func:`leadkd.data.runs.write_run`
   writes and trec_eval evaluates. ir-measures' providers break ties differently (pytrec_eval: doc id
   desc; its msmarco provider, used for RR@k: doc id asc), so scores are replaced by rank-derived
@@ -49,8 +51,28 @@ def _suggestion(name: str) -> str:
     return ""
 
 
+def _numrel_level(measure: Measure) -> int | None:
+    """The threshold of a ``NumRel(rel=N)`` with N != 1, which ir-measures' providers refuse (only rel=1)."""
+    if measure.NAME == "NumRel" and measure["rel"] != 1:
+        return int(measure["rel"])
+    return None
+
+
+def _with_rel(measure: Measure, name: str | Measure, rel: int) -> Measure:
+    """``measure`` thresholded at ``rel`` as by trec_eval ``-l``, unless its name gives a threshold itself.
+
+    ir-measures spells relevant-retrieved ``NumRet(rel=N)`` and defines ``NumRelRet`` as ``NumRet(rel=1)``:
+    so the plain NumRet (all retrieved) must not take ``rel``, and the NumRelRet alias's 1 is no user's choice.
+    """
+    if measure.NAME == "NumRet":
+        return measure(rel=rel) if isinstance(name, str) and name.strip() == "NumRelRet" else measure
+    if "rel" in measure.SUPPORTED_PARAMS and "rel" not in measure.params:
+        return measure(rel=rel)
+    return measure
+
+
 def parse_measure(name: str | Measure, rel: int | None = None) -> Measure:
-    """One ir-measures measure from its name; ``rel`` sets the threshold of binary measures that lack one."""
+    """One ir-measures measure from its name; ``rel`` sets the threshold of measures that lack one."""
     if isinstance(name, Measure):
         measure = name
     else:
@@ -61,16 +83,17 @@ def parse_measure(name: str | Measure, rel: int | None = None) -> Measure:
             reason = str(exc).split(";")[0]
             raise LeadkdError(f"unknown measure {name!r}: {reason}{_suggestion(str(name))}; valid names: {_EXAMPLES}") \
                 from None
-    if rel is not None and "rel" in measure.SUPPORTED_PARAMS and "rel" not in measure.params:
-        measure = measure(rel=rel)
-    if not ir_measures.DefaultPipeline.supports(measure):
+    if rel is not None:
+        measure = _with_rel(measure, name, rel)
+    if _numrel_level(measure) is None and not ir_measures.DefaultPipeline.supports(measure):
         raise LeadkdError(f"measure {measure} is not supported by the installed ir-measures providers; "
                           f"valid names: {_EXAMPLES}")
     return measure
 
 
 def parse_measures(names: Iterable[str | Measure], rel: int | None = None) -> list[Measure]:
-    """Parse measure names; with ``rel`` binary measures get ``rel=...`` (``AP`` -> ``AP(rel=2)``), nDCG does not."""
+    """Parse measure names; with ``rel`` binary measures and counts get ``rel=...`` (``AP`` -> ``AP(rel=2)``,
+    ``NumRelRet`` -> ``NumRet(rel=2)``), nDCG and NumRet do not."""
     if rel is not None and (not isinstance(rel, int) or rel < 1):
         raise ConfigError(f"relevance threshold must be an integer >= 1, got {rel!r}")
     measures = list(dict.fromkeys(parse_measure(name, rel) for name in names))
@@ -134,9 +157,9 @@ def evaluate(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping
                        unjudged, len(qids), threshold)
 
     values: dict[str, dict[Measure, float]] = {qid: {} for qid in clean_qrels}
-    for metric in ir_measures.iter_calc(parsed, clean_qrels, ranked_run):
+    for measure, metric in _calc(parsed, clean_qrels, ranked_run):
         if metric.query_id in values:
-            values[metric.query_id][metric.measure] = float(metric.value)
+            values[metric.query_id][measure] = float(metric.value)
     per_query: list[dict] = []
     aggregators = {measure: measure.aggregator() for measure in parsed}
     for qid, row in values.items():
@@ -148,6 +171,21 @@ def evaluate(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping
         per_query.append(out)
     aggregate = {str(measure): float(agg.result()) for measure, agg in aggregators.items()}
     return aggregate, per_query
+
+
+def _calc(measures: Sequence[Measure], qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]):
+    """(measure, ir-measures metric) pairs; ``NumRel(rel=N)`` is ir-measures' NumRel over the qrels
+    binarised at N (relevant iff >= N), which is the very count trec_eval ``-l N`` gives."""
+    direct = [m for m in measures if _numrel_level(m) is None]
+    if direct:
+        for metric in ir_measures.iter_calc(direct, qrels, run):
+            yield metric.measure, metric
+    for measure in measures:
+        level = _numrel_level(measure)
+        if level is not None:
+            binary = {qid: {doc: int(r >= level) for doc, r in docs.items()} for qid, docs in qrels.items()}
+            for metric in ir_measures.iter_calc([ir_measures.measures.NumRel], binary, run):
+                yield measure, metric
 
 
 def write_metrics(aggregate: Mapping[str, float], path: str | os.PathLike) -> Path:

@@ -4,7 +4,9 @@ Every reader validates as it goes and reports the first problem as one
 :class:`~leadkd.errors.InputError` (``file:line: field 'x': message``): a bad input is found
 when it is loaded, not hours later as a ``KeyError`` in training. Files are read as bytes in
 large blocks and split on ``\\n`` only (so U+2028 inside JSON text stays text); a UTF-8 BOM and
-CRLF line ends are removed, blank lines are skipped, ``.gz`` files are read transparently.
+CRLF line ends are removed, blank lines are skipped, ``.gz`` files are read transparently. In qrels,
+as in trec_eval, a line whose first non-blank character is ``#`` is a comment and any integer is a
+relevance (``-1`` marks a pooled but unjudged document).
 Writers go through :func:`leadkd.fileio.atomic_write`.
 """
 
@@ -97,6 +99,11 @@ def _lines(path: PathLike, validate_utf8: bool = False) -> Iterator[tuple[int, b
                     yield lineno, line
             if not chunk:
                 return
+
+
+def _qrels_lines(path: PathLike) -> Iterator[tuple[int, bytes]]:
+    """:func:`_lines` without ``#`` comment lines, which trec_eval (and so every TREC tool) skips in qrels."""
+    return ((n, line) for n, line in _lines(path) if not line.lstrip().startswith(b"#"))
 
 
 def _record_lines(path: PathLike, rows: Sequence[int]) -> list[int]:
@@ -289,6 +296,8 @@ def _decode(path: PathLike, n: int, raw: bytes) -> str:
 
 
 def _relevance(path: PathLike, n: int, field: str, value: str) -> int:
+    """Any integer: trec_eval >= 8.1 writes -1 for pooled but unjudged documents (infAP), and every
+    evaluator counts rel <= 0 as not relevant, so negatives are legal in TREC and BEIR files alike."""
     try:
         rel = int(value)
     except ValueError:
@@ -299,8 +308,6 @@ def _relevance(path: PathLike, n: int, field: str, value: str) -> int:
         if not f.is_integer():
             raise InputError(path, f"{value!r} is not an integer", line=n, field=field) from None
         rel = int(f)
-    if rel < 0:
-        raise InputError(path, f"negative relevance {value!r}", line=n, field=field)
     return rel
 
 
@@ -357,7 +364,7 @@ def _trec_rows(path: PathLike, lines: Iterator[tuple[int, bytes]]) -> _Judgments
 
 
 def _no_judgments(path: PathLike) -> InputError:
-    return InputError(path, "no judgments (the file is empty or blank)")
+    return InputError(path, "no judgments (the file is empty, blank or only comments)")
 
 
 def read_beir_qrels(path: PathLike, corpus: TextCollection | None = None, queries: TextCollection | None = None,
@@ -366,7 +373,7 @@ def read_beir_qrels(path: PathLike, corpus: TextCollection | None = None, querie
 
     With ``corpus``/``queries`` given, every id must exist there (see :func:`check_qrels`).
     """
-    j = _beir_rows(path, _lines(path))
+    j = _beir_rows(path, _qrels_lines(path))
     if not j.qids:
         raise _no_judgments(path)
     return _assemble(j, corpus, queries, lenient)
@@ -376,7 +383,7 @@ def read_trec_qrels(path: PathLike, corpus: TextCollection | None = None, querie
                     lenient: bool = False) -> Qrels:
     """TREC qrels ``qid iter docid rel`` (whitespace-separated), or the 2-column ``qid docid`` form
     (MS MARCO / RocketQA training pairs) where every listed pair has relevance 1."""
-    j = _trec_rows(path, _lines(path))
+    j = _trec_rows(path, _qrels_lines(path))
     if not j.qids:
         raise _no_judgments(path)
     return _assemble(j, corpus, queries, lenient)
@@ -384,11 +391,12 @@ def read_trec_qrels(path: PathLike, corpus: TextCollection | None = None, querie
 
 def read_qrels(path: PathLike, corpus: TextCollection | None = None, queries: TextCollection | None = None,
                lenient: bool = False) -> Qrels:
-    """Any qrels file, format told by its first line: the BEIR header, 4 columns (TREC) or 2 (pairs).
+    """Any qrels file, format told by its first line that is not a comment: the BEIR header, 4 columns
+    (TREC) or 2 (pairs).
 
     A 3-column first line that is not the BEIR header is reported as a wrong header.
     """
-    lines = _lines(path)
+    lines = _qrels_lines(path)
     first = next(lines, None)
     if first is None:
         raise _no_judgments(path)
@@ -418,9 +426,6 @@ def check_qrels(qrels: dict[str, dict[str, int]], corpus: TextCollection | None 
     j = _Judgments(source, "query-id", "corpus-id", with_lines=False)
     for q, docs in qrels.items():
         for d, r in docs.items():
-            if int(r) < 0:
-                raise InputError(source, f"negative relevance {r} for query {q!r} and document {d!r}",
-                                 field="relevance")
             j.qids.append(str(q))
             j.dids.append(str(d))
             j.rels.append(int(r))
@@ -483,6 +488,13 @@ def _writable(path: PathLike, kind: str, value: str, forbidden: str) -> str:
     return value
 
 
+def _first_column(path: PathLike, qid: str) -> str:
+    """A query id opens its qrels line, and a line opening with '#' would be read back as a comment."""
+    if qid.lstrip().startswith("#"):
+        raise LeadkdError(f"{path}: cannot write query id {qid!r}: a line starting with '#' is a comment")
+    return qid
+
+
 def write_corpus_jsonl(path: PathLike, corpus: TextCollection) -> None:
     """BEIR ``corpus.jsonl`` (``_id``, ``title``, ``text``), UTF-8, non-ASCII kept literal."""
     with atomic_write(path) as f:
@@ -537,7 +549,7 @@ def write_beir_qrels(path: PathLike, qrels: dict[str, dict[str, int]]) -> None:
     with atomic_write(path) as f:
         f.write("\t".join(BEIR_QRELS_HEADER) + "\n")
         for q, d, r in _judgments(qrels):
-            q = _writable(path, "query id", q, _TSV_BREAKS)
+            q = _first_column(path, _writable(path, "query id", q, _TSV_BREAKS))
             d = _writable(path, "document id", d, _TSV_BREAKS)
             f.write(f"{q}\t{d}\t{int(r)}\n")
 
@@ -550,4 +562,5 @@ def write_trec_qrels(path: PathLike, qrels: dict[str, dict[str, int]]) -> None:
                 _writable(path, kind, value, "")
                 if any(c.isspace() for c in value):
                     raise LeadkdError(f"{path}: cannot write {kind} {value!r} in TREC qrels: it contains whitespace")
+            _first_column(path, q)
             f.write(f"{q} 0 {d} {int(r)}\n")

@@ -6,8 +6,10 @@ pytrec_eval, BEIR, ir-measures' pytrec_eval provider) evaluates in, whatever the
 the rank column we write is the rank every evaluator will use. :mod:`leadkd.evaluate` ranks the same way.
 
 Reading: ties are allowed; the rank column must be an integer but is otherwise ignored (as trec_eval
-does); the second column is ignored; a repeated (query, document) pair is an error, since evaluators
-would silently keep one of the two scores. Files ending in ``.gz`` are (de)compressed transparently.
+does); the second column and any fields after the run tag are ignored, and a line whose first non-blank
+character is ``#`` is a comment, as in trec_eval; a repeated (query, document) pair is an error, since
+evaluators would silently keep one of the two scores. Files ending in ``.gz`` are (de)compressed
+transparently.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ def write_run(run: Mapping[str, Mapping[str, float]], path: str | os.PathLike, t
     with _open_text_for_write(path) as handle:
         for qid, docs in run.items():
             _check_token(qid, "query id")
+            if qid.startswith("#"):
+                raise LeadkdError(f"query id {qid!r} cannot be written to a TREC run: a line starting with '#' "
+                                  "is a comment")
             for rank, (doc_id, score) in enumerate(ranked(docs)[:k], start=1):
                 _check_token(doc_id, "document id")
                 score = float(score)
@@ -78,12 +83,19 @@ def _open_text_for_read(path: Path) -> IO[str]:
     return open(path, encoding="utf-8-sig")
 
 
+def _records(handle: IO[str]) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of the lines that are neither blank nor ``#`` comments."""
+    for line_no, line in enumerate(handle, start=1):
+        fields = line.split()
+        if fields and not fields[0].startswith("#"):
+            yield line_no, fields
+
+
 def _first_line_of(path: Path, qid: str, doc_id: str) -> int | None:
     """Line of the first (qid, doc_id) entry; rescanning only on error beats remembering millions of lines."""
     with _open_text_for_read(path) as handle:
-        for line_no, line in enumerate(handle, start=1):
-            fields = line.split()
-            if len(fields) == 6 and fields[0] == qid and fields[2] == doc_id:
+        for line_no, fields in _records(handle):
+            if len(fields) >= 6 and fields[0] == qid and fields[2] == doc_id:
                 return line_no
     return None
 
@@ -91,21 +103,18 @@ def _first_line_of(path: Path, qid: str, doc_id: str) -> int | None:
 def read_run(path: str | os.PathLike) -> Run:
     """Read a TREC run into ``{query_id: {doc_id: score}}`` (queries and documents in file order).
 
-    Raises :class:`InputError` (``file:line: field 'x': message``) on a wrong column count, a
+    Raises :class:`InputError` (``file:line: field 'x': message``) on fewer than 6 columns, a
     non-integer rank, a non-numeric or non-finite score, or a (query, document) pair seen twice.
     """
     path = Path(path)
     run: Run = {}
     with _open_text_for_read(path) as handle:
         try:
-            for line_no, line in enumerate(handle, start=1):
-                fields = line.split()
-                if not fields:
-                    continue
-                if len(fields) != 6:
-                    raise InputError(path, f"expected 6 columns 'qid Q0 docid rank score tag', found {len(fields)}",
-                                     line=line_no)
-                qid, _, doc_id, rank, score, _ = fields
+            for line_no, fields in _records(handle):
+                if len(fields) < 6:
+                    raise InputError(path, "expected 6 columns 'qid Q0 docid rank score tag' (more are ignored), "
+                                           f"found {len(fields)}", line=line_no)
+                qid, _, doc_id, rank, score = fields[:5]
                 try:
                     int(rank)
                 except ValueError:
