@@ -21,8 +21,9 @@ def colbert(tiny_bert) -> ColBERT:
     return ColBERT.from_pretrained(tiny_bert, dim=16, max_query_length=Q_LEN, max_passage_length=24)
 
 
-def _reference_scores(model: ColBERT, query: str, passage: str) -> list[float]:
-    """Per-layer MaxSim of one pair, with the inputs built by hand and Python loops over tokens."""
+def _reference_scores(model: ColBERT, query: str, passage: str, raw_last: bool = False) -> list[float]:
+    """Per-layer MaxSim of one pair, with the inputs built by hand and Python loops over tokens; the last
+    layer projected and normalised as ColBERT's score, or (``raw_last``) raw like the others."""
     vocab = model.tokenizer.get_vocab()
     q_ids = model.tokenizer(query)["input_ids"][:Q_LEN]
     q_ids = [vocab[model.options.query_marker]] + q_ids[1:] + [vocab["[MASK]"]] * (Q_LEN - len(q_ids))
@@ -33,8 +34,9 @@ def _reference_scores(model: ColBERT, query: str, passage: str) -> list[float]:
         out = model.backbone(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                              output_hidden_states=True)
         states = [h[0] for h in out.hidden_states[1:]]
-        last = states[-1] @ model.projection.weight.T if model.projection is not None else states[-1]
-        states[-1] = last / last.norm(dim=-1, keepdim=True)
+        if not raw_last:
+            last = states[-1] @ model.projection.weight.T if model.projection is not None else states[-1]
+            states[-1] = last / last.norm(dim=-1, keepdim=True)
         return states
 
     scores = []
@@ -131,6 +133,30 @@ def test_layer_selection_and_score(colbert):
         colbert.layer_scores(QUERIES, PASSAGES, layers=[2])
 
 
+@pytest.mark.parametrize("dim", [16, None])
+def test_the_layer_view_scores_the_last_layer_raw_and_the_final_score_apart(tiny_bert, dim):
+    """What LEAD's layer loss sees (the paper's code): MaxSim over every block's raw output, the last one
+    included; the response term alone gets the projected, normalised final score, appended after them."""
+    from leadkd.distill.views import EncodeForward, score
+
+    model = ColBERT.from_pretrained(tiny_bert, dim=dim, max_query_length=Q_LEN, max_passage_length=24)
+    last = model.num_layers - 1
+    with torch.no_grad():
+        view = score(EncodeForward(model)(QUERIES, PASSAGES, [0, last], final=True), "colbert")
+        raw = torch.tensor([[_reference_scores(model, q, p, raw_last=True) for p in PASSAGES] for q in QUERIES])
+        final = torch.tensor([[_reference_scores(model, q, p) for p in PASSAGES] for q in QUERIES])
+        only_final = score(EncodeForward(model)(QUERIES, PASSAGES, [], final=True), "colbert")
+        earlier = score(EncodeForward(model, raw_last_layer=False)(QUERIES, PASSAGES, [last], final=True), "colbert")
+    assert view.shape == (3, len(QUERIES), len(PASSAGES))
+    torch.testing.assert_close(view[0], raw[..., 0], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(view[1], raw[..., last], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(view[2], final[..., last], atol=1e-4, rtol=1e-5)
+    assert (view[1] - view[2]).abs().min() > 1e-3  # raw and final really differ
+    torch.testing.assert_close(only_final[0], view[2])
+    torch.testing.assert_close(earlier[0], earlier[1])  # colbert_last_layer=final: the old view
+    torch.testing.assert_close(model.score(QUERIES, PASSAGES), view[2])  # the ordinary score is unchanged
+
+
 @pytest.mark.parametrize("role", ["query_marker", "doc_marker"])
 def test_missing_marker_token_is_named(tiny_bert, role):
     with pytest.raises(LeadkdError, match=rf"{role} '\[Q\]' is not in the tokenizer's vocabulary"):
@@ -177,3 +203,29 @@ def test_gradient_reaches_backbone_and_projection(tiny_bert):
     # every trainable parameter gets a gradient (DDP-safe): BERT's unused pooler is frozen
     assert all(param.grad is not None for param in model.parameters() if param.requires_grad)
     assert not any(param.requires_grad for param in model.backbone.pooler.parameters())
+
+
+def test_saved_colbert_without_its_projection_is_refused(colbert, tmp_path):
+    colbert.save_pretrained(tmp_path / "cb")
+    (tmp_path / "cb" / PROJECTION_FILE).unlink()
+    with pytest.raises(LeadkdError, match=PROJECTION_FILE) as info:
+        ColBERT.from_pretrained(tmp_path / "cb")
+    assert str(tmp_path / "cb") in str(info.value) and "\n" not in str(info.value)
+    assert ColBERT.from_pretrained(tmp_path / "cb", allow_partial=True).projection is not None
+
+
+def test_damaged_backbone_is_refused_and_pickles_need_opting_in(colbert, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    colbert.save_pretrained(tmp_path / "cb")
+    state = load_file(tmp_path / "cb" / "model.safetensors")
+    torch.save(state, tmp_path / "cb" / "pytorch_model.bin")
+    (tmp_path / "cb" / "model.safetensors").unlink()
+    with pytest.raises(LeadkdError, match="pytorch_model.bin"):
+        ColBERT.from_pretrained(tmp_path / "cb")
+    assert ColBERT.from_pretrained(tmp_path / "cb", use_safetensors=False).options == colbert.options
+    (tmp_path / "cb" / "pytorch_model.bin").unlink()
+    state["encoder.layer.0.attention.self.query.weight"] = torch.zeros(32, 8)
+    save_file(state, str(tmp_path / "cb" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LeadkdError, match="encoder.layer.0.attention.self.query.weight"):
+        ColBERT.from_pretrained(tmp_path / "cb")

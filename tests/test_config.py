@@ -210,7 +210,7 @@ def test_bad_files(tmp_path):
     ("seed=-1", "seed: must be in [0, 2**32)"),
     ("log_every=0", "log_every: must be > 0"),
     ("output_dir=", "output_dir: required but not set"),
-    ("layers.strategy=0-1", "layers.strategy: expected one of random, last, skip or student:teacher pairs"),
+    ("layers.strategy=0-1", "layers.strategy: expected one of random, last, skip, paper_last, paper_skip or student:teacher pairs"),
     ("layers.strategy=0:1,0:3", "layers.strategy: '0:1,0:3' uses a student layer twice"),
     ("layers.strategy=0:1,2:1", "uses a teacher layer twice"),
     ("layers.strategy=-1:3", "student:teacher pairs"),

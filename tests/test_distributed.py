@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -181,6 +182,7 @@ def _run_checks(ctx: D.DistContext, out_dir: Path) -> None:
     except ValueError as exc:
         out["unequal"] = str(exc)
 
+    out.update(_duplicate_positive_checks(rank))
     out["broadcast"] = D.broadcast_object({"pairs": [(rank, rank + 5)]})
     out["mean_float"] = D.all_reduce_mean(float(rank))
     out["mean_tensor"] = D.all_reduce_mean(torch.tensor([rank, 2.0 * rank]))
@@ -192,6 +194,50 @@ def _run_checks(ctx: D.DistContext, out_dir: Path) -> None:
         out["cache"] = shared.read_text()
     ctx.barrier()
     torch.save(out, out_dir / f"rank{rank}.pt")
+
+
+#: Per process, B groups of M passages as (query positives, passage ids). Rank 0's first positive "p0" is
+#: also a hard negative of rank 1's second query, and rank 1's first query has a second judged positive,
+#: "p0b", that sits in rank 0's last group: copies only the gathered ids can reveal.
+DUP_GROUPS = {
+    0: [(("p0",), ["p0", "n0", "n1"]), (("p1",), ["p1", "n2", "n3"]), (("p2",), ["p2", "n4", "p0b"])],
+    1: [(("p3", "p0b"), ["p3", "n5", "n6"]), (("p4",), ["p4", "p0", "n7"]), (("p5",), ["p5", "n8", "n9"])],
+}
+
+
+def _dup_samples(rank: int) -> list:
+    from leadkd.data.groups import GroupSample
+
+    return [GroupSample(f"q{rank}{i}", "query", ids, ["text"] * M, positive_ids=positives)
+            for i, (positives, ids) in enumerate(DUP_GROUPS[rank])]
+
+
+def _dup_batch(rank: int):
+    from leadkd.data.groups import collate_groups
+
+    return collate_groups(_dup_samples(rank))
+
+
+def _perfect_loss(batch, candidate_ids: list[str], labels: torch.Tensor, mask) -> torch.Tensor:
+    """A perfect model's LEAD loss: every judged positive scores 20 above every other candidate."""
+    from leadkd.distill.losses import lead_total_loss
+
+    scores = torch.tensor([[20.0 if c in positives else 0.0 for c in candidate_ids] for positives in batch.positive_ids],
+                          dtype=torch.float64).expand(2, -1, -1)
+    return lead_total_loss(scores, scores, labels, [(0, 0)], candidate_mask=mask)["loss"]
+
+
+def _duplicate_positive_checks(rank: int) -> dict:
+    """The trainer's duplicate mask over gathered candidates, and what it does to a perfect model's loss."""
+    from leadkd.distill.losses import group_labels
+    from leadkd.distill.views import duplicate_positives
+
+    batch = _dup_batch(rank)
+    mask = duplicate_positives(batch, gathered=True, query_offset=rank * B)
+    everyone = [pid for r in range(WORLD) for _, ids in DUP_GROUPS[r] for pid in ids]
+    labels = group_labels(B, M, query_offset=rank * B)
+    return {"dup_mask": mask, "dup_loss_masked": D.all_reduce_mean(_perfect_loss(batch, everyone, labels, mask)),
+            "dup_loss_plain": D.all_reduce_mean(_perfect_loss(batch, everyone, labels, None))}
 
 
 def _free_port() -> int:
@@ -276,3 +322,31 @@ def test_paper_style_gather_scales_gradients_by_one_over_world(two_ranks):
     for out in two_ranks:
         for name, grad in ref["de_grads"].items():
             assert _close(out["paper_grads"][name], grad / WORLD), name
+
+
+def _expected_duplicate_mask(rank: int) -> torch.Tensor:
+    """Written out: the global candidate columns (rank-major, M per group) each local query must not see."""
+    columns = {0: {0: [13]}, 1: {0: [8]}}[rank]  # rank 0 q0: "p0" in rank 1's group 1; rank 1 q0: "p0b"
+    mask = torch.zeros(B, WORLD * B * M, dtype=torch.bool)
+    for query, cols in columns.items():
+        mask[query, cols] = True
+    return mask
+
+
+def test_copies_of_a_positive_in_other_processes_groups_are_masked(two_ranks):
+    """Two processes: the mask finds copies in the other process's groups, and a perfect model's loss
+    then reaches ~0 (without it, two of the six queries keep P(positive) <= 1/2, i.e. >= log 2 each)."""
+    for rank, out in enumerate(two_ranks):
+        assert torch.equal(out["dup_mask"], _expected_duplicate_mask(rank))
+        assert out["dup_loss_masked"].item() < 1e-6
+        assert out["dup_loss_plain"].item() >= 2 * math.log(2) / (WORLD * B) - 1e-6
+
+
+def test_one_process_on_the_whole_batch_masks_the_same_candidates():
+    from leadkd.data.groups import collate_groups
+    from leadkd.distill.views import duplicate_positives
+
+    whole = collate_groups([sample for r in range(WORLD) for sample in _dup_samples(r)])
+    mask = duplicate_positives(whole, gathered=False)
+    assert torch.equal(mask, torch.cat([_expected_duplicate_mask(r) for r in range(WORLD)]))
+

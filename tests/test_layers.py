@@ -38,6 +38,31 @@ def test_skip(student, teacher, k, expected):
     assert select_layers("skip", student, teacher, k) == expected
 
 
+#: The paper code's lists (spec §2.6), written out: they do not depend on the depths.
+PAPER_LAST = [(1, 7), (2, 8), (3, 9), (4, 10), (5, 11)]
+PAPER_SKIP = [(1, 0), (2, 2), (3, 4), (4, 6), (5, 8)]
+
+
+@pytest.mark.parametrize("student,teacher", [(6, 12), (12, 24)])   # both depth pairs of the paper
+@pytest.mark.parametrize("k", [5, 2])                                # K does not change the paper's lists
+def test_paper_last_and_skip_are_the_codes_lists_for_every_depth_pair(student, teacher, k):
+    assert select_layers("paper_last", student, teacher, k) == PAPER_LAST
+    assert select_layers("paper_skip", student, teacher, k) == PAPER_SKIP
+
+
+def test_depth_following_last_and_skip_differ_from_the_paper_for_12_from_24():
+    assert select_layers("last", 12, 24, 5) == [(7, 19), (8, 20), (9, 21), (10, 22), (11, 23)] != PAPER_LAST
+    assert select_layers("skip", 12, 24, 5) == [(7, 0), (8, 2), (9, 4), (10, 6), (11, 8)] != PAPER_SKIP
+    assert select_layers("last", 6, 12, 5) == PAPER_LAST and select_layers("skip", 6, 12, 5) == PAPER_SKIP
+
+
+def test_paper_lists_need_the_papers_depths():
+    with pytest.raises(ConfigError, match=r"'paper_skip'.*>= 6.*>= 12 layers; these have 3 and 6.*use 'skip'"):
+        select_layers("paper_skip", 3, 6, 2)
+    schedule = LayerSchedule("paper_last", 6, 12, k=5, seed=1, resample_interval=1)
+    assert [schedule.pairs_for_step(step) for step in range(3)] == [PAPER_LAST] * 3
+
+
 def test_skip_needs_enough_teacher_layers():
     assert select_layers("skip", 4, 7, 4) == [(0, 0), (1, 2), (2, 4), (3, 6)]
     with pytest.raises(ConfigError, match="needs 7 teacher layers; the teacher has 6"):

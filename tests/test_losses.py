@@ -11,11 +11,13 @@ from leadkd.distill.losses import (
     HiddenStateMSE,
     check_same_tokenizer,
     contrastive_loss,
+    duplicate_positive_mask,
     group_labels,
     kl_distillation,
     layer_distillation_loss,
     lead_total_loss,
     margin_mse_loss,
+    mask_candidates,
     own_group_scores,
     response_kl_loss,
 )
@@ -421,3 +423,64 @@ def test_total_response_choices():
     assert none["loss"].item() == pytest.approx((none["student_ce"] + none["teacher_ce"]).item(), rel=1e-12)
     with pytest.raises(LeadkdError, match="unknown response loss 'mse'"):
         lead_total_loss(teacher, student, labels, None, response="mse")
+
+
+# --------------------------------------------------------------------------- duplicate positives
+
+def perfect_scores(positive_ids: list[tuple[str, ...]], candidate_ids: list[str], margin: float = 20.0) -> torch.Tensor:
+    """A perfect retriever: every judged positive of q scores ``margin`` above everything else."""
+    return torch.tensor([[margin if c in positives else 0.0 for c in candidate_ids] for positives in positive_ids],
+                        dtype=torch.float64)
+
+
+# Two groups of 3: query a's positive p_a is also a hard negative of query b, and b has two positives,
+# p_b (sampled) and p_a2 (judged, in a's group as a negative).
+DUP_POSITIVES = [("p_a",), ("p_b", "p_a2")]
+DUP_CANDIDATES = ["p_a", "n1", "p_a2", "p_b", "p_a", "n2"]
+DUP_LABELS = torch.tensor([0, 3])
+
+
+def test_duplicate_positive_mask_marks_every_copy_but_the_label():
+    mask = duplicate_positive_mask(DUP_POSITIVES, DUP_CANDIDATES, DUP_LABELS)
+    expected = [[False, False, False, False, True, False],   # a: the second p_a
+                [False, False, True, False, False, False]]   # b: its other judged positive p_a2
+    assert mask.tolist() == expected
+    none = duplicate_positive_mask([("x",), ("y",)], ["x", "n", "y", "m"], torch.tensor([0, 2]))
+    assert not none.any()
+
+
+def test_a_perfect_model_reaches_zero_loss_only_with_duplicates_masked():
+    """Unmasked, query a's copy of its positive scores as high as the positive: P <= 1/2, CE >= log 2."""
+    scores = perfect_scores(DUP_POSITIVES, DUP_CANDIDATES).expand(2, -1, -1)  # [L, Q, C]
+    mask = duplicate_positive_mask(DUP_POSITIVES, DUP_CANDIDATES, DUP_LABELS)
+    kwargs = {"train_teacher": True, "labels": DUP_LABELS, "pairs": [(0, 0)]}
+    plain = lead_total_loss(scores, scores, **kwargs)
+    masked = lead_total_loss(scores, scores, candidate_mask=mask, **kwargs)
+    # naive: each query's CE over the candidates it keeps
+    kept = [[c for c, m in zip(row, mrow) if not m] for row, mrow in zip(rows(scores[-1]), mask.tolist())]
+    assert masked["student_ce"].item() == pytest.approx(py_ce(kept, [0, 2]), abs=1e-12)
+    assert masked["loss"].item() < 1e-6
+    assert plain["student_ce"].item() >= (math.log(2) + math.log(2)) / 2 - 1e-6  # both queries lose a half
+    for term in ("response_kl", "layer_kl"):
+        assert masked[term].item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_masked_candidates_get_no_gradient_and_margin_mse_skips_them():
+    student, teacher = rand(2, 6, seed=1, grad=True), rand(2, 6, seed=2)
+    mask = duplicate_positive_mask(DUP_POSITIVES, DUP_CANDIDATES, DUP_LABELS)
+    terms = lead_total_loss(teacher.expand(1, -1, -1), student.expand(1, -1, -1), DUP_LABELS, [(0, 0)],
+                            train_teacher=False, candidate_mask=mask)
+    terms["loss"].backward()
+    assert torch.isfinite(student.grad).all() and (student.grad[mask] == 0).all()
+    assert (student.grad[~mask] != 0).any()
+    margin = margin_mse_loss(teacher, student, DUP_LABELS, candidate_mask=mask)
+    naive, count = 0.0, 0
+    for q, label in enumerate(DUP_LABELS.tolist()):
+        for c in range(6):
+            if c != label and not mask[q, c]:
+                s_margin = student[q, label].item() - student[q, c].item()
+                t_margin = teacher[q, label].item() - teacher[q, c].item()
+                naive, count = naive + (s_margin - t_margin) ** 2, count + 1
+    assert margin.item() == pytest.approx(naive / count, rel=1e-12)
+    with pytest.raises(LeadkdError, match="does not fit"):
+        mask_candidates(student, mask[:, :3])

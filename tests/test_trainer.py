@@ -316,7 +316,7 @@ def _first_step(config) -> dict:
     result = trainer.train_step()
     trainer.close()
     return {"loss": result.loss, "terms": result.terms, "pairs": result.pairs, "weights": result.weights,
-            "grads": grads}
+            "pair_kl": result.pair_kl, "grads": grads}
 
 
 def test_models_that_train_on_the_cpu_get_the_cheaper_dropout(setup, tmp_path):
@@ -509,3 +509,20 @@ def test_torchrun_runs_distill_with_evaluation_and_checkpoints(setup, tmp_path):
     assert [row["step"] for row in rows if "loss" in row] == [1, 2]  # rank 0 alone writes the log
     for folder in ("final", "final-teacher", "best"):
         assert (out / folder / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("view", ["raw", "final"])
+def test_a_colbert_teachers_last_layer_enters_the_layer_loss_raw(setup, tmp_path, view):
+    """Pair (student last, teacher last) with a frozen ColBERT teacher: with the paper's raw layer view the
+    pair's KL differs from the response KL(T || S); with ``colbert_last_layer: final`` both compare the
+    same two final scores, so they are equal to rounding."""
+    config = distill_config(setup, tmp_path / view, **{
+        "teacher.kind": "colbert", "teacher.train": "false", "student.init": None,
+        "student.path": str(setup["teacher"]), "layers.strategy": "3:3", "loss.colbert_last_layer": view})
+    step = _first_step(config)
+    (pair_kl,) = step["pair_kl"]
+    response = step["terms"]["response_kl"]
+    if view == "final":
+        assert pair_kl == pytest.approx(response, rel=1e-5)
+    else:
+        assert abs(pair_kl - response) > 1e-3 * max(1.0, response)

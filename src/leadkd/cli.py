@@ -42,6 +42,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=32, help="encoding batch size (default %(default)s)")
     group.add_argument("--trust-remote-code", action="store_true",
                        help="allow a model folder to run its own Python code (off by default)")
+    group.add_argument("--allow-pickle", action="store_true",
+                       help="accept a model folder whose weights are only pickled (pytorch_model.bin), still "
+                            "unpickling tensors only (off by default: safetensors only, as a pickle can carry code)")
     group.add_argument("--device", default="auto",
                        help="auto (a GPU when there is one), cpu, cuda or cuda:N (default %(default)s)")
 
@@ -62,7 +65,8 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--measures", nargs="+", default=list(DEFAULT_MEASURES),
                        help="ir-measures names (default: %(default)s)")
     group.add_argument("--rel", type=int, default=None,
-                       help="minimum relevance for binary measures (2 for TREC DL); nDCG stays graded")
+                       help="minimum relevance, as trec_eval -l (2 for TREC DL): binary measures, NumRelRet and "
+                            "NumRel; nDCG stays graded, NumRet counts everything retrieved")
 
 
 def _positive(name: str):
@@ -90,7 +94,8 @@ def _load_model(args):
     return DualEncoder.from_pretrained(
         args.model, pooling=args.pooling, normalize=args.normalize, query_prefix=args.query_prefix,
         passage_prefix=args.passage_prefix, max_query_length=args.max_query_length,
-        max_passage_length=args.max_passage_length, trust_remote_code=args.trust_remote_code).to(device)
+        max_passage_length=args.max_passage_length, trust_remote_code=args.trust_remote_code,
+        use_safetensors=not args.allow_pickle).to(device)
 
 
 def _load_data(args, split: str | None = None):

@@ -41,7 +41,7 @@ __all__ = [
 ModelKind = Literal["dual_encoder", "colbert", "cross_encoder"]
 MODEL_KINDS: tuple[str, ...] = typing.get_args(ModelKind)
 #: Named layer-selection strategies; anything else must be an explicit ``student:teacher`` map.
-LAYER_STRATEGIES: tuple[str, ...] = ("random", "last", "skip")
+LAYER_STRATEGIES: tuple[str, ...] = ("random", "last", "skip", "paper_last", "paper_skip")
 
 
 # --------------------------------------------------------------------------- sections
@@ -60,6 +60,7 @@ class ModelConfig:
     colbert_dim: int | None = None        # colbert: projection width; 0 = none (the paper's); null = folder's, else 128
     token_type_ids: bool | None = None    # cross_encoder: segment ids 0/1; false = all 0 (the paper's)
     trust_remote_code: bool = False
+    use_safetensors: bool = True          # false: also accept pickled weights (pytorch_model.bin), tensors only
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class TrainLossConfig:
 
     in_batch_negatives: bool = True
     cross_process_negatives: bool = True
+    mask_duplicate_positives: bool = True  # false = the paper's code: a positive's copy elsewhere is a negative
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,8 @@ class LossConfig:
     detach_teacher_targets: bool = False
     in_batch_negatives: bool = True
     cross_process_negatives: bool = True
+    mask_duplicate_positives: bool = True  # false = the paper's code: a positive's copy elsewhere is a negative
+    colbert_last_layer: Literal["raw", "final"] = "raw"  # ColBERT teacher's last layer in the layer loss
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ over its local queries, DDP's gradient *averaging* yields exactly the gradient o
 the mean loss over the concatenated global batch (``tests/test_distributed.py`` checks this to 1e-6).
 The paper's code instead re-inserts the local tensor into a non-differentiable gather and has every
 process compute the full global loss; after DDP averaging its gradient is 1/world_size of that, which
-matters for gradient clipping (max norm 2.0), not for Adam's direction.
+matters for gradient clipping, not for Adam's direction: the paper's max norm 2.0 with its 8 processes
+is 16.0 here (the recipes say so; ``tests/test_configs.py`` checks each one).
 
 Everything that is not a gather for the loss - layer choices, log values, file writes - goes through
 the small helpers at the end, so no module calls ``torch.distributed`` directly.
@@ -34,8 +35,8 @@ from .errors import LeadkdError
 
 __all__ = [
     "DistContext", "init_distributed", "is_distributed", "get_rank", "get_world_size", "is_main_process",
-    "barrier", "gather_with_grad", "gather_padded", "broadcast_object", "gather_object", "all_reduce_mean",
-    "main_process_only", "main_process_first",
+    "barrier", "gather_with_grad", "gather_padded", "broadcast_object", "gather_object", "all_gather_object",
+    "all_reduce_mean", "main_process_only", "main_process_first",
 ]
 
 T = TypeVar("T")
@@ -293,6 +294,16 @@ def gather_object(obj: T, dst: int = 0) -> list[T] | None:
         return [obj]
     holder: list[Any] | None = [None] * get_world_size() if get_rank() == dst else None
     dist.gather_object(obj, holder, dst=dst)
+    return holder
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """Every process's picklable ``obj``, in rank order, on every process; ``[obj]`` in a single process.
+    For small per-step metadata the loss needs from all processes (e.g. the candidates' passage ids)."""
+    if not is_distributed():
+        return [obj]
+    holder: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(holder, obj)
     return holder
 
 

@@ -18,7 +18,7 @@ import math
 import os
 from array import array
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, Iterator, Sequence
 
 import numpy as np
@@ -551,6 +551,7 @@ class GroupSample:
     passage_ids: list[str]
     passages: list[str]
     teacher_scores: np.ndarray | None = None
+    positive_ids: tuple[str, ...] = ()  # every judged positive of the query, not only the one sampled
 
 
 def sample_group(groups: TrainingGroups, g: int, negatives: int, rng: np.random.Generator,
@@ -573,7 +574,7 @@ def sample_group(groups: TrainingGroups, g: int, negatives: int, rng: np.random.
     if scores is not None:
         scores = np.concatenate([scores[p:p + 1], scores[len(pos) + order]]).astype(np.float32)
     return GroupSample(groups.query_id(g), groups.query_text(g), [groups.passage_id(k) for k in keys],
-                       [groups.passage(k) for k in keys], scores)
+                       [groups.passage(k) for k in keys], scores, tuple(groups.passage_id(k) for k in pos))
 
 
 class GroupDataset(Dataset):
@@ -619,7 +620,8 @@ class GroupBatch:
     """B groups flattened query-major: passages ``[i*(1+n) : (i+1)*(1+n)]`` are query i's positive then negatives.
 
     ``labels[i] = i * group_size`` is query i's positive among all ``B * group_size`` passages (whole-batch
-    candidates); for own-group scoring (cross-encoder) the positive is column 0.
+    candidates); for own-group scoring (cross-encoder) the positive is column 0. ``positive_ids[i]``: every
+    judged positive of query i, so a positive of i that sits in another group is not taken for a negative.
     """
 
     query_ids: list[str]
@@ -629,6 +631,7 @@ class GroupBatch:
     labels: torch.Tensor
     group_size: int
     teacher_scores: torch.Tensor | None = None
+    positive_ids: list[tuple[str, ...]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -640,7 +643,7 @@ class GroupBatch:
     def to(self, device: str | torch.device) -> "GroupBatch":
         teacher = None if self.teacher_scores is None else self.teacher_scores.to(device)
         return GroupBatch(self.query_ids, self.queries, self.passage_ids, self.passages, self.labels.to(device),
-                          self.group_size, teacher)
+                          self.group_size, teacher, self.positive_ids)
 
 
 def collate_groups(samples: Sequence[GroupSample]) -> GroupBatch:
@@ -662,6 +665,7 @@ def collate_groups(samples: Sequence[GroupSample]) -> GroupBatch:
         labels=torch.arange(len(samples), dtype=torch.long) * size,
         group_size=size,
         teacher_scores=teacher,
+        positive_ids=[s.positive_ids or (s.passage_ids[0],) for s in samples],
     )
 
 

@@ -7,10 +7,13 @@ the transformer blocks' outputs (the last index is the final layer). Strategies 
   K distinct teacher layers drawn and sorted, paired by rank (so the relative order is kept). Final
   layers can be drawn, overlapping the response loss as in the paper's code.
 * ``last`` - the last K layers of each side (6->12, K=5: student 1..5 <-> teacher 7..11).
-* ``skip`` - the paper code's ablation, student 1..5 <-> teacher 0,2,4,6,8 for 6->12 with K=5.
-  Generalised here as: the student's last K layers <-> every other teacher layer from 0, i.e.
-  teacher 0,2,..,2(K-1); this needs K <= ceil(teacher_layers / 2). For every depth pair the paper
-  used (6->12, 12->24) it is the code's exact choice.
+* ``skip`` - the student's last K layers <-> every other teacher layer from 0, i.e. teacher
+  0,2,..,2(K-1); this needs K <= ceil(teacher_layers / 2) (6->12, K=5: student 1..5 <-> 0,2,4,6,8).
+* ``paper_last`` / ``paper_skip`` - the paper code's lists, hard-coded whatever the depths (spec §2.6):
+  student 1..5 <-> teacher 7..11, and student 1..5 <-> teacher 0,2,4,6,8; K is ignored. For 6->12 with
+  K=5 they equal ``last`` / ``skip``; for 12->24 they do not (``last`` there pairs student 7..11 with
+  teacher 19..23, ``skip`` student 7..11 with teacher 0..8), so reproduce the paper's 24->12 ablations
+  with these.
 * an explicit map ``"0:1,1:3,2:5"`` (``student:teacher`` per pair) - fixed pairs of your choosing.
 
 Random draws use a seeded ``torch.Generator`` (CPU), so every process with the same seed draws the same
@@ -28,7 +31,13 @@ from ..errors import ConfigError, LeadkdError
 
 Pair = tuple[int, int]
 
-STRATEGIES = ("random", "last", "skip")
+STRATEGIES = ("random", "last", "skip", "paper_last", "paper_skip")
+
+#: The paper code's fixed ``(student, teacher)`` lists for its last/skip ablations, for every depth pair.
+PAPER_PAIRS: dict[str, tuple[Pair, ...]] = {
+    "paper_last": ((1, 7), (2, 8), (3, 9), (4, 10), (5, 11)),
+    "paper_skip": ((1, 0), (2, 2), (3, 4), (4, 6), (5, 8)),
+}
 
 __all__ = ["STRATEGIES", "select_layers", "parse_layer_map", "LayerSchedule"]
 
@@ -76,8 +85,9 @@ def select_layers(strategy: str, student_layers: int, teacher_layers: int, k: in
                   generator: torch.Generator | None = None) -> list[Pair]:
     """The ``(student_layer, teacher_layer)`` pairs for ``strategy``, sorted by student layer.
 
-    ``strategy`` is ``random``, ``last``, ``skip`` or an explicit map ``"s:t,..."`` (which fixes the pairs
-    itself, so ``k`` is ignored for it). ``generator`` is required for ``random`` and advanced by exactly
+    ``strategy`` is ``random``, ``last``, ``skip``, ``paper_last``, ``paper_skip`` or an explicit map
+    ``"s:t,..."`` (the last three fix the pairs themselves, so ``k`` is ignored for them). ``generator`` is
+    required for ``random`` and advanced by exactly
     two ``randperm`` calls (student, then teacher), so equal seeds give equal draws everywhere.
     """
     if strategy not in STRATEGIES and re.search(r"[\d:,]", strategy):  # meant as a map, maybe malformed
@@ -85,6 +95,13 @@ def select_layers(strategy: str, student_layers: int, teacher_layers: int, k: in
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown layer selection {strategy!r}; choose one of {', '.join(STRATEGIES)} "
                           "or an explicit map like '0:1,1:3'")
+    if strategy in PAPER_PAIRS:
+        pairs = list(PAPER_PAIRS[strategy])
+        if student_layers < 6 or teacher_layers < 12:
+            raise ConfigError(f"{strategy!r} is the paper's fixed list {pairs}, which needs a student of >= 6 "
+                              f"and a teacher of >= 12 layers; these have {student_layers} and {teacher_layers} "
+                              f"(use {strategy.removeprefix('paper_')!r}, which follows the depths)")
+        return pairs
     _check_depths(student_layers, teacher_layers, k)
     if strategy == "random":
         if generator is None:

@@ -17,7 +17,7 @@ against; it needs hidden states and one shared tokenizer, and says so when that 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,8 @@ Pair = tuple[int, int]
 
 __all__ = [
     "contrastive_loss", "kl_distillation", "response_kl_loss", "margin_mse_loss", "layer_distillation_loss",
-    "lead_total_loss", "group_labels", "own_group_scores", "HiddenStateMSE", "check_same_tokenizer",
+    "lead_total_loss", "group_labels", "own_group_scores", "duplicate_positive_mask", "mask_candidates",
+    "HiddenStateMSE", "check_same_tokenizer",
 ]
 
 
@@ -165,7 +166,8 @@ def response_kl_loss(teacher: Tensor, student: Tensor, temperature: float = 1.0,
     return loss
 
 
-def margin_mse_loss(teacher: Tensor, student: Tensor, labels: Tensor, detach_teacher_targets: bool = False) -> Tensor:
+def margin_mse_loss(teacher: Tensor, student: Tensor, labels: Tensor, detach_teacher_targets: bool = False,
+                    candidate_mask: Tensor | None = None) -> Tensor:
     """MarginMSE (Hofstätter et al. 2020): match the student's positive-minus-negative margins to the teacher's.
 
     For each query, margin_j = score[label] - score[j] for every other candidate j (in-batch ones too);
@@ -176,6 +178,8 @@ def margin_mse_loss(teacher: Tensor, student: Tensor, labels: Tensor, detach_tea
     Args:
         teacher, student: ``[Q, C]`` scores over the same candidates; ``C >= 2``.
         labels: ``[Q]`` positive column of each query.
+        candidate_mask: optional ``[Q, C]`` bool, True for candidates left out of query q's margins
+            (see :func:`duplicate_positive_mask`); the scores there must still be finite.
     """
     _check_matrix("teacher scores", teacher)
     _check_matrix("student scores", student)
@@ -195,7 +199,10 @@ def margin_mse_loss(teacher: Tensor, student: Tensor, labels: Tensor, detach_tea
     # The label column's margin is exactly 0 on both sides, so summing over all C columns and dividing
     # by C-1 is the mean over the negatives, without a boolean mask (which would sync a GPU).
     squared = (margins(student) - margins(teacher)).pow(2)
-    return squared.sum() / (num_queries * (num_candidates - 1))
+    if candidate_mask is None:
+        return squared.sum() / (num_queries * (num_candidates - 1))
+    kept = (~candidate_mask.to(device=squared.device, dtype=torch.bool)).to(squared.dtype)
+    return (squared * kept).sum() / (kept.sum() - num_queries).clamp(min=1.0)
 
 
 # --------------------------------------------------------------------------- LEAD's layer loss
@@ -290,6 +297,7 @@ def lead_total_loss(
     layer_weight: float = 1.0,
     detach_teacher_targets: bool = False,
     reduce_layer_ce: Callable[[Tensor], Tensor] | None = None,
+    candidate_mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The whole LEAD objective of spec §2.5, term by term, from both models' layer scores.
 
@@ -312,12 +320,19 @@ def lead_total_loss(
     ``reduce_layer_ce`` maps this process's per-pair teacher CE to the value the weights are built from;
     in multi-process training it averages ell over processes (each process holds a slice of the queries),
     so every process uses the weights one process would compute on the whole batch.
+
+    ``candidate_mask`` (``[Q, C]`` bool, see :func:`duplicate_positive_mask`) leaves candidates out of
+    query q's distributions in both models, every layer and every term.
     """
     for name, scores in (("teacher", teacher_scores), ("student", student_scores)):
         if scores.dim() != 3:
             raise LeadkdError(f"{name} layer scores must be [num_layers, Q, C], got shape {list(scores.shape)}")
+    _check_same_shape(teacher_scores[-1], student_scores[-1])
+    raw_finals = teacher_scores[-1], student_scores[-1]  # MarginMSE needs finite scores: it masks its own way
+    if candidate_mask is not None:
+        teacher_scores, student_scores = mask_candidates(teacher_scores, candidate_mask), mask_candidates(
+            student_scores, candidate_mask)
     student_final, teacher_final = student_scores[-1], teacher_scores[-1]
-    _check_same_shape(teacher_final, student_final)
 
     student_ce = contrastive_loss(student_final, labels)
     teacher_ce = contrastive_loss(teacher_final, labels)
@@ -327,8 +342,8 @@ def lead_total_loss(
         response_term = response_kl_loss(teacher_final, student_final, temperature=temperature,
                                          symmetric=train_teacher, detach_teacher_targets=detach_teacher_targets)
     elif response == "margin_mse":
-        response_term = margin_mse_loss(teacher_final, student_final, labels,
-                                        detach_teacher_targets=detach_teacher_targets)
+        response_term = margin_mse_loss(*raw_finals, labels, detach_teacher_targets=detach_teacher_targets,
+                                        candidate_mask=candidate_mask)
     elif response == "none":
         response_term = _fp(student_final).new_zeros(())
     else:
@@ -393,6 +408,48 @@ def own_group_scores(scores: Tensor, group_size: int, query_offset: int = 0) -> 
     starts = (torch.arange(num_queries, device=scores.device) + query_offset) * group_size
     index = starts.unsqueeze(1) + torch.arange(group_size, device=scores.device)    # [Q, G]
     return scores.gather(-1, index.expand(*scores.shape[:-1], group_size))
+
+
+def duplicate_positive_mask(positive_ids: Sequence[Collection[str]], candidate_ids: Sequence[str],
+                            labels: Tensor) -> Tensor:
+    """``[Q, C]`` bool: True where candidate c is one of query q's judged positives, other than its label.
+
+    In-batch candidates come from every query's group, so query i's positive (or another of its judged
+    positives) can also sit in query j's group, as j's positive or a hard negative. Left in, that copy
+    counts as a *negative* for i: its score equals the positive's, so even a perfect model keeps
+    P(positive) <= 1/2 and its loss >= log 2. The paper's code has this flaw; masking the copies (score
+    -inf in both models' distributions, :func:`mask_candidates`) removes it.
+
+    Args:
+        positive_ids: for each of the Q queries, the ids of all its judged positives.
+        candidate_ids: the id of each of the C candidate columns (the gathered batch's passages).
+        labels: ``[Q]`` label column of each query; never masked.
+    """
+    if len(positive_ids) != labels.shape[0]:
+        raise LeadkdError(f"{len(positive_ids)} queries' positives for {labels.shape[0]} labels")
+    columns: dict[str, list[int]] = {}
+    for column, pid in enumerate(candidate_ids):
+        columns.setdefault(pid, []).append(column)
+    rows, cols = [], []
+    for query, ids in enumerate(positive_ids):
+        hits = {column for pid in set(ids) for column in columns.get(pid, ())}
+        rows += [query] * len(hits)
+        cols += sorted(hits)
+    mask = torch.zeros(len(positive_ids), len(candidate_ids), dtype=torch.bool)
+    mask[torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)] = True
+    mask[torch.arange(len(positive_ids)), labels.cpu().long()] = False
+    return mask.to(labels.device)
+
+
+def mask_candidates(scores: Tensor, candidate_mask: Tensor) -> Tensor:
+    """``scores`` (``[..., Q, C]``) with masked candidates at -inf: they leave every softmax over C(q).
+
+    The losses here handle -inf exactly: the masked candidate has probability 0 on both sides, adds 0 to
+    every KL and cross-entropy and gets zero gradient. A query's label column must stay unmasked.
+    """
+    if candidate_mask.shape != scores.shape[-2:]:
+        raise LeadkdError(f"candidate mask {list(candidate_mask.shape)} does not fit scores {list(scores.shape)}")
+    return scores.masked_fill(candidate_mask.to(device=scores.device, dtype=torch.bool), float("-inf"))
 
 
 # --------------------------------------------------------------------------- the feature baseline

@@ -150,9 +150,10 @@ class TeacherVectorCache:
                 json.dump(meta, handle, indent=2)
 
     def encode(self, query_ids: Sequence[str], queries: Sequence[str], passage_ids: Sequence[str],
-               passages: Sequence[str], layers: Sequence[int]) -> Encoded:
-        """What ``EncodeForward`` would return for the teacher, for the requested ``layers``."""
-        wanted = resolve_layers(layers, self.model.num_layers)
+               passages: Sequence[str], layers: Sequence[int], final: bool = False) -> Encoded:
+        """What ``EncodeForward`` would return for the teacher, for the requested ``layers`` (and ``final``)."""
+        wanted = list(layers) + ([self.model.num_layers - 1] if final else [])
+        wanted = resolve_layers(wanted, self.model.num_layers)
         if not set(wanted) <= set(self.layers):
             raise ValueError(f"layers {wanted} asked of a cache holding layers {self.layers}")
         index = torch.as_tensor([self.layers.index(x) for x in wanted], dtype=torch.long)

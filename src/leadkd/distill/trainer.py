@@ -26,8 +26,8 @@ from ..errors import ConfigError, LeadkdError
 from ..models.cpu_dropout import use_cpu_dropout
 from .checkpoint import list_checkpoints, newest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .layers import LayerSchedule
-from .losses import contrastive_loss, group_labels, lead_total_loss, own_group_scores
-from .views import EncodeForward, gather_passages, gathers_candidates, score
+from .losses import contrastive_loss, group_labels, lead_total_loss, mask_candidates, own_group_scores
+from .views import EncodeForward, duplicate_positives, gather_passages, gathers_candidates, score
 
 Log = Callable[[str], None]
 
@@ -41,7 +41,8 @@ def load_model_for(config, path: str | None = None):
     from ..models.dual_encoder import DualEncoder
 
     path = path or config.path
-    common = {"trust_remote_code": config.trust_remote_code}
+    # Strict loading (no partial loads); pickled weights only where the config opts in.
+    common = {"trust_remote_code": config.trust_remote_code, "use_safetensors": config.use_safetensors}
     if config.kind == "dual_encoder":
         return DualEncoder.from_pretrained(path, pooling=config.pooling, normalize=config.normalize,
                                            max_query_length=config.max_query_length,
@@ -289,7 +290,8 @@ class Trainer:
             _checkpoint_activations(backbone_of(model))
         if cfg.cpu_dropout and trains and self.ctx.device.type == "cpu":
             use_cpu_dropout(backbone_of(model))
-        forward: nn.Module = EncodeForward(model)
+        last_layer_view = self.config.loss.colbert_last_layer if self.distill else "raw"  # train: finals only
+        forward: nn.Module = EncodeForward(model, raw_last_layer=last_layer_view == "raw")
         if not trains:
             model.eval()
             model.requires_grad_(False)
@@ -358,44 +360,51 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _layers_for(self, pairs: list[tuple[int, int]]) -> tuple[list[int], list[int], list[tuple[int, int]]]:
-        """Student and teacher layers to compute (the chosen ones plus each last), and the pairs as
-        positions into those lists."""
-        student, teacher = self.models["student"].model, self.models["teacher"].model
-        s_layers = sorted({s for s, _ in pairs} | {student.num_layers - 1})
-        t_layers = sorted({t for _, t in pairs} | {teacher.num_layers - 1})
+        """Student and teacher layers the pairs need (each encode appends its final score slice after
+        them), and the pairs as positions into those lists."""
+        s_layers, t_layers = sorted({s for s, _ in pairs}), sorted({t for _, t in pairs})
         positions = [(s_layers.index(s), t_layers.index(t)) for s, t in pairs]
         return s_layers, t_layers, positions
 
     def _candidates(self, student_enc, teacher_enc, batch, teacher_kind: str, in_batch: bool, cross: bool):
-        """Scores of both models over one candidate set, and each query's positive column in it."""
+        """Scores of both models over one candidate set, each query's positive column in it, and the mask
+        of the copies of its judged positives among the candidates (None when there are none)."""
         size, count = batch.group_size, len(batch.queries)
-        if not gathers_candidates(teacher_kind):  # cross-encoder: each query's own group (spec §2.3)
-            student_scores = own_group_scores(score(student_enc, "dual_encoder"), size)
-            return student_scores, score(teacher_enc, teacher_kind), group_labels(count, size, in_batch=False)
-        offset = 0
-        if cross and self.ctx.is_distributed:
+        whole_batch = gathers_candidates(teacher_kind)  # else cross-encoder: each query's own group (spec §2.3)
+        gathered = whole_batch and cross and self.ctx.is_distributed
+        offset = self.ctx.rank * count if gathered else 0
+        if gathered:
             student_enc = gather_passages(student_enc, "dual_encoder", with_grad=True)
             teacher_enc = gather_passages(teacher_enc, teacher_kind, with_grad=self.models["teacher"].trains)
-            offset = self.ctx.rank * count
         student_scores, teacher_scores = score(student_enc, "dual_encoder"), score(teacher_enc, teacher_kind)
-        if not in_batch:
-            return (own_group_scores(student_scores, size, offset), own_group_scores(teacher_scores, size, offset),
-                    group_labels(count, size, in_batch=False))
-        return student_scores, teacher_scores, group_labels(count, size, query_offset=offset)
+        own_group = not (whole_batch and in_batch)
+        if own_group:
+            student_scores = own_group_scores(student_scores, size, offset)
+            if whole_batch:
+                teacher_scores = own_group_scores(teacher_scores, size, offset)
+        labels = group_labels(count, size, in_batch=not own_group, query_offset=offset)
+        return student_scores, teacher_scores, labels, self._duplicate_positives(batch, gathered, own_group, offset)
+
+    def _duplicate_positives(self, batch, gathered: bool, own_group: bool, offset: int) -> torch.Tensor | None:
+        if not self.config.loss.mask_duplicate_positives:
+            return None
+        mask = duplicate_positives(batch, gathered, own_group, offset)
+        return None if mask is None else mask.to(self.ctx.device)
 
     def _distill_loss(self, batch, pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         cfg = self.config.loss
         student, teacher = self.models["student"], self.models["teacher"]
         hidden = self.hidden_mse is not None
         s_layers, t_layers, positions = self._layers_for([] if hidden else pairs)
-        student_enc = student.forward(batch.queries, batch.passages, s_layers, with_states=hidden)
+        student_enc = student.forward(batch.queries, batch.passages, s_layers, with_states=hidden, final=True)
         if self.teacher_cache is not None:
             teacher_enc = self.teacher_cache.encode(batch.query_ids, batch.queries, batch.passage_ids,
-                                                    batch.passages, t_layers)
+                                                    batch.passages, t_layers, final=True)
         else:
             with contextlib.nullcontext() if teacher.trains else torch.no_grad():
-                teacher_enc = teacher.forward(batch.queries, batch.passages, t_layers, with_states=hidden)
-        student_scores, teacher_scores, labels = self._candidates(
+                teacher_enc = teacher.forward(batch.queries, batch.passages, t_layers, with_states=hidden,
+                                              final=True)
+        student_scores, teacher_scores, labels, duplicates = self._candidates(
             student_enc, teacher_enc, batch, teacher.model.kind, cfg.in_batch_negatives, cfg.cross_process_negatives)
         reduce = dist.all_reduce_mean if self.ctx.is_distributed else None
         terms = lead_total_loss(
@@ -403,7 +412,7 @@ class Trainer:
             train_teacher=teacher.trains, response=cfg.response, temperature=cfg.temperature,
             layer_temperature=cfg.layer_temperature, reweight=cfg.reweight, student_weight=cfg.student_ce,
             teacher_weight=cfg.teacher_ce, response_weight=cfg.response_weight, layer_weight=cfg.layer_weight,
-            detach_teacher_targets=cfg.detach_teacher_targets, reduce_layer_ce=reduce)
+            detach_teacher_targets=cfg.detach_teacher_targets, reduce_layer_ce=reduce, candidate_mask=duplicates)
         if hidden:  # the classical baseline: projected student token states regress the teacher's
             (sq, sq_mask, sp, sp_mask), (tq, tq_mask, tp, tp_mask) = student_enc.states, teacher_enc.states
             detach = cfg.detach_teacher_targets
@@ -417,19 +426,21 @@ class Trainer:
         cfg = self.config.loss
         trained = self.models["model"]
         kind = trained.model.kind
-        encoded = trained.forward(batch.queries, batch.passages, [trained.model.num_layers - 1])
+        encoded = trained.forward(batch.queries, batch.passages, [], final=True)
         size, count = batch.group_size, len(batch.queries)
-        if not gathers_candidates(kind):
-            scores, labels = score(encoded, kind)[-1], group_labels(count, size, in_batch=False)
-        else:
-            offset = 0
-            if cfg.cross_process_negatives and self.ctx.is_distributed:
-                encoded = gather_passages(encoded, kind, with_grad=True)
-                offset = self.ctx.rank * count
-            scores = score(encoded, kind)[-1]
-            labels = group_labels(count, size, query_offset=offset)
-            if not cfg.in_batch_negatives:
-                scores, labels = own_group_scores(scores, size, offset), group_labels(count, size, in_batch=False)
+        whole_batch = gathers_candidates(kind)
+        gathered = whole_batch and cfg.cross_process_negatives and self.ctx.is_distributed
+        offset = self.ctx.rank * count if gathered else 0
+        if gathered:
+            encoded = gather_passages(encoded, kind, with_grad=True)
+        scores = score(encoded, kind)[-1]
+        own_group = not (whole_batch and cfg.in_batch_negatives)
+        if own_group and whole_batch:
+            scores = own_group_scores(scores, size, offset)
+        labels = group_labels(count, size, in_batch=not own_group, query_offset=offset)
+        duplicates = self._duplicate_positives(batch, gathered, own_group, offset)
+        if duplicates is not None:
+            scores = mask_candidates(scores, duplicates)
         loss = contrastive_loss(scores, labels.to(scores.device))
         return {"loss": loss, "ce": loss}
 

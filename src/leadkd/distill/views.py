@@ -22,6 +22,7 @@ from torch import nn
 from .. import distributed as dist
 from ..models.colbert import maxsim_scores
 from ..models.dual_encoder import pair_scores
+from .losses import duplicate_positive_mask, group_labels, own_group_scores
 
 
 @dataclass
@@ -37,15 +38,28 @@ class Encoded:
 
 
 class EncodeForward(nn.Module):
-    """Wraps a model so that one ``forward`` encodes a whole batch — the call DDP needs to see."""
+    """Wraps a model so that one ``forward`` encodes a whole batch — the call DDP needs to see.
 
-    def __init__(self, model: nn.Module):
+    What it returns covers the requested ``layers`` in the model's *layer view* (what LEAD's layer loss
+    scores), then, with ``final``, one more slice: the model's ordinary score (what the ground-truth and
+    response terms score). The two differ only for ColBERT's last layer: raw block output in the layer
+    view, as in the paper's code (``raw_last_layer``; False scores it normalised/projected there too).
+    """
+
+    def __init__(self, model: nn.Module, raw_last_layer: bool = True):
         super().__init__()
         self.model = model
+        self.raw_last_layer = raw_last_layer
 
     def forward(self, queries: Sequence[str], passages: Sequence[str], layers: Sequence[int],
-                with_states: bool = False) -> Encoded:
+                with_states: bool = False, final: bool = False) -> Encoded:
         model, kind = self.model, self.model.kind
+        if kind == "colbert":
+            q_states, _ = model.query_layer_states(queries, layers, raw_last=self.raw_last_layer, final=final)
+            p_states, p_mask = model.passage_layer_states(passages, layers, raw_last=self.raw_last_layer,
+                                                          final=final)
+            return Encoded(queries=q_states, passages=p_states, passage_mask=p_mask)
+        layers = list(layers) + ([model.num_layers - 1] if final else [])  # the last layer is the score
         if kind == "dual_encoder" and with_states:  # token states too, for the hidden-state MSE baseline
             q_vectors, q_states, q_mask = model.layer_outputs(queries, "query", layers)
             p_vectors, p_states, p_mask = model.layer_outputs(passages, "passage", layers)
@@ -55,10 +69,6 @@ class EncodeForward(nn.Module):
             return Encoded(queries=model.layer_embeddings(queries, "query", layers),
                            passages=model.layer_embeddings(passages, "passage", layers),
                            scale=model.similarity_scale)
-        if kind == "colbert":
-            q_states, _ = model.query_layer_states(queries, layers)
-            p_states, p_mask = model.passage_layer_states(passages, layers)
-            return Encoded(queries=q_states, passages=p_states, passage_mask=p_mask)
         if kind == "cross_encoder":
             return Encoded(scores=model.layer_scores(queries, passages, layers))
         raise TypeError(f"no training view for model kind {kind!r}")
@@ -97,3 +107,21 @@ def score(encoded: Encoded, kind: str) -> torch.Tensor:
         return torch.stack([maxsim_scores(q, p, encoded.passage_mask)
                             for q, p in zip(encoded.queries, encoded.passages)])
     return encoded.scores
+
+
+def duplicate_positives(batch, gathered: bool, own_group: bool = False, query_offset: int = 0) -> torch.Tensor | None:
+    """``[B, C]`` mask of the copies of each local query's judged positives among its candidates, on the CPU,
+    or None when there are none (see :func:`~leadkd.distill.losses.duplicate_positive_mask`).
+
+    ``gathered``: the candidates are every process's passages (their ids, plain strings, are gathered
+    here; no gradient involved), and the local queries' labels start at ``query_offset``. ``own_group``:
+    cut to each query's own group, as the scores were.
+    """
+    size, count = batch.group_size, len(batch.queries)
+    ids = list(batch.passage_ids)
+    if gathered:
+        ids = [pid for part in dist.all_gather_object(ids) for pid in part]
+    mask = duplicate_positive_mask(batch.positive_ids, ids, group_labels(count, size, query_offset=query_offset))
+    if own_group:
+        mask = own_group_scores(mask, size, query_offset)
+    return mask if bool(mask.any()) else None

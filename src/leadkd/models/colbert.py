@@ -4,10 +4,13 @@ Inputs follow the LEAD paper's code (spec §2.2): the query's [CLS] is replaced 
 the query is padded with *attended* [MASK] tokens to a fixed length (ColBERT's query augmentation);
 the passage's [CLS] is replaced by a document marker and padded with [PAD], which is masked out.
 
-The last layer is ColBERT's: a bias-free linear projection to ``dim`` followed by L2 normalisation
-(``dim=None`` skips the projection and only normalises, which is what the paper's code does).
-Intermediate layers are scored on their raw token states, as in the paper. Truncation to the maximum
-lengths keeps the closing [SEP] (the paper's code could cut it off a long query).
+The score is ColBERT's: the last block's token states through a bias-free linear projection to ``dim``
+and L2 normalisation (``dim=None`` skips the projection and only normalises, which is what the paper's
+code does). Intermediate layers are scored on their raw token states, as in the paper. ``layer_scores``
+gives the last layer as that final score; LEAD's layer loss instead scores the last layer raw like every
+other (``raw_last``, what the paper's code does), and only the response term uses the final vectors.
+Truncation to the maximum lengths keeps the closing [SEP] (the paper's code could cut it off a long
+query).
 
 The padding mask of the passages is returned *with* their states and MaxSim takes it as an argument,
 so a trainer that gathers states across processes gathers the masks too (the fix for spec §7.4-1,
@@ -177,21 +180,31 @@ class ColBERT(nn.Module):
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, trust_remote_code: bool = False, **overrides) -> "ColBERT":
+    def from_pretrained(cls, path: str | os.PathLike, *, trust_remote_code: bool = False, allow_partial: bool = False,
+                        use_safetensors: bool = True, **overrides) -> "ColBERT":
         """Load a leadkd ColBERT folder, or start one from any HF encoder (folder or hub name).
 
         ``overrides`` are :class:`ColBERTOptions` fields (``dim``, ``query_marker``, ``doc_marker``,
         ``max_query_length``, ``max_passage_length``); given ones win over the folder's saved options,
         which win over the defaults. A folder without ``colbert_projection.safetensors`` gets a fresh
-        projection, initialised as ``nn.Linear`` does but from seed :data:`PROJECTION_SEED`.
+        projection, initialised as ``nn.Linear`` does but from seed :data:`PROJECTION_SEED`; a saved
+        ColBERT with a projection that lost the file is refused unless ``allow_partial``. The backbone
+        loads strictly (see :func:`~leadkd.models.base.load_backbone` for ``allow_partial`` and
+        ``use_safetensors``).
         """
         location = resolve_model_path(path)
         options = options_from_folder(location, KIND, ColBERTOptions, overrides)
-        tokenizer, backbone = load_backbone(location, trust_remote_code=trust_remote_code)
+        tokenizer, backbone = load_backbone(location, trust_remote_code=trust_remote_code,
+                                            allow_partial=allow_partial, use_safetensors=use_safetensors)
         projection = None
         file = Path(location) / PROJECTION_FILE
         if options.dim is not None and file.is_file():
             projection = _load_projection(file, options.dim, backbone.config.hidden_size)
+        saved = read_leadkd_config(location) if os.path.isdir(location) else None
+        if (options.dim is not None and projection is None and not allow_partial and saved
+                and saved.get("kind") == KIND and saved.get("dim") is not None):
+            raise LeadkdError(f"{location}: a saved ColBERT without its projection ({PROJECTION_FILE}); restore the "
+                              "file, or load with allow_partial=True for a fresh one")
         return cls(tokenizer, backbone, options, projection).eval()
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -246,36 +259,43 @@ class ColBERT(nn.Module):
         return ids.to(self.device), mask.to(self.device)
 
     # ------------------------------------------------------------------ per-layer states and scores
-    def _layer_states(self, ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int] | None) -> list[torch.Tensor]:
-        wanted = resolve_layers(layers, self.num_layers)
+    def _final_states(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """ColBERT's own token vectors: the last block's states projected (if ``dim``) and L2-normalised."""
+        if self.projection is not None:
+            last_hidden = self.projection(last_hidden)
+        return F.normalize(last_hidden, p=2, dim=-1)
+
+    def _layer_states(self, ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int] | None,
+                      raw_last: bool = False, final: bool = False) -> list[torch.Tensor]:
+        """States of each requested layer, then (``final``) ColBERT's final vectors, from one forward.
+
+        Intermediate layers are raw block outputs. The last layer is ColBERT's final vectors unless
+        ``raw_last``, which gives its raw block output like every other layer: that is the *layer view*
+        the paper's code scores in LEAD's layer loss, while its response score keeps the final vectors.
+        """
+        only_final = final and layers is not None and len(layers) == 0
+        wanted = [] if only_final else resolve_layers(layers, self.num_layers)
         last = self.num_layers - 1
-        everything = any(layer != last for layer in wanted)
-        hidden = block_outputs(self.backbone, ids, mask, all_layers=everything)
-        states = []
-        for layer in wanted:
-            if layer != last:
-                states.append(hidden[layer])
-            else:
-                final = hidden[-1]
-                if self.projection is not None:
-                    final = self.projection(final)
-                states.append(F.normalize(final, p=2, dim=-1))
-        return states
+        hidden = block_outputs(self.backbone, ids, mask, all_layers=any(layer != last for layer in wanted))
+        finals = self._final_states(hidden[-1]) if final or (last in wanted and not raw_last) else None
+        states = [finals if layer == last and not raw_last else hidden[layer - last - 1] for layer in wanted]
+        return states + [finals] if final else states
 
-    def query_layer_states(self, queries: Sequence[str], layers: Sequence[int] | None = None
-                           ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """One ``[Q, max_query_length, d_l]`` tensor per requested layer (a list: the last layer's width is
-        ``dim``, the others' the hidden size), and the query mask (all ones: [MASK] pads count)."""
+    def query_layer_states(self, queries: Sequence[str], layers: Sequence[int] | None = None,
+                           raw_last: bool = False, final: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One ``[Q, max_query_length, d_l]`` tensor per requested layer (a list: the final vectors' width is
+        ``dim``, the others' the hidden size), and the query mask (all ones: [MASK] pads count).
+        ``raw_last`` and ``final``: see :meth:`_layer_states`."""
         ids, mask = self.tokenize_queries(queries)
-        return self._layer_states(ids, mask, layers), mask
+        return self._layer_states(ids, mask, layers, raw_last, final), mask
 
-    def passage_layer_states(self, passages: Sequence[str], layers: Sequence[int] | None = None
-                             ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def passage_layer_states(self, passages: Sequence[str], layers: Sequence[int] | None = None,
+                             raw_last: bool = False, final: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One ``[P, Tp, d_l]`` tensor per requested layer, and the ``[P, Tp]`` padding mask.
 
         Whoever moves the states (e.g. an all-gather across processes) must move the mask with them."""
         ids, mask = self.tokenize_passages(passages)
-        return self._layer_states(ids, mask, layers), mask
+        return self._layer_states(ids, mask, layers, raw_last, final), mask
 
     def layer_scores(self, queries: Sequence[str], passages: Sequence[str],
                      layers: Sequence[int] | None = None) -> torch.Tensor:

@@ -26,7 +26,8 @@ from torch import nn
 
 from ..errors import ConfigError, LeadkdError
 from ..fileio import atomic_directory
-from .base import freeze_pooler, load_backbone, num_blocks, position_limit, resolve_layers, resolve_model_path
+from .base import (freeze_pooler, load_backbone, num_blocks, position_limit, read_leadkd_config, resolve_layers,
+                   resolve_model_path)
 from .colbert import options_from_folder
 from .loading import write_leadkd_config
 
@@ -90,19 +91,30 @@ class CrossEncoder(nn.Module):
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, trust_remote_code: bool = False,
+                        allow_partial: bool = False, use_safetensors: bool = True,
                         **overrides) -> "CrossEncoder":
         """Load a leadkd cross-encoder folder, or start one from any HF encoder (folder or hub name).
 
         ``overrides`` are :class:`CrossEncoderOptions` fields (``max_length``, ``use_token_type_ids``);
         given ones win over the folder's saved options, which win over the defaults. A folder without
-        ``cross_encoder_head.safetensors`` gets a fresh head: weight N(0, 0.02) from seed
-        :data:`HEAD_SEED`, bias 0.
+        ``cross_encoder_head.safetensors`` (a plain HF checkpoint) gets a fresh head: weight N(0, 0.02)
+        from seed :data:`HEAD_SEED`, bias 0; a saved cross-encoder folder that lost its head is refused
+        unless ``allow_partial``. The backbone loads strictly (see :func:`~leadkd.models.base.load_backbone`
+        for ``allow_partial`` and ``use_safetensors``).
         """
         location = resolve_model_path(path)
         options = options_from_folder(location, KIND, CrossEncoderOptions, overrides)
-        tokenizer, backbone = load_backbone(location, trust_remote_code=trust_remote_code)
+        tokenizer, backbone = load_backbone(location, trust_remote_code=trust_remote_code,
+                                            allow_partial=allow_partial, use_safetensors=use_safetensors)
         file = Path(location) / HEAD_FILE
         head = _load_head(file, backbone.config.hidden_size) if file.is_file() else None
+        if head is None:
+            saved = read_leadkd_config(location) if os.path.isdir(location) else None
+            if saved and saved.get("kind") == KIND and not allow_partial:
+                raise LeadkdError(f"{location}: a saved cross-encoder without its score head ({HEAD_FILE}); "
+                                  "restore the file, or load with allow_partial=True for a fresh head")
+            logger.info("%s: no cross-encoder head (%s); starting a fresh one (N(0, 0.02), seed %d)",
+                        location, HEAD_FILE, HEAD_SEED)
         return cls(tokenizer, backbone, options, head).eval()
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

@@ -190,10 +190,16 @@ class DualEncoder(nn.Module):
                         normalize: bool | None = None, query_prefix: str | None = None,
                         passage_prefix: str | None = None, max_query_length: int | None = None,
                         max_passage_length: int | None = None, similarity_scale: float | None = None,
-                        trust_remote_code: bool = False) -> "DualEncoder":
-        """Load an HF encoder; each ``None`` setting comes from leadkd_config.json, else ST metadata, else DEFAULTS."""
+                        trust_remote_code: bool = False, allow_partial: bool = False,
+                        use_safetensors: bool = True) -> "DualEncoder":
+        """Load an HF encoder; each ``None`` setting comes from leadkd_config.json, else ST metadata, else DEFAULTS.
+
+        Loading is strict: missing, unexpected or mis-shaped encoder weights are refused unless
+        ``allow_partial``; pickled weights need ``use_safetensors=False`` (see :func:`load_backbone`).
+        """
         path = resolve_model_path(name_or_path)
-        tokenizer, model = load_backbone(path, trust_remote_code=trust_remote_code)
+        tokenizer, model = load_backbone(path, trust_remote_code=trust_remote_code, allow_partial=allow_partial,
+                                         use_safetensors=use_safetensors)
         explicit = {"pooling": pooling, "normalize": normalize, "query_prefix": query_prefix,
                     "passage_prefix": passage_prefix, "max_query_length": max_query_length,
                     "max_passage_length": max_passage_length, "similarity_scale": similarity_scale}
