@@ -7,9 +7,12 @@ hash of the query id) and the chosen one is scored once on the test split (NFCor
 
     LEADKD_DATA_DIR=../shared/data python benchmarks/quality.py            # everything still missing
     LEADKD_DATA_DIR=../shared/data python benchmarks/quality.py --max-rows 3 --only scifact
+    LEADKD_DATA_DIR=../shared/data python benchmarks/quality.py --rerun scifact/lead/seed0 --why "..."
 
 Finished rows live in benchmarks/results/quality.json (rewritten atomically after each row); a rerun
 skips them, so the table can be filled across sessions. docs/results.md is regenerated each time.
+``--rerun KEY`` trains a finished row again from scratch (after a change to the code it measures): its
+old values move to the row's ``history`` with the reason given by ``--why``, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ ABLATIONS = {
     "lead_detached_targets": {"loss.detach_teacher_targets": True},
     "lead_k1": {"layers.k": 1},
     "lead_k3": {"layers.k": 3},
+    # the paper's code: a copy of a query's positive in another group counts as a negative
+    "lead_unmasked_duplicates": {"loss.mask_duplicate_positives": False},
 }
 
 
@@ -261,13 +266,34 @@ def write_table(results: dict) -> None:
         handle.write("\n".join(lines) + "\n\n" + DISCUSSION_MARKER + (kept or "\n"))
 
 
+def retire(results: dict, name: str, work: Path, why: str) -> None:
+    """Move a finished row's values into its history and its run folder aside, so it trains from scratch."""
+    old = results["rows"].pop(name, None)
+    dataset, method, seed = name.split("/")
+    history = (old or {}).pop("history", [])
+    if old is not None:
+        entry = {**old, "why": why, "replaced": time.strftime("%Y-%m-%d")}
+        if dataset == "scifact" and seed == "seed0" and method in results.get("ood", {}):
+            entry["ood"] = results["ood"].pop(method)
+        history.append(entry)
+    results.setdefault("retired", {})[name] = history
+    run_dir = work / dataset / method / seed
+    if run_dir.is_dir():
+        run_dir.rename(run_dir.with_name(f"{seed}.before-{time.strftime('%Y%m%d-%H%M%S')}"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=str(HERE / "runs" / "quality"), help="models and logs (not committed)")
     parser.add_argument("--only", choices=DATASETS, default=None)
     parser.add_argument("--max-rows", type=int, default=None, help="stop after this many new rows")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rerun", nargs="+", default=[], metavar="KEY",
+                        help="finished rows to train again from scratch, e.g. scifact/lead/seed0")
+    parser.add_argument("--why", default=None, help="the reason for --rerun, kept in each row's history")
     args = parser.parse_args()
+    if args.rerun and not args.why:
+        parser.error("--rerun needs --why (the reason is kept beside the old values)")
     import torch
     from tqdm import tqdm
 
@@ -277,6 +303,11 @@ def main() -> None:
     for row in results["rows"].values():  # rows finished before these times were recorded
         if "step_seconds" not in row and "/" in row["model"] and (times := training_seconds((work / row["model"]).parent)):
             row["train_seconds"], row["step_seconds"] = times
+    known = {key(*r): r for r in rows()}
+    for name in args.rerun:
+        if name not in known:
+            parser.error(f"--rerun {name}: no such row; rows look like {key(*rows()[0])}")
+        retire(results, name, work, args.why)
     pending = [r for r in rows() if key(*r) not in results["rows"] and (args.only in (None, r[0]))]
     if args.max_rows is not None:
         pending = pending[:args.max_rows]
@@ -296,6 +327,9 @@ def main() -> None:
             row["train_seconds"], row["step_seconds"] = times
         if dataset == "scifact" and seed == 0 and method in MAIN:
             results.setdefault("ood", {})[method] = score(model_dir, "trec-dl19-passage-pool", "test", rel=2)
+        history = results.get("retired", {}).pop(key(dataset, method, seed), None)
+        if history:
+            row["history"] = history
         results["rows"][key(dataset, method, seed)] = row
         results["compute_seconds"] = results.get("compute_seconds", 0.0) + row["seconds"]
         save_results(results)
