@@ -203,29 +203,3 @@ def test_gradient_reaches_backbone_and_projection(tiny_bert):
     # every trainable parameter gets a gradient (DDP-safe): BERT's unused pooler is frozen
     assert all(param.grad is not None for param in model.parameters() if param.requires_grad)
     assert not any(param.requires_grad for param in model.backbone.pooler.parameters())
-
-
-def test_saved_colbert_without_its_projection_is_refused(colbert, tmp_path):
-    colbert.save_pretrained(tmp_path / "cb")
-    (tmp_path / "cb" / PROJECTION_FILE).unlink()
-    with pytest.raises(LeadkdError, match=PROJECTION_FILE) as info:
-        ColBERT.from_pretrained(tmp_path / "cb")
-    assert str(tmp_path / "cb") in str(info.value) and "\n" not in str(info.value)
-    assert ColBERT.from_pretrained(tmp_path / "cb", allow_partial=True).projection is not None
-
-
-def test_damaged_backbone_is_refused_and_pickles_need_opting_in(colbert, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    colbert.save_pretrained(tmp_path / "cb")
-    state = load_file(tmp_path / "cb" / "model.safetensors")
-    torch.save(state, tmp_path / "cb" / "pytorch_model.bin")
-    (tmp_path / "cb" / "model.safetensors").unlink()
-    with pytest.raises(LeadkdError, match="pytorch_model.bin"):
-        ColBERT.from_pretrained(tmp_path / "cb")
-    assert ColBERT.from_pretrained(tmp_path / "cb", use_safetensors=False).options == colbert.options
-    (tmp_path / "cb" / "pytorch_model.bin").unlink()
-    state["encoder.layer.0.attention.self.query.weight"] = torch.zeros(32, 8)
-    save_file(state, str(tmp_path / "cb" / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(LeadkdError, match="encoder.layer.0.attention.self.query.weight"):
-        ColBERT.from_pretrained(tmp_path / "cb")

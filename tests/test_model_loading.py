@@ -479,3 +479,52 @@ def test_folders_leadkd_saves_load_strictly(tiny_bert, tmp_path, caplog):
             assert load_model(tmp_path / name).kind == {"de": "dual_encoder", "cb": "colbert",
                                                         "ce": "cross_encoder"}[name]
     _no_warnings(caplog)
+
+
+def _saved_kind(kind: str, tiny_bert: Path, folder: Path):
+    """A ColBERT or cross-encoder saved by leadkd, and its class."""
+    from leadkd.models.colbert import ColBERT
+    from leadkd.models.cross_encoder import CrossEncoder
+
+    cls, lengths = {"colbert": (ColBERT, {"max_query_length": 12, "max_passage_length": 24}),
+                    "cross_encoder": (CrossEncoder, {"max_length": 32})}[kind]
+    cls.from_pretrained(tiny_bert, **lengths).save_pretrained(folder)
+    return cls
+
+
+@pytest.mark.parametrize("kind,own_file", [("colbert", "colbert_projection.safetensors"),
+                                           ("cross_encoder", "cross_encoder_head.safetensors")])
+def test_a_saved_kind_that_lost_its_own_weights_file_is_refused(kind, own_file, tiny_bert, tmp_path):
+    folder = tmp_path / kind
+    cls = _saved_kind(kind, tiny_bert, folder)
+    (folder / own_file).unlink()
+    with pytest.raises(LeadkdError, match=own_file) as info:
+        cls.from_pretrained(folder)
+    assert str(folder) in str(info.value) and "\n" not in str(info.value)
+    cls.from_pretrained(folder, allow_partial=True)  # a fresh projection / head, on purpose
+
+
+@pytest.mark.parametrize("kind", ["colbert", "cross_encoder"])
+def test_every_kind_refuses_a_damaged_backbone_and_pickles_need_opting_in(kind, tiny_bert, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / kind
+    cls = _saved_kind(kind, tiny_bert, folder)
+    saved = cls.from_pretrained(folder)
+    state = load_file(folder / "model.safetensors")
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(LeadkdError, match="pytorch_model.bin"):
+        cls.from_pretrained(folder)
+    assert cls.from_pretrained(folder, use_safetensors=False).options == saved.options
+    (folder / "pytorch_model.bin").unlink()
+    wrong_shape = dict(state, **{"encoder.layer.0.attention.self.query.weight": torch.zeros(32, 8)})
+    save_file(wrong_shape, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LeadkdError, match="encoder.layer.0.attention.self.query.weight"):
+        cls.from_pretrained(folder)
+    state.pop("embeddings.word_embeddings.weight")
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LeadkdError, match="embeddings.word_embeddings.weight"):
+        cls.from_pretrained(folder)
+    cls.from_pretrained(folder, allow_partial=True)
