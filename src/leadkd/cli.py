@@ -252,10 +252,28 @@ def cmd_quickstart(args) -> None:
 
 
 def cmd_report(args) -> None:
-    """Rebuild a finished run's report (report.md and plots) from its results and logs."""
+    """Rebuild a finished run's report (report.md and plots) from its results and logs; a comparison
+    folder (or ledger file) gets compare.md and its plots."""
+    from .compare import load_ledger
+    from .compare_report import render_compare
     from .report import build_report
 
+    target = Path(args.run_dir)
+    ledger = target if target.suffix == ".json" else target / "compare.json"
+    if ledger.is_file():
+        _say(f"wrote {render_compare(load_ledger(ledger), ledger.parent)}")
+        return
     _say(f"wrote {build_report(args.run_dir)}")
+
+
+def cmd_compare(args) -> None:
+    """Train every variant x seed of a comparison spec that is not done yet; write compare.json and compare.md."""
+    from .compare import load_spec, run_compare
+    from .compare_report import render_compare
+
+    spec = load_spec(args.spec)
+    ledger = run_compare(spec, log=_say, max_rows=args.max_rows, only=set(args.only) if args.only else None)
+    _say(f"wrote {spec.ledger} and {render_compare(ledger, spec.ledger.parent)}")
 
 
 # ---------------------------------------------------------------- parser
@@ -342,8 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quickstart)
 
     p = commands.add_parser("report", help="rebuild report.md and plots of a finished run")
-    p.add_argument("run_dir", help="the run folder (e.g. the quickstart's --output)")
+    p.add_argument("run_dir", help="the run folder (e.g. the quickstart's --output), or a comparison's folder "
+                                   "or compare.json")
     p.set_defaults(func=cmd_report)
+
+    p = commands.add_parser("compare", help="distil named variants over seeds; paired deltas, CIs and p-values")
+    p.add_argument("spec", help="comparison spec (YAML; see docs/compare.md)")
+    p.add_argument("--max-rows", type=_positive("--max-rows"), default=None,
+                   help="stop after this many new rows (rerun to continue)")
+    p.add_argument("--only", nargs="+", default=None, metavar="VARIANT", help="run only these variants' rows")
+    p.set_defaults(func=cmd_compare)
 
     p = commands.add_parser("evaluate", help="evaluate a TREC run with ir-measures")
     p.add_argument("--run", required=True, help="TREC run file")

@@ -35,7 +35,7 @@ __all__ = [
     "ModelConfig", "TeacherConfig", "StudentConfig", "DataConfig", "TrainLossConfig", "LossConfig",
     "LayerConfig", "OptimConfig", "CheckpointConfig", "EvalConfig", "TrainConfig", "DistillConfig",
     "Config", "JOB_KINDS", "MODEL_KINDS", "LAYER_STRATEGIES", "load_config", "config_from_dict",
-    "config_to_dict", "save_config", "validate_config", "parse_student_init", "parse_layer_map",
+    "config_to_dict", "save_config", "validate_config", "parse_student_init", "parse_layer_map", "read_config_file",
 ]
 
 ModelKind = Literal["dual_encoder", "colbert", "cross_encoder"]
@@ -651,6 +651,12 @@ def _read_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of options at the top level, got {_describe(data)}")
     return data
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The top-level mapping of a YAML/JSON file, read as configs are (duplicate keys refused, plain
+    decimals, one-line errors with the line): for files that hold more than one job, e.g. a comparison."""
+    return _read_file(Path(path))
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,0 +1,296 @@
+"""`leadkd compare`: train named variants of one distillation recipe over seeds and compare them fairly.
+
+A comparison spec (YAML) names a base distill config, the variants (dotted overrides on top of it), the
+seeds, a reference variant and the evaluation sets. Every variant x seed is an ordinary `leadkd distill`
+(or `leadkd train`) job in ``output_dir/<variant>/seed<S>``; its checkpoint is chosen on the base
+config's ``eval.split`` (dev) and only that model is scored on the evaluation sets, never used to choose.
+
+    # kind: compare
+    base: configs/quickstart-scifact.yaml
+    set: {optim.steps: 60}                       # every row
+    variants:
+      response_kd: {loss.layer: none}
+      lead: {}
+      ground_truth: {job: train}                 # the base's student on its own loss
+    reference: response_kd
+    seeds: [0, 1, 2]
+    evaluate:
+      test: {data: scifact, split: test}
+      dl19: {data: trec-dl19-passage-pool, split: test, rel: 2}
+    measures: [nDCG@10, R@100]
+    output_dir: runs/compare/scifact
+
+``compare.json`` (``results:`` to put it elsewhere, e.g. under benchmarks/results/) is the ledger: one
+entry per finished row with its resolved config, CPU and wall time, dev curve and per-query metrics,
+rewritten atomically after each row. A rerun skips finished rows (the ledger alone is enough: a fresh
+checkout with the committed ledger continues where it stopped) and refuses a row whose resolved config
+changed. :mod:`leadkd.compare_report` turns the ledger into ``compare.md`` and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .config import config_from_dict, config_to_dict, load_config, read_config_file
+from .errors import ConfigError, LeadkdError
+from .fileio import atomic_write
+
+Log = Callable[[str], None]
+
+SPEC_KEYS = ("kind", "base", "set", "variants", "reference", "seeds", "evaluate", "measures", "k", "output_dir",
+             "results")
+#: The loss options a `job: train` row keeps from the base's loss section.
+TRAIN_LOSS_KEYS = ("in_batch_negatives", "cross_process_negatives", "mask_duplicate_positives")
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """A split to score the chosen checkpoints on: a dataset (folder or name) and a split, ``rel`` for TREC."""
+
+    data: str
+    split: str
+    rel: int | None = None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One recipe: dotted overrides on the base, run as a distill job (or a train job of the base's student)."""
+
+    name: str
+    overrides: dict[str, Any]
+    job: str = "distill"
+
+
+@dataclass(frozen=True)
+class CompareSpec:
+    source: str
+    base: str
+    variants: tuple[Variant, ...]
+    reference: str
+    seeds: tuple[int, ...]
+    evaluate: dict[str, EvalSet]
+    output_dir: str
+    common: dict[str, Any] = field(default_factory=dict)
+    measures: tuple[str, ...] = ("nDCG@10", "R@100")
+    k: int = 100
+    results: str | None = None
+
+    @property
+    def ledger(self) -> Path:
+        return Path(self.results) if self.results else Path(self.output_dir) / "compare.json"
+
+    def rows(self) -> list[tuple[Variant, int]]:
+        """Seed-major, so every variant has its first seed before any has its second."""
+        return [(variant, seed) for seed in self.seeds for variant in self.variants]
+
+
+def _fail(source: str, key: str, message: str) -> None:
+    raise ConfigError(f"{source}: {key}: {message}")
+
+
+def load_spec(path: str | os.PathLike) -> CompareSpec:
+    """Read and check a comparison spec; every problem is one line naming the file and the key."""
+    source = str(path)
+    data = read_config_file(path)
+    unknown = sorted(set(data) - set(SPEC_KEYS))
+    if unknown:
+        _fail(source, unknown[0], f"unknown key; choose from {', '.join(SPEC_KEYS[1:])}")
+    if data.get("kind", "compare") != "compare":
+        _fail(source, "kind", f"expected 'compare', got {data.get('kind')!r}")
+    for key in ("base", "variants", "reference", "seeds", "evaluate", "output_dir"):
+        if data.get(key) in (None, "", [], {}):
+            _fail(source, key, "required")
+    if not isinstance(data["variants"], dict):
+        _fail(source, "variants", "expected a mapping of name -> {dotted.option: value}")
+    variants = []
+    for name, overrides in data["variants"].items():
+        overrides = dict(overrides or {})
+        job = overrides.pop("job", "distill")
+        if job not in ("distill", "train"):
+            _fail(source, f"variants.{name}.job", f"expected 'distill' or 'train', got {job!r}")
+        variants.append(Variant(str(name), overrides, job))
+    names = [v.name for v in variants]
+    if len(variants) < 2:
+        _fail(source, "variants", "a comparison needs at least two variants")
+    if data["reference"] not in names:
+        _fail(source, "reference", f"{data['reference']!r} is not one of the variants ({', '.join(names)})")
+    seeds = data["seeds"]
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        _fail(source, "seeds", f"expected a list of distinct integers >= 0, got {seeds!r}")
+    if not isinstance(data["evaluate"], dict):
+        _fail(source, "evaluate", "expected a mapping of name -> {data, split, rel}")
+    evaluate = {}
+    for name, entry in data["evaluate"].items():
+        if not isinstance(entry, dict) or set(entry) - {"data", "split", "rel"} or not entry.get("split"):
+            _fail(source, f"evaluate.{name}", "expected {data: folder or name, split: name, rel: optional int}")
+        evaluate[str(name)] = EvalSet(str(entry.get("data") or ""), str(entry["split"]), entry.get("rel"))
+    measures = data.get("measures", ["nDCG@10", "R@100"])
+    k = data.get("k", 100)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        _fail(source, "k", f"expected a positive integer (retrieval depth), got {k!r}")
+    spec = CompareSpec(source, str(data["base"]), tuple(variants), str(data["reference"]), tuple(seeds), evaluate,
+                       str(data["output_dir"]), dict(data.get("set") or {}), tuple(measures), k,
+                       data.get("results"))
+    _check_selection(spec)
+    return spec
+
+
+def _check_selection(spec: CompareSpec) -> None:
+    """Checkpoints are chosen on the base's eval split; that split may not also be reported."""
+    from .evaluate import parse_measures
+
+    parse_measures(spec.measures)  # one-line error for an unknown measure, before any training
+    base, *_ = [row_config(spec, variant, spec.seeds[0]) for variant in spec.variants]  # each variant checked
+    if base.eval.split is None:
+        _fail(spec.source, "base", f"{spec.base} sets no eval.split: checkpoints must be chosen on a dev split")
+    for name, target in spec.evaluate.items():
+        data = target.data or base.data.corpus
+        if target.split == base.eval.split and Path(str(data)).name == Path(str(base.data.corpus)).name:
+            _fail(spec.source, f"evaluate.{name}", f"split {target.split!r} also chooses the checkpoints "
+                                                   "(the base's eval.split); report on held-out splits only")
+
+
+def _overrides(mapping: Mapping[str, Any]) -> list[str]:
+    return [f"{key}={json.dumps(value)}" for key, value in mapping.items()]
+
+
+def row_config(spec: CompareSpec, variant: Variant, seed: int):
+    """The validated job config of one row: base, then ``set``, then the variant, then seed and folder."""
+    placement = {"seed": seed, "output_dir": str(Path(spec.output_dir) / variant.name / f"seed{seed}")}
+    try:
+        if variant.job == "distill":
+            return load_config(spec.base, _overrides({**spec.common, **variant.overrides, **placement}), "distill")
+        base = config_to_dict(load_config(spec.base, _overrides(spec.common), "distill"))
+        student = {key: value for key, value in base["student"].items() if key != "init"}
+        if base["student"].get("init"):
+            raise ConfigError(f"student.init: a 'job: train' variant trains the base's student alone, which "
+                              f"must then be a folder (student.path), not {base['student']['init']!r}")
+        train = {"model": student, "loss": {key: base["loss"][key] for key in TRAIN_LOSS_KEYS},
+                 "optim": {key: value for key, value in base["optim"].items() if key != "teacher_lr"},
+                 **{key: base[key] for key in ("data", "checkpoint", "eval", "log_every", "ddp_timeout")}}
+        return load_config(None, _overrides({**_flat(train), **variant.overrides, **placement}), "train")
+    except ConfigError as exc:
+        raise ConfigError(f"{spec.source}: variant {variant.name!r}: {exc}") from None
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# --------------------------------------------------------------------------------------------- the ledger
+
+def load_ledger(path: Path) -> dict:
+    if not path.is_file():
+        return {"rows": {}}
+    try:
+        ledger = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise LeadkdError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(ledger, dict) or not isinstance(ledger.get("rows"), dict):
+        raise LeadkdError(f"{path}: not a leadkd comparison ledger (no 'rows' object)")
+    return ledger
+
+
+def save_ledger(path: Path, ledger: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as handle:
+        json.dump(ledger, handle, indent=1, sort_keys=False)
+        handle.write("\n")
+
+
+def row_key(variant: str, seed: int) -> str:
+    return f"{variant}/seed{seed}"
+
+
+# --------------------------------------------------------------------------------------------- running
+
+def dev_curve(run_dir: Path) -> list[list[float]]:
+    """``[[step, value], ...]`` of the run's dev evaluations (the metric it chose checkpoints by)."""
+    from .report import load_metrics
+
+    log = run_dir / "metrics.jsonl"
+    if not log.is_file():
+        return []
+    points = []
+    for record in load_metrics(log):
+        if "eval" in record:
+            values = list(record["eval"].values())
+            points.append([record["step"], float(values[0])])
+    return points
+
+
+def score_model(model_dir: Path, target: EvalSet, default_data: str, measures, k: int) -> dict:
+    """Aggregate and per-query metrics of a dual encoder on one evaluation set (exact search, top k)."""
+    from .data.datasets import load_dataset
+    from .evaluate import evaluate
+    from .models.dual_encoder import DualEncoder
+    from .retrieval.pipeline import encode_corpus, encode_queries, search_run
+
+    dataset = load_dataset(target.data or default_data, split=target.split)
+    model = DualEncoder.from_pretrained(model_dir)
+    run = search_run(encode_queries(model, dataset.queries, show_progress=False),
+                     encode_corpus(model, dataset.corpus, show_progress=False), k)
+    aggregate, per_query = evaluate(run, dataset.qrels, measures=list(measures), rel=target.rel)
+    return {"aggregate": aggregate,
+            "per_query": {row["query_id"]: {m: v for m, v in row.items() if m != "query_id"} for row in per_query}}
+
+
+def run_compare(spec: CompareSpec, log: Log = print, max_rows: int | None = None,
+                only: set[str] | None = None) -> dict:
+    """Train and score every missing row (at most ``max_rows``), updating the ledger after each one."""
+    from .distill.trainer import run_job
+
+    ledger = load_ledger(spec.ledger)
+    ledger["spec"] = {"source": spec.source, "base": spec.base, "reference": spec.reference,
+                      "seeds": list(spec.seeds), "variants": {v.name: {"job": v.job, **v.overrides}
+                                                                 for v in spec.variants},
+                      "set": spec.common, "evaluate": {n: vars(e) for n, e in spec.evaluate.items()},
+                      "measures": list(spec.measures), "k": spec.k}
+    rows = [(v, s) for v, s in spec.rows() if only is None or v.name in only]
+    pending = []
+    for variant, seed in rows:
+        config = config_to_dict(row_config(spec, variant, seed))
+        done = ledger["rows"].get(row_key(variant.name, seed))
+        if done is None:
+            pending.append((variant, seed, config))
+        elif _comparable(done["config"]) != _comparable(config):
+            raise LeadkdError(f"{spec.ledger}: row {row_key(variant.name, seed)} was made with another config; "
+                              "delete that row from the ledger to train it again, or restore the spec")
+    total = len(pending) if max_rows is None else min(len(pending), max_rows)
+    log(f"compare: {len(rows) - len(pending)} of {len(rows)} rows done, {total} to run now")
+    for index, (variant, seed, config) in enumerate(pending[:total], start=1):
+        wall, cpu = time.perf_counter(), time.process_time()
+        job = config_from_dict(config, variant.job)
+        run_job(job, resume=True, log=lambda message: None)
+        run_dir = Path(job.output_dir)
+        model_dir = run_dir / "best" if (run_dir / "best").is_dir() else run_dir / "final"
+        scores = {name: score_model(model_dir, target, job.data.corpus, spec.measures, spec.k)
+                  for name, target in spec.evaluate.items()}
+        row = {"variant": variant.name, "seed": seed, "job": variant.job, "config": config, "model": str(model_dir),
+               "cpu_seconds": round(time.process_time() - cpu, 1), "wall_seconds": round(time.perf_counter() - wall, 1),
+               "dev": dev_curve(run_dir), "splits": scores}
+        ledger["rows"][row_key(variant.name, seed)] = row
+        save_ledger(spec.ledger, ledger)
+        first = next(iter(spec.evaluate))
+        summary = ", ".join(f"{m} {v:.4f}" for m, v in scores[first]["aggregate"].items())
+        log(f"[{index}/{total}] {row_key(variant.name, seed)}: {first} {summary} "
+            f"({row['wall_seconds']:.0f} s wall, {row['cpu_seconds']:.0f} s CPU)")
+    save_ledger(spec.ledger, ledger)
+    return ledger
+
+
+def _comparable(config: Mapping[str, Any]) -> dict:
+    """A row's config without what may move between machines (the output folder's absolute location)."""
+    return {key: value for key, value in config.items() if key != "output_dir"}

@@ -1,0 +1,172 @@
+"""`leadkd compare` on tiny models: 2 variants x 2 seeds, resumed after an interruption, and its statistics."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from leadkd import compare as compare_module
+from leadkd.cli import main
+from leadkd.compare import load_ledger, load_spec, run_compare
+from leadkd.compare_report import paired_comparison, render_compare
+from leadkd.errors import ConfigError, LeadkdError
+
+from conftest import make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("compare")
+    data = make_tiny_beir(root / "data")
+    with open(data / "qrels" / "test.tsv", "w") as f:
+        f.write("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(6, 12)))
+    base = {"teacher": {"path": str(make_tiny_bert_folder(root / "teacher", layers=4, seed=5)),
+                        "max_query_length": 16, "max_passage_length": 32},
+            "student": {"init": "teacher_layers=[0,2]", "max_query_length": 16, "max_passage_length": 32},
+            "data": {"corpus": str(data), "train_groups": str(make_tiny_groups(root / "groups.jsonl")),
+                     "num_negatives": 3},
+            "optim": {"steps": 2, "batch_size": 4, "lr": 1e-3}, "layers": {"k": 2},
+            "checkpoint": {"every": None}, "eval": {"split": "dev", "every": 1}, "output_dir": "unused"}
+    (root / "base.yaml").write_text(yaml.safe_dump(base))
+    return {"root": root, "base": root / "base.yaml", "data": data}
+
+
+def write_spec(setup, folder: Path, **changes) -> Path:
+    spec = {"kind": "compare", "base": str(setup["base"]),
+            "variants": {"response_kd": {"loss.layer": "none"}, "lead": {}}, "reference": "response_kd",
+            "seeds": [0, 1], "evaluate": {"test": {"split": "test"}}, "measures": ["nDCG@10", "R@100"],
+            "output_dir": str(folder / "runs")}
+    spec.update(changes)
+    path = folder / "spec.yaml"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_rows_run_once_resume_after_an_interruption_and_render(setup, tmp_path, monkeypatch, capsys):
+    spec = load_spec(write_spec(setup, tmp_path))
+    trained = []
+    import leadkd.distill.trainer as trainer
+
+    original = trainer.run_job
+
+    def counting(config, resume=False, log=None):
+        trained.append(Path(config.output_dir).relative_to(tmp_path / "runs").as_posix())
+        return original(config, resume=resume, log=log)
+
+    monkeypatch.setattr(trainer, "run_job", counting)  # compare imports run_job when it runs
+
+    # Interrupted during the third row's scoring: the two finished rows are in the ledger.
+    real_score = compare_module.score_model
+    calls = {"n": 0}
+
+    def failing_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "score_model", failing_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(spec, log=lambda m: None)
+    assert sorted(load_ledger(spec.ledger)["rows"]) == ["lead/seed0", "response_kd/seed0"]
+    monkeypatch.setattr(compare_module, "score_model", real_score)
+
+    lines = []
+    ledger = run_compare(spec, log=lines.append)
+    assert trained == ["response_kd/seed0", "lead/seed0", "response_kd/seed1", "response_kd/seed1", "lead/seed1"]
+    assert lines[0] == "compare: 2 of 4 rows done, 2 to run now"
+    assert lines[1].startswith("[1/2] response_kd/seed1: test nDCG@10 ") and "s CPU)" in lines[1]
+    assert sorted(ledger["rows"]) == ["lead/seed0", "lead/seed1", "response_kd/seed0", "response_kd/seed1"]
+    row = ledger["rows"]["lead/seed1"]
+    assert row["config"]["seed"] == 1 and row["config"]["loss"]["layer"] == "lead"
+    assert ledger["rows"]["response_kd/seed1"]["config"]["loss"]["layer"] == "none"
+    assert row["model"].endswith("best") and row["cpu_seconds"] > 0 and [p[0] for p in row["dev"]] == [0, 1, 2]
+    per_query = row["splits"]["test"]["per_query"]
+    assert sorted(per_query) == sorted(f"q{i}" for i in range(6, 12))
+    assert row["splits"]["test"]["aggregate"]["nDCG@10"] == pytest.approx(
+        statistics.fmean(q["nDCG@10"] for q in per_query.values()))
+
+    assert run_compare(spec, log=lines.append) == ledger and len(trained) == 5  # nothing left to do
+    page = render_compare(ledger, tmp_path)
+    text = page.read_text()
+    assert "| lead | " in text and "| response_kd | " in text and "reference" in text
+    for image in ("dev_curves.png", "deltas.png"):
+        assert (tmp_path / image).stat().st_size > 10_000
+
+    assert main(["report", str(spec.ledger)]) == 0
+    assert "compare.md" in capsys.readouterr().err
+
+
+def test_a_row_made_with_another_config_is_refused(setup, tmp_path):
+    path = write_spec(setup, tmp_path, seeds=[0])
+    run_compare(load_spec(path), log=lambda m: None, max_rows=1)
+    changed = write_spec(setup, tmp_path, seeds=[0], variants={"response_kd": {"loss.layer": "none",
+                                                                              "loss.temperature": 2.0}, "lead": {}})
+    with pytest.raises(LeadkdError, match="response_kd/seed0 was made with another config"):
+        run_compare(load_spec(changed), log=lambda m: None)
+
+
+def test_a_train_variant_trains_the_base_student_alone(setup, tmp_path):
+    init = tmp_path / "init"
+    from leadkd.models import load_model
+
+    load_model(setup["root"] / "teacher").save_pretrained(init)
+    path = write_spec(setup, tmp_path, seeds=[3], set={"student.init": None, "student.path": str(init)},
+                      variants={"ground_truth": {"job": "train"}, "lead": {}}, reference="ground_truth")
+    ledger = run_compare(load_spec(path), log=lambda m: None, only={"ground_truth"})
+    (row,) = ledger["rows"].values()
+    assert row["job"] == "train" and row["config"]["model"]["path"] == str(init) and row["config"]["seed"] == 3
+    assert "teacher" not in row["config"]
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"reference": "nope"}, "reference: 'nope' is not one of the variants"),
+    ({"variants": {"only": {}}}, "at least two variants"),
+    ({"seeds": [0, 0]}, "seeds: expected a list of distinct integers"),
+    ({"evaluate": {"dev": {"split": "dev"}}}, "evaluate.dev: split 'dev' also chooses the checkpoints"),
+    ({"measures": ["nDGC@10"]}, "unknown measure 'nDGC@10'"),
+    ({"varients": {}}, "varients: unknown key"),
+    ({"variants": {"a": {"job": "eval"}, "b": {}}, "reference": "b"}, "variants.a.job: expected 'distill' or 'train'"),
+    ({"variants": {"a": {"loss.layr": "none"}, "b": {}}, "reference": "b"}, "variant 'a'"),
+])
+def test_bad_specs_are_one_clear_line(setup, tmp_path, changes, message):
+    with pytest.raises((ConfigError, LeadkdError), match=message) as info:
+        load_spec(write_spec(setup, tmp_path, **changes))
+    assert "\n" not in str(info.value)
+
+
+def _ledger(values: dict[str, dict[int, list[float]]]) -> dict:
+    """A hand-made ledger: variant -> seed -> per-query nDCG@10."""
+    rows = {}
+    for variant, seeds in values.items():
+        for seed, per_query in seeds.items():
+            rows[f"{variant}/seed{seed}"] = {
+                "variant": variant, "seed": seed, "model": "m", "dev": [],
+                "splits": {"test": {"aggregate": {"nDCG@10": statistics.fmean(per_query)},
+                                    "per_query": {f"q{i}": {"nDCG@10": v} for i, v in enumerate(per_query)}}}}
+    return {"spec": {"reference": "ref", "variants": {"ref": {}, "new": {}}, "evaluate": {"test": {}},
+                     "measures": ["nDCG@10"]}, "rows": rows}
+
+
+def test_paired_delta_interval_and_p_value_against_naive_computations():
+    ref = {0: [0.5, 0.2, 0.9, 0.4], 1: [0.6, 0.1, 0.8, 0.4], 2: [0.5, 0.3, 0.7, 0.5]}
+    new = {0: [0.6, 0.3, 0.9, 0.5], 1: [0.6, 0.2, 0.9, 0.5], 2: [0.7, 0.3, 0.8, 0.5]}
+    found = paired_comparison(_ledger({"ref": ref, "new": new}), "test", "nDCG@10", "new", "ref")
+    deltas = [statistics.fmean(new[s]) - statistics.fmean(ref[s]) for s in (0, 1, 2)]
+    half = 4.302652730 * statistics.stdev(deltas) / math.sqrt(3)   # t_{0.975, 2}
+    assert found["delta"] == pytest.approx(statistics.fmean(deltas), abs=1e-12)
+    assert (found["low"], found["high"]) == (pytest.approx(found["delta"] - half, abs=1e-9),
+                                             pytest.approx(found["delta"] + half, abs=1e-9))
+    # per-query means over the seeds, then every sign pattern of the 4 differences
+    d = [statistics.fmean(new[s][q] for s in new) - statistics.fmean(ref[s][q] for s in ref) for q in range(4)]
+    observed = abs(sum(d) / 4)
+    patterns = [[1 if (bits >> i) & 1 else -1 for i in range(4)] for bits in range(16)]
+    extreme = sum(abs(sum(s * v for s, v in zip(p, d)) / 4) >= observed - 1e-12 for p in patterns)
+    assert found["p"] == pytest.approx(extreme / 16, abs=1e-12) and found["seeds"] == [0, 1, 2]
+    only_shared = paired_comparison(_ledger({"ref": ref, "new": {0: new[0]}}), "test", "nDCG@10", "new", "ref")
+    assert only_shared["seeds"] == [0] and only_shared["low"] is None
