@@ -24,6 +24,7 @@ def test_quickstart_fast_writes_a_report_people_can_read(data_dir, tmp_path, mon
     results = json.loads((output / "results.json").read_text())
     assert len(results["layers"]["teacher"]) == 6 and len(results["layers"]["student_lead"]) == 3
     assert results["splits"] == {"train": "train-nodev", "dev": "dev", "test": "test"}
+    assert results["dataset"] == "scifact" and "- Dataset: scifact" in report  # not the last model's name
     # The teacher retrieves far better than chance even on 64-token passages of a 400-passage slice.
     assert results["models"]["teacher"]["nDCG@10"] > 0.5
     for name in ("per_layer.png", "training_curves.png", "layer_weights.png"):

@@ -217,11 +217,11 @@ def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart"
         measures = ["nDCG@10", "R@100"]
         models = {"teacher": teacher_dir, "student_init": init_dir, "student_warmup": warm, "student_lead": final}
         layers, scores = {}, {}
-        for name, path in models.items():
+        for model_name, path in models.items():
             rows = evaluate_layers(DualEncoder.from_pretrained(path), test, measures=measures)
-            layers[name] = [{"layer": r["layer"], "nDCG@10": r["nDCG@10"]} for r in rows]
-            scores[name] = {m: rows[-1][m] for m in measures}
-            log(f"  {name}: nDCG@10 {scores[name]['nDCG@10']:.4f}")
+            layers[model_name] = [{"layer": r["layer"], "nDCG@10": r["nDCG@10"]} for r in rows]
+            scores[model_name] = {m: rows[-1][m] for m in measures}
+            log(f"  {model_name}: nDCG@10 {scores[model_name]['nDCG@10']:.4f}")
         results = {"dataset": name, "splits": splits, "measures": measures, "models": scores,
                    "layers": layers,
                    "settings": {"teacher": plan.teacher, "student_layers": list(plan.student_layers),
