@@ -18,13 +18,19 @@ def test_quickstart_fast_writes_a_report_people_can_read(data_dir, tmp_path, mon
     report = (output / "report.md").read_text()
     table = parse_markdown_table(report.split("## Test results", 1)[1])
     names = [row[next(iter(row))] for row in table]
-    assert names == ["teacher", "student_init", "student_warmup", "student_lead"]
+    assert names == ["teacher", "student_init", "student_warmup", "student_response_kd", "student_lead"]
     for row in table:
         assert 0.0 <= row["nDCG@10"] <= 1.0
     results = json.loads((output / "results.json").read_text())
     assert len(results["layers"]["teacher"]) == 6 and len(results["layers"]["student_lead"]) == 3
     assert results["splits"] == {"train": "train-nodev", "dev": "dev", "test": "test"}
     assert results["dataset"] == "scifact" and "- Dataset: scifact" in report  # not the last model's name
+    paired = results["lead_vs_response_kd"]
+    lead, base = paired["per_query"]["student_lead"], paired["per_query"]["student_response_kd"]
+    assert paired["queries"] == len(lead) == len(base) > 0 and 0.0 < paired["p"] <= 1.0
+    assert paired["delta"] == pytest.approx(results["models"]["student_lead"]["nDCG@10"]
+                                            - results["models"]["student_response_kd"]["nDCG@10"], abs=1e-12)
+    assert "**LEAD against response-only KD**" in report and f"p = {paired['p']:.3g}" in report
     # The teacher retrieves far better than chance even on 64-token passages of a 400-passage slice.
     assert results["models"]["teacher"]["nDCG@10"] > 0.5
     for name in ("per_layer.png", "training_curves.png", "layer_weights.png"):

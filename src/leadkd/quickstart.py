@@ -201,29 +201,36 @@ def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart"
         run_job(load_config(None, common + [f"model.path={init_dir}", f"optim.steps={plan.warmup_steps}",
                                             f"output_dir={warmup_dir}"], kind="train"), resume=True, log=log)
     warm = warmup_dir / ("best" if splits["dev"] and (warmup_dir / "best").is_dir() else "final")
-    distill_dir = output / "stages" / "distill"
-    if not _done(distill_dir):
-        log("LEAD: teacher and student trained jointly")
-        overrides = common + [f"teacher.path={teacher_dir}", f"student.path={warm}",
-                              f"optim.steps={plan.distill_steps}", f"layers.k={plan.layer_k}",
-                              f"output_dir={distill_dir}"] + [f"{k}={v}" for k, v in plan.overrides.items()]
-        run_job(load_config(None, overrides, kind="distill"), resume=True, log=log)
-    final = distill_dir / ("best" if splits["dev"] and (distill_dir / "best").is_dir() else "final")
+    # Two arms from the same warm start, teacher, data and budget: LEAD, and response-only KD beside it.
+    arms = {"distill": ("LEAD: teacher and student trained jointly", []),
+            "response_kd": ("response-only KD (the baseline): the same, without the layer term", ["loss.layer=none"])}
+    chosen = {}
+    for stage, (message, extra) in arms.items():
+        stage_dir = output / "stages" / stage
+        if not _done(stage_dir):
+            log(message)
+            overrides = common + [f"teacher.path={teacher_dir}", f"student.path={warm}",
+                                  f"optim.steps={plan.distill_steps}", f"layers.k={plan.layer_k}",
+                                  f"output_dir={stage_dir}"] + [f"{k}={v}" for k, v in plan.overrides.items()] + extra
+            run_job(load_config(None, overrides, kind="distill"), resume=True, log=log)
+        chosen[stage] = stage_dir / ("best" if splits["dev"] and (stage_dir / "best").is_dir() else "final")
 
     results_file = output / "results.json"
     if not results_file.is_file():
         log(f"evaluating on {splits['test']}")
         test = load_dataset(folder, split=splits["test"])
         measures = ["nDCG@10", "R@100"]
-        models = {"teacher": teacher_dir, "student_init": init_dir, "student_warmup": warm, "student_lead": final}
-        layers, scores = {}, {}
+        models = {"teacher": teacher_dir, "student_init": init_dir, "student_warmup": warm,
+                  "student_response_kd": chosen["response_kd"], "student_lead": chosen["distill"]}
+        layers, scores, per_query = {}, {}, {}
         for model_name, path in models.items():
-            rows = evaluate_layers(DualEncoder.from_pretrained(path), test, measures=measures)
+            rows = evaluate_layers(DualEncoder.from_pretrained(path), test, measures=measures, per_query=True)
             layers[model_name] = [{"layer": r["layer"], "nDCG@10": r["nDCG@10"]} for r in rows]
             scores[model_name] = {m: rows[-1][m] for m in measures}
+            per_query[model_name] = {qid: values[measures[0]] for qid, values in rows[-1]["per_query"].items()}
             log(f"  {model_name}: nDCG@10 {scores[model_name]['nDCG@10']:.4f}")
         results = {"dataset": name, "splits": splits, "measures": measures, "models": scores,
-                   "layers": layers,
+                   "layers": layers, "lead_vs_response_kd": _paired(per_query, measures[0]),
                    "settings": {"teacher": plan.teacher, "student_layers": list(plan.student_layers),
                                 "max_passage_length": plan.max_passage_length, "similarity_scale": plan.similarity_scale,
                                 "steps": {"warmup": plan.warmup_steps, "distill": plan.distill_steps},
@@ -235,6 +242,17 @@ def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart"
     report = build_report(output)
     log(f"wrote {report} in {time.perf_counter() - started:.0f} s")
     return report
+
+
+def _paired(per_query: dict[str, dict[str, float]], measure: str) -> dict:
+    """LEAD against response-KD on the test queries: Δ of the means and a paired randomization test."""
+    from .stats import randomization_test
+
+    lead, base = per_query["student_lead"], per_query["student_response_kd"]
+    queries = sorted(set(lead) & set(base))
+    a, b = [lead[q] for q in queries], [base[q] for q in queries]
+    return {"measure": measure, "delta": sum(a) / len(a) - sum(b) / len(b), "queries": len(queries),
+            "p": randomization_test(a, b), "per_query": {"student_lead": lead, "student_response_kd": base}}
 
 
 @dataclass(frozen=True)

@@ -44,14 +44,17 @@ LOSS_TERMS = ("loss", "ce", "student_ce", "teacher_ce", "response_kl", "layer_kl
 _TERM_TITLES = {"loss": "loss (total)", "ce": "ce (single-model contrastive)", "student_ce": "student_ce",
                 "teacher_ce": "teacher_ce", "response_kl": "response_kl", "layer_kl": "layer_kl (LEAD, weighted)"}
 #: Stage folders are ordered by these name prefixes (then by name); their steps are laid end to end.
-_STAGE_ORDER = ("init", "warmup", "warm", "train", "mine", "distill", "lead")
+_STAGE_ORDER = ("init", "warmup", "warm", "train", "mine", "distill", "lead", "response")
+#: Distillation arms trained side by side from the same warm start (LEAD, response-KD): they share a start.
+_ARM_PREFIXES = ("distill", "lead", "response")
 #: Stages a full quickstart writes; a missing one gets a one-line note.
 _EXPECTED_STAGES = (("warmup", ("warm",)), ("distill", ("distill", "lead")))
 #: The LEAD student and, in order of preference, the model its delta column is measured against.
 _LEAD_MODEL = "student_lead"
 _BASELINES = ("student_warmup", "student_init")
 _MODEL_PHRASES = {"teacher": "the teacher", "student_init": "the initial student",
-                  "student_warmup": "the warmed-up student", "student_lead": "the LEAD student"}
+                  "student_warmup": "the warmed-up student", "student_response_kd": "the response-KD student",
+                  "student_lead": "the LEAD student"}
 _MISSING = "—"
 _DIGITS = 4
 _DPI = 100
@@ -288,10 +291,15 @@ def _read_stages(run: Path) -> tuple[list[Stage], list[str]]:
             notes.append(f"Stage `{folder.name}`: `metrics.jsonl` has no rows.")
             continue
         stages.append(Stage(folder.name, [steps[s] for s in sorted(steps)], [evals[s] for s in sorted(evals)]))
-    offset = 0
+    offset, arms_start = 0, None
     for stage in stages:
-        stage.offset = offset
-        offset += stage.last_step
+        if stage.name.lower().startswith(_ARM_PREFIXES):
+            arms_start = offset if arms_start is None else arms_start
+            stage.offset = arms_start
+            offset = max(offset, arms_start + stage.last_step)
+        else:
+            stage.offset = offset
+            offset += stage.last_step
     names = [folder.name.lower() for folder in root.iterdir() if folder.is_dir()]
     for label, prefixes in _EXPECTED_STAGES:
         if names and not any(name.startswith(prefixes) for name in names):
@@ -488,7 +496,7 @@ def _plot_training(stages: Sequence[Stage], terms: list[str], measures: list[str
         else:
             axes.set_title(f"dev {key} (eval rows)")
             axes.set_ylabel(f"dev {key}")
-        axes.set_xlabel("step" if len(stages) == 1 else "step (stages one after another)")
+        axes.set_xlabel(_step_label(stages))
         _stage_bounds(axes, stages)
         axes.grid(True, alpha=0.35)
     handles = [Line2D([], [], color=colors[stage.name], linewidth=1.8, label=stage.name) for stage in stages]
@@ -498,6 +506,14 @@ def _plot_training(stages: Sequence[Stage], terms: list[str], measures: list[str
     _save_png(figure, path)
 
 
+def _step_label(stages: Sequence[Stage]) -> str:
+    names = {stage.name for stage in stages}
+    if len(names) == 1:
+        return "step"
+    arms = sum(name.lower().startswith(_ARM_PREFIXES) for name in names)
+    return "step (stages one after another" + ("; distillation arms side by side)" if arms > 1 else ")")
+
+
 def _plot_layer_weights(rows: Sequence[tuple[Stage, dict]], student_depth: int, teacher_depth: int,
                         multi_stage: bool, path: Path) -> None:
     import numpy as np
@@ -505,7 +521,7 @@ def _plot_layer_weights(rows: Sequence[tuple[Stage, dict]], student_depth: int, 
     figure = _figure(12, 8.4)
     panels = figure.subplot_mosaic([["weights", "weights"], ["chosen", "counts"]])
     if multi_stage:  # steps laid end to end, as in the training curves
-        xlabel = "step (stages one after another)"
+        xlabel = _step_label([stage for stage, _ in rows])
         rows = [(stage.offset, row) for stage, row in rows]
     else:  # one stage: its own step numbers
         xlabel = f"step ({rows[0][0].name} stage)"
@@ -653,7 +669,19 @@ def _results_section(results: dict | None, models: dict, measures: list[str]) ->
                  "**Bold**: best value per measure."
                  + (f" Δ: difference to `{baseline}`." if baseline else ""))
     lines += ["", markdown_table(rows, columns, bold_best=measures)]
-    return lines
+    return lines + _lead_vs_response_kd(results)
+
+
+def _lead_vs_response_kd(results: dict) -> list[str]:
+    """The paired comparison the quickstart runs: LEAD against response-only KD from the same warm start."""
+    found = results.get("lead_vs_response_kd")
+    if not isinstance(found, dict) or not all(_is_number(found.get(k)) for k in ("delta", "p", "queries")):
+        return []
+    return [f"**LEAD against response-only KD** (same warm start, teacher, data and budget; the layer term is "
+            f"the only difference): Δ {_escape(str(found.get('measure', '')))} = {found['delta']:+.{_DIGITS}f} "
+            f"over {found['queries']} test queries, paired randomization test p = {found['p']:.3g}. One seed: "
+            "another seed can move Δ by about as much as the seed-to-seed spread; `leadkd compare` runs several "
+            "seeds and gives a confidence interval.", ""]
 
 
 def _per_layer_section(results: dict | None, layers: dict, measure: str, image: str | None) -> list[str]:

@@ -93,11 +93,12 @@ def check_dims(query_embeddings: Embeddings, doc_embeddings: Embeddings) -> None
 
 
 def evaluate_layers(model, dataset, measures: Sequence[str] = ("nDCG@10", "R@100"), k: int = 100,
-                    batch_size: int = 32, show_progress: bool = False) -> list[dict]:
+                    batch_size: int = 32, show_progress: bool = False, per_query: bool = False) -> list[dict]:
     """Retrieval quality of every layer of a dual encoder, each layer's pooled vectors used as a retriever.
 
     One encoding pass yields all layers, so this costs about one ordinary corpus encoding. Returns one
-    row per layer, ``{"layer": l, measure: value, ...}``; the last row is the model's ordinary quality.
+    row per layer, ``{"layer": l, measure: value, ...}``; the last row is the model's ordinary quality,
+    and with ``per_query`` it also holds ``"per_query": {query_id: {measure: value}}`` (for paired tests).
     """
     from ..evaluate import evaluate
 
@@ -112,6 +113,8 @@ def evaluate_layers(model, dataset, measures: Sequence[str] = ("nDCG@10", "R@100
     rows = []
     for layer in layers:
         run = search_run(Embeddings(query_ids, vectors[layer], {}), Embeddings(doc_ids, docs[layer], {}), k)
-        aggregate, _ = evaluate(run, dataset.qrels, measures=list(measures))
+        aggregate, by_query = evaluate(run, dataset.qrels, measures=list(measures))
         rows.append({"layer": layer, **aggregate})
+    if per_query:
+        rows[-1]["per_query"] = {row["query_id"]: {m: v for m, v in row.items() if m != "query_id"} for row in by_query}
     return rows
