@@ -107,8 +107,18 @@ def test_a_row_made_with_another_config_is_refused(setup, tmp_path):
     run_compare(load_spec(path), log=lambda m: None, max_rows=1)
     changed = write_spec(setup, tmp_path, seeds=[0], variants={"response_kd": {"loss.layer": "none",
                                                                               "loss.temperature": 2.0}, "lead": {}})
-    with pytest.raises(LeadkdError, match="response_kd/seed0 was made with another config"):
+    with pytest.raises(LeadkdError, match=r"response_kd/seed0 was made with another config "
+                                          r"\(loss.temperature: 1.0 -> 2.0\)"):
         run_compare(load_spec(changed), log=lambda m: None)
+
+
+def test_an_option_added_later_at_its_default_is_no_change():
+    stored = {"loss": {"layer": "lead"}, "seed": 0}
+    assert compare_module.config_changes(stored, {"loss": {"layer": "lead", "mask_duplicate_positives": True},
+                                                  "seed": 0}, "distill") == []
+    assert compare_module.config_changes(stored, {"loss": {"layer": "lead", "mask_duplicate_positives": False},
+                                                  "seed": 0}, "distill") == [
+        "loss.mask_duplicate_positives: '(absent)' -> False"]
 
 
 def test_a_train_variant_trains_the_base_student_alone(setup, tmp_path):

@@ -265,9 +265,10 @@ def run_compare(spec: CompareSpec, log: Log = print, max_rows: int | None = None
         done = ledger["rows"].get(row_key(variant.name, seed))
         if done is None:
             pending.append((variant, seed, config))
-        elif _comparable(done["config"]) != _comparable(config):
-            raise LeadkdError(f"{spec.ledger}: row {row_key(variant.name, seed)} was made with another config; "
-                              "delete that row from the ledger to train it again, or restore the spec")
+        elif changed := config_changes(done["config"], config, variant.job):
+            raise LeadkdError(f"{spec.ledger}: row {row_key(variant.name, seed)} was made with another config "
+                              f"({'; '.join(changed[:3])}); delete that row from the ledger to train it again, "
+                              "or restore the spec")
     total = len(pending) if max_rows is None else min(len(pending), max_rows)
     log(f"compare: {len(rows) - len(pending)} of {len(rows)} rows done, {total} to run now")
     for index, (variant, seed, config) in enumerate(pending[:total], start=1):
@@ -291,6 +292,21 @@ def run_compare(spec: CompareSpec, log: Log = print, max_rows: int | None = None
     return ledger
 
 
-def _comparable(config: Mapping[str, Any]) -> dict:
-    """A row's config without what may move between machines (the output folder's absolute location)."""
-    return {key: value for key, value in config.items() if key != "output_dir"}
+def config_changes(stored: Mapping[str, Any], current: Mapping[str, Any], job: str) -> list[str]:
+    """How a finished row's config differs from the one the spec gives now (``key: before -> now``).
+
+    An option that leadkd gained after the row was trained counts as unchanged while it holds its default
+    (the row ran with that behaviour, or the option would not have a default that keeps it), so a long
+    study survives new options; the output folder may move; any other difference is a change.
+    """
+    from .config import DistillConfig, TrainConfig
+
+    defaults = _flat(config_to_dict(DistillConfig() if job == "distill" else TrainConfig()))
+    before, now = _flat(stored), _flat(current)
+    changes = []
+    for key in sorted((set(before) | set(now)) - {"output_dir"}):
+        if key not in before and now[key] == defaults.get(key):
+            continue
+        if before.get(key, "(absent)") != now.get(key, "(absent)"):
+            changes.append(f"{key}: {before.get(key, '(absent)')!r} -> {now.get(key, '(absent)')!r}")
+    return changes
