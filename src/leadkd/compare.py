@@ -295,9 +295,10 @@ def run_compare(spec: CompareSpec, log: Log = print, max_rows: int | None = None
 def config_changes(stored: Mapping[str, Any], current: Mapping[str, Any], job: str) -> list[str]:
     """How a finished row's config differs from the one the spec gives now (``key: before -> now``).
 
-    An option that leadkd gained after the row was trained counts as unchanged while it holds its default
-    (the row ran with that behaviour, or the option would not have a default that keeps it), so a long
-    study survives new options; the output folder may move; any other difference is a change.
+    An option that leadkd gained after the row was trained counts as unchanged while it holds its default,
+    so a long study survives new options; the output folder may move; any other difference is a change.
+    A ledger records configs, not code: when a new default (or a fix) changes what a row computes, delete
+    the rows it affects.
     """
     from .config import DistillConfig, TrainConfig
 
