@@ -31,6 +31,9 @@ def test_quickstart_fast_writes_a_report_people_can_read(data_dir, tmp_path, mon
     assert paired["delta"] == pytest.approx(results["models"]["student_lead"]["nDCG@10"]
                                             - results["models"]["student_response_kd"]["nDCG@10"], abs=1e-12)
     assert "**LEAD against response-only KD**" in report and f"p = {paired['p']:.3g}" in report
+    stages = {"mining", "warmup", "distill", "response_kd"} | {f"test_{name}" for name in names}
+    assert set(results["timings"]) == stages and all(v > 0 for v in results["timings"].values())
+    assert "Wall time by stage" in report
     # The teacher retrieves far better than chance even on 64-token passages of a 400-passage slice.
     assert results["models"]["teacher"]["nDCG@10"] > 0.5
     for name in ("per_layer.png", "training_curves.png", "layer_weights.png"):

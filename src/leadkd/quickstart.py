@@ -13,6 +13,7 @@ import hashlib
 import json
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -179,12 +180,14 @@ def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart"
     teacher_dir = output / "teacher"
     if not teacher_dir.is_dir():
         teacher.save_pretrained(teacher_dir)  # pinned settings (lengths, scale) for every later stage
+    timings = _Timings(output / "timings.json")
     groups_file = output / "groups.jsonl"
     if not groups_file.is_file():
         log("mining hard negatives with the teacher")
-        groups, report = mine_hard_negatives(teacher, load_dataset(folder, split=splits["train"]),
-                                             depth=plan.mine_depth, rank_range=plan.mine_range,
-                                             negatives=plan.mine_negatives, seed=plan.seed, show_progress=True)
+        with timings("mining"):
+            groups, report = mine_hard_negatives(teacher, load_dataset(folder, split=splits["train"]),
+                                                 depth=plan.mine_depth, rank_range=plan.mine_range,
+                                                 negatives=plan.mine_negatives, seed=plan.seed, show_progress=True)
         log(report.summary())
         write_training_groups(groups, groups_file)
     init_dir = output / "student-init"
@@ -198,8 +201,9 @@ def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart"
     warmup_dir = output / "stages" / "warmup"
     if not _done(warmup_dir):
         log("warm-up: the student alone on ground truth")
-        run_job(load_config(None, common + [f"model.path={init_dir}", f"optim.steps={plan.warmup_steps}",
-                                            f"output_dir={warmup_dir}"], kind="train"), resume=True, log=log)
+        with timings("warmup"):
+            run_job(load_config(None, common + [f"model.path={init_dir}", f"optim.steps={plan.warmup_steps}",
+                                                f"output_dir={warmup_dir}"], kind="train"), resume=True, log=log)
     warm = warmup_dir / ("best" if splits["dev"] and (warmup_dir / "best").is_dir() else "final")
     # Two arms from the same warm start, teacher, data and budget: LEAD, and response-only KD beside it.
     arms = {"distill": ("LEAD: teacher and student trained jointly", []),
@@ -212,7 +216,8 @@ def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart"
             overrides = common + [f"teacher.path={teacher_dir}", f"student.path={warm}",
                                   f"optim.steps={plan.distill_steps}", f"layers.k={plan.layer_k}",
                                   f"output_dir={stage_dir}"] + [f"{k}={v}" for k, v in plan.overrides.items()] + extra
-            run_job(load_config(None, overrides, kind="distill"), resume=True, log=log)
+            with timings(stage):
+                run_job(load_config(None, overrides, kind="distill"), resume=True, log=log)
         chosen[stage] = stage_dir / ("best" if splits["dev"] and (stage_dir / "best").is_dir() else "final")
 
     results_file = output / "results.json"
@@ -224,7 +229,8 @@ def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart"
                   "student_response_kd": chosen["response_kd"], "student_lead": chosen["distill"]}
         layers, scores, per_query = {}, {}, {}
         for model_name, path in models.items():
-            rows = evaluate_layers(DualEncoder.from_pretrained(path), test, measures=measures, per_query=True)
+            with timings(f"test_{model_name}"):
+                rows = evaluate_layers(DualEncoder.from_pretrained(path), test, measures=measures, per_query=True)
             layers[model_name] = [{"layer": r["layer"], "nDCG@10": r["nDCG@10"]} for r in rows]
             scores[model_name] = {m: rows[-1][m] for m in measures}
             per_query[model_name] = {qid: values[measures[0]] for qid, values in rows[-1]["per_query"].items()}
@@ -236,12 +242,32 @@ def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart"
                                 "steps": {"warmup": plan.warmup_steps, "distill": plan.distill_steps},
                                 "batch": f"{plan.batch_size} queries x (1 + {plan.negatives})", "layer_k": plan.layer_k,
                                 "lr": plan.lr, "seed": plan.seed, "fast": bool(plan.slice_queries),
-                                "seconds": round(time.perf_counter() - started, 1)}}
+                                "seconds": round(time.perf_counter() - started, 1)},
+                   "timings": timings.seconds}
         with atomic_write(results_file) as handle:
             json.dump(results, handle, indent=2)
     report = build_report(output)
     log(f"wrote {report} in {time.perf_counter() - started:.0f} s")
     return report
+
+
+class _Timings:
+    """Wall seconds of each quickstart stage, kept in ``timings.json`` so a resumed run still knows the
+    stages it skipped (a stage timed twice, e.g. after an interruption, adds both spells)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 1)
+            with atomic_write(self.path) as handle:
+                json.dump(self.seconds, handle, indent=2)
 
 
 def _paired(per_query: dict[str, dict[str, float]], measure: str) -> dict:

@@ -638,7 +638,26 @@ def _run_section(results: dict | None, stages: Sequence[Stage]) -> list[str]:
             lines += [markdown_table(rows, ["setting", "value"], bold_best=False)]
         else:
             lines += ["No settings recorded in `results.json`.", ""]
+        lines += _time_section(results.get("timings"), stages)
     return lines
+
+
+def _time_section(timings: Any, stages: Sequence[Stage]) -> list[str]:
+    """Where the wall time went: each stage (from ``results.json``) and its dev evaluations (from its log)."""
+    if not isinstance(timings, dict) or not timings:
+        return []
+    evals = {stage.name: sum(row.get("eval_seconds", 0.0) for row in stage.evals if _is_number(row.get("eval_seconds")))
+             for stage in stages}
+    def seconds(value: float | None) -> str | None:
+        return f"{value:.0f}" if value else None
+
+    known = {name: float(value) for name, value in timings.items() if _is_number(value)}
+    rows = [{"stage": name, "seconds": seconds(value), "of which dev evaluation": seconds(evals.get(name))}
+            for name, value in known.items()]
+    rows.append({"stage": "total", "seconds": seconds(sum(known.values())),
+                 "of which dev evaluation": seconds(sum(evals.values()))})
+    return ["Wall time by stage (seconds; `test_*`: the test-split evaluation of each model, per layer):", "",
+            markdown_table(rows, ["stage", "seconds", "of which dev evaluation"], bold_best=False)]
 
 
 def _baseline(models: Mapping[str, Any]) -> str | None:

@@ -574,11 +574,12 @@ class Trainer:
                 self.save()
 
     def _eval_and_keep_best(self, log_file: Path) -> dict[str, float] | None:
+        started = time.perf_counter()
         result = self.evaluate()
         if result is None or not self.ctx.is_main:
             return result
         metric = self.config.eval.metric
-        self._write(log_file, {"step": self.step, "eval": result})
+        self._write(log_file, {"step": self.step, "eval": result, "eval_seconds": round(time.perf_counter() - started, 1)})
         self._say(f"step {self.step}: dev {metric} = {result[metric]:.4f}")
         if not self.best or result[metric] > self.best["value"]:
             self.best = {"step": self.step, "value": result[metric], "metric": metric}
