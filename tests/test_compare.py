@@ -141,6 +141,8 @@ def test_a_train_variant_trains_the_base_student_alone(setup, tmp_path):
     ({"evaluate": {"dev": {"split": "dev"}}}, "evaluate.dev: split 'dev' also chooses the checkpoints"),
     ({"measures": ["nDGC@10"]}, "unknown measure 'nDGC@10'"),
     ({"varients": {}}, "varients: unknown key"),
+    ({"variants": {"a": 3, "b": {}}, "reference": "b"}, "variants.a: expected a mapping"),
+    ({"variants": {"a": {"eval.split": None}, "b": {}}, "reference": "b"}, "variants.a: sets no eval.split"),
     ({"variants": {"a": {"job": "eval"}, "b": {}}, "reference": "b"}, "variants.a.job: expected 'distill' or 'train'"),
     ({"variants": {"a": {"loss.layr": "none"}, "b": {}}, "reference": "b"}, "variant 'a'"),
 ])

@@ -109,6 +109,8 @@ def load_spec(path: str | os.PathLike) -> CompareSpec:
         _fail(source, "variants", "expected a mapping of name -> {dotted.option: value}")
     variants = []
     for name, overrides in data["variants"].items():
+        if not isinstance(overrides, (dict, type(None))):
+            _fail(source, f"variants.{name}", f"expected a mapping of dotted.option: value, got {overrides!r}")
         overrides = dict(overrides or {})
         job = overrides.pop("job", "distill")
         if job not in ("distill", "train"):
@@ -146,14 +148,16 @@ def _check_selection(spec: CompareSpec) -> None:
     from .evaluate import parse_measures
 
     parse_measures(spec.measures)  # one-line error for an unknown measure, before any training
-    base, *_ = [row_config(spec, variant, spec.seeds[0]) for variant in spec.variants]  # each variant checked
-    if base.eval.split is None:
-        _fail(spec.source, "base", f"{spec.base} sets no eval.split: checkpoints must be chosen on a dev split")
-    for name, target in spec.evaluate.items():
-        data = target.data or base.data.corpus
-        if target.split == base.eval.split and Path(str(data)).name == Path(str(base.data.corpus)).name:
-            _fail(spec.source, f"evaluate.{name}", f"split {target.split!r} also chooses the checkpoints "
-                                                   "(the base's eval.split); report on held-out splits only")
+    for variant in spec.variants:  # every variant's config is checked here, before any training
+        config = row_config(spec, variant, spec.seeds[0])
+        if config.eval.split is None:
+            _fail(spec.source, f"variants.{variant.name}", "sets no eval.split: checkpoints must be chosen on a "
+                                                           "dev split")
+        for name, target in spec.evaluate.items():
+            data = target.data or config.data.corpus
+            if target.split == config.eval.split and Path(str(data)).name == Path(str(config.data.corpus)).name:
+                _fail(spec.source, f"evaluate.{name}", f"split {target.split!r} also chooses the checkpoints "
+                                                       "(the eval.split); report on held-out splits only")
 
 
 def _overrides(mapping: Mapping[str, Any]) -> list[str]:
