@@ -255,13 +255,13 @@ def cmd_report(args) -> None:
     """Rebuild a finished run's report (report.md and plots) from its results and logs; a comparison
     folder (or ledger file) gets compare.md and its plots."""
     from .compare import load_ledger
-    from .compare_report import render_compare
+    from .compare_report import render_compare, report_dir
     from .report import build_report
 
     target = Path(args.run_dir)
     ledger = target if target.suffix == ".json" else target / "compare.json"
     if ledger.is_file():
-        _say(f"wrote {render_compare(load_ledger(ledger), ledger.parent)}")
+        _say(f"wrote {render_compare(load_ledger(ledger), report_dir(ledger))}")
         return
     _say(f"wrote {build_report(args.run_dir)}")
 
@@ -269,11 +269,11 @@ def cmd_report(args) -> None:
 def cmd_compare(args) -> None:
     """Train every variant x seed of a comparison spec that is not done yet; write compare.json and compare.md."""
     from .compare import load_spec, run_compare
-    from .compare_report import render_compare
+    from .compare_report import render_compare, report_dir
 
     spec = load_spec(args.spec)
     ledger = run_compare(spec, log=_say, max_rows=args.max_rows, only=set(args.only) if args.only else None)
-    _say(f"wrote {spec.ledger} and {render_compare(ledger, spec.ledger.parent)}")
+    _say(f"wrote {spec.ledger} and {render_compare(ledger, report_dir(spec.ledger))}")
 
 
 # ---------------------------------------------------------------- parser

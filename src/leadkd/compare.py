@@ -285,7 +285,7 @@ def run_compare(spec: CompareSpec, log: Log = print, max_rows: int | None = None
                   for name, target in spec.evaluate.items()}
         row = {"variant": variant.name, "seed": seed, "job": variant.job, "config": config, "model": str(model_dir),
                "cpu_seconds": round(time.process_time() - cpu, 1), "wall_seconds": round(time.perf_counter() - wall, 1),
-               "dev": dev_curve(run_dir), "splits": scores}
+               "dev_metric": job.eval.metric, "dev": dev_curve(run_dir), "splits": scores}
         ledger["rows"][row_key(variant.name, seed)] = row
         save_ledger(spec.ledger, ledger)
         first = next(iter(spec.evaluate))

@@ -17,7 +17,7 @@ from typing import Any
 from .fileio import atomic_write
 from .stats import paired_interval, randomization_test
 
-__all__ = ["variant_values", "paired_comparison", "render_compare"]
+__all__ = ["variant_values", "paired_comparison", "render_compare", "report_dir"]
 
 
 def _variants(ledger: dict) -> list[str]:
@@ -113,7 +113,8 @@ def _plot_dev(ledger: dict, path: Path) -> bool:
         if len(runs) > 1:
             axes.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step], color=color, alpha=0.2)
     axes.set_xlabel("optimizer step")
-    axes.set_ylabel("dev metric (checkpoint choice)")
+    metrics = {row.get("dev_metric") for row in ledger["rows"].values() if row.get("dev")} - {None}
+    axes.set_ylabel(f"dev {metrics.pop() if len(metrics) == 1 else 'metric'} (checkpoint choice)")
     axes.set_title("Dev curves: mean over seeds, band = min..max")
     axes.legend(fontsize="small")
     _save_png(figure, path)
@@ -147,6 +148,12 @@ def _plot_deltas(ledger: dict, splits: list[str], measure: str, reference: str, 
     axes.legend(fontsize="small")
     _save_png(figure, path)
     return True
+
+
+def report_dir(ledger_path: str | Path) -> Path:
+    """Where a ledger's page goes: beside ``compare.json``, else in a folder named after the ledger file."""
+    path = Path(ledger_path)
+    return path.parent if path.name == "compare.json" else path.with_suffix("")
 
 
 def render_compare(ledger: dict, out_dir: str | Path) -> Path:
