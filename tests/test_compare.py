@@ -86,6 +86,7 @@ def test_rows_run_once_resume_after_an_interruption_and_render(setup, tmp_path, 
     assert row["config"]["seed"] == 1 and row["config"]["loss"]["layer"] == "lead"
     assert ledger["rows"]["response_kd/seed1"]["config"]["loss"]["layer"] == "none"
     assert row["model"].endswith("best") and row["cpu_seconds"] > 0 and [p[0] for p in row["dev"]] == [0, 1, 2]
+    assert row["dev_metric"] == "nDCG@10" and row["code"]["leadkd"]
     per_query = row["splits"]["test"]["per_query"]
     assert sorted(per_query) == sorted(f"q{i}" for i in range(6, 12))
     assert row["splits"]["test"]["aggregate"]["nDCG@10"] == pytest.approx(

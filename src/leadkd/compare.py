@@ -251,6 +251,21 @@ def score_model(model_dir: Path, target: EvalSet, default_data: str, measures, k
             "per_query": {row["query_id"]: {m: v for m, v in row.items() if m != "query_id"} for row in per_query}}
 
 
+def code_version() -> dict[str, str | None]:
+    """The leadkd version and, when run from a git checkout, its commit: a ledger records configs, and this
+    says which code computed each row."""
+    import subprocess
+
+    from . import __version__
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"leadkd": __version__, "commit": commit}
+
+
 def run_compare(spec: CompareSpec, log: Log = print, max_rows: int | None = None,
                 only: set[str] | None = None) -> dict:
     """Train and score every missing row (at most ``max_rows``), updating the ledger after each one."""
@@ -285,7 +300,7 @@ def run_compare(spec: CompareSpec, log: Log = print, max_rows: int | None = None
                   for name, target in spec.evaluate.items()}
         row = {"variant": variant.name, "seed": seed, "job": variant.job, "config": config, "model": str(model_dir),
                "cpu_seconds": round(time.process_time() - cpu, 1), "wall_seconds": round(time.perf_counter() - wall, 1),
-               "dev_metric": job.eval.metric, "dev": dev_curve(run_dir), "splits": scores}
+               "dev_metric": job.eval.metric, "dev": dev_curve(run_dir), "splits": scores, "code": code_version()}
         ledger["rows"][row_key(variant.name, seed)] = row
         save_ledger(spec.ledger, ledger)
         first = next(iter(spec.evaluate))
