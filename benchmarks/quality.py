@@ -94,7 +94,8 @@ def prepare(dataset: str, work: Path) -> dict:
             (folder / "qrels").mkdir(parents=True, exist_ok=True)
             for name in ("corpus.jsonl", "queries.jsonl"):
                 if not (folder / name).exists():
-                    (folder / name).symlink_to(source / name)
+                    (folder / name).unlink(missing_ok=True)  # a dangling link from an earlier try
+                    (folder / name).symlink_to((source / name).resolve())  # absolute: $LEADKD_DATA_DIR may be relative
             train = load_dataset(source, split="train").qrels
             held = {q for q in train if int(hashlib.sha1(q.encode()).hexdigest(), 16) % 10 == 0}
             write_beir_qrels(folder / "qrels" / "dev-heldout.tsv", {q: d for q, d in train.items() if q in held})
