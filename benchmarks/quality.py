@@ -194,11 +194,9 @@ def save_results(results: dict) -> None:
 
 
 def _cell(values: list[float]) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+    from leadkd.compare_report import mean_std
+
+    return mean_std(values)
 
 
 DISCUSSION_MARKER = "<!-- hand-written below this line; quality.py keeps it -->"

@@ -17,7 +17,7 @@ from typing import Any
 from .fileio import atomic_write
 from .stats import paired_interval, randomization_test
 
-__all__ = ["variant_values", "paired_comparison", "render_compare", "report_dir"]
+__all__ = ["variant_values", "paired_comparison", "render_compare", "report_dir", "mean_std"]
 
 
 def _variants(ledger: dict) -> list[str]:
@@ -57,7 +57,8 @@ def paired_comparison(ledger: dict, split: str, measure: str, variant: str, refe
             "queries": len(queries)}
 
 
-def _mean_std(values: list[float]) -> str:
+def mean_std(values: list[float]) -> str:
+    """A table cell: ``mean ± sample std`` (4 decimals), the value alone for one seed, ``—`` for none."""
     if not values:
         return "—"
     if len(values) == 1:
@@ -86,7 +87,7 @@ def _tables(ledger: dict, splits: list[str], measures: list[str], reference: str
                   "|---|" + "---:|" * (len(measures) + 3)]
         per_measure = {m: variant_values(ledger, split, m) for m in measures}
         for name in _variants(ledger):
-            cells = [_mean_std([per_measure[m][name][s] for s in sorted(per_measure[m][name])]) for m in measures]
+            cells = [mean_std([per_measure[m][name][s] for s in sorted(per_measure[m][name])]) for m in measures]
             found = None if name == reference else paired_comparison(ledger, split, first, name, reference)
             delta = "reference" if name == reference else _delta_cell(found)
             p = "" if name == reference else _p_cell(found)
