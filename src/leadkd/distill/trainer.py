@@ -370,20 +370,25 @@ class Trainer:
         """Scores of both models over one candidate set, each query's positive column in it, and the mask
         of the copies of its judged positives among the candidates (None when there are none)."""
         size, count = batch.group_size, len(batch.queries)
-        whole_batch = gathers_candidates(teacher_kind)  # else cross-encoder: each query's own group (spec §2.3)
-        gathered = whole_batch and cross and self.ctx.is_distributed
-        offset = self.ctx.rank * count if gathered else 0
+        whole_batch, gathered, offset, own_group = self._layout(teacher_kind, in_batch, cross, count)
         if gathered:
             student_enc = gather_passages(student_enc, "dual_encoder", with_grad=True)
             teacher_enc = gather_passages(teacher_enc, teacher_kind, with_grad=self.models["teacher"].trains)
         student_scores, teacher_scores = score(student_enc, "dual_encoder"), score(teacher_enc, teacher_kind)
-        own_group = not (whole_batch and in_batch)
         if own_group:
             student_scores = own_group_scores(student_scores, size, offset)
             if whole_batch:
                 teacher_scores = own_group_scores(teacher_scores, size, offset)
         labels = group_labels(count, size, in_batch=not own_group, query_offset=offset)
         return student_scores, teacher_scores, labels, self._duplicate_positives(batch, gathered, own_group, offset)
+
+    def _layout(self, kind: str, in_batch: bool, cross: bool, count: int) -> tuple[bool, bool, int, bool]:
+        """The candidate layout (spec §2.3): whether ``kind`` scores the whole batch (else each query's own
+        group: a cross-encoder), whether passages are gathered across processes, the local queries'
+        offset among all queries, and whether scores are cut to each query's own group."""
+        whole_batch = gathers_candidates(kind)
+        gathered = whole_batch and cross and self.ctx.is_distributed
+        return whole_batch, gathered, self.ctx.rank * count if gathered else 0, not (whole_batch and in_batch)
 
     def _duplicate_positives(self, batch, gathered: bool, own_group: bool, offset: int) -> torch.Tensor | None:
         if not self.config.loss.mask_duplicate_positives:
@@ -428,13 +433,11 @@ class Trainer:
         kind = trained.model.kind
         encoded = trained.forward(batch.queries, batch.passages, [], final=True)
         size, count = batch.group_size, len(batch.queries)
-        whole_batch = gathers_candidates(kind)
-        gathered = whole_batch and cfg.cross_process_negatives and self.ctx.is_distributed
-        offset = self.ctx.rank * count if gathered else 0
+        whole_batch, gathered, offset, own_group = self._layout(kind, cfg.in_batch_negatives,
+                                                                cfg.cross_process_negatives, count)
         if gathered:
             encoded = gather_passages(encoded, kind, with_grad=True)
         scores = score(encoded, kind)[-1]
-        own_group = not (whole_batch and cfg.in_batch_negatives)
         if own_group and whole_batch:
             scores = own_group_scores(scores, size, offset)
         labels = group_labels(count, size, in_batch=not own_group, query_offset=offset)
