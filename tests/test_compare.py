@@ -135,6 +135,32 @@ def test_a_train_variant_trains_the_base_student_alone(setup, tmp_path):
     assert "teacher" not in row["config"]
 
 
+def test_a_model_is_scored_once_and_an_ablation_runs_on_its_own_seeds(setup, tmp_path):
+    """``job: evaluate`` scores a folder as it is (one row, under the first seed); a variant's ``seeds``
+    narrows the spec's; the report pairs them over the seeds they share."""
+    path = write_spec(setup, tmp_path, seeds=[0, 1],
+                      variants={"teacher": {"job": "evaluate", "model": str(setup["root"] / "teacher")},
+                                "response_kd": {"loss.layer": "none", "seeds": [1]}, "lead": {}})
+    spec = load_spec(path)
+    assert [(v.name, s) for v, s in spec.rows()] == [("teacher", 0), ("lead", 0), ("response_kd", 1), ("lead", 1)]
+    ledger = run_compare(spec, log=lambda m: None)
+    teacher = ledger["rows"]["teacher/seed0"]
+    assert teacher["job"] == "evaluate" and teacher["config"] == {"model": str(setup["root"] / "teacher")}
+    assert "dev" not in teacher and teacher["splits"]["test"]["per_query"]
+    from leadkd.data.datasets import load_dataset
+    from leadkd.evaluate import evaluate
+    from leadkd.models.dual_encoder import DualEncoder
+    from leadkd.retrieval.pipeline import encode_corpus, encode_queries, search_run
+
+    test = load_dataset(setup["data"], split="test")  # the naive way: score the folder by hand
+    model = DualEncoder.from_pretrained(setup["root"] / "teacher")
+    expected, _ = evaluate(search_run(encode_queries(model, test.queries), encode_corpus(model, test.corpus), 100),
+                           test.qrels, measures=["nDCG@10"])
+    assert teacher["splits"]["test"]["aggregate"]["nDCG@10"] == pytest.approx(expected["nDCG@10"], abs=1e-12)
+    assert paired_comparison(ledger, "test", "nDCG@10", "lead", "response_kd")["seeds"] == [1]
+    assert "| teacher | " in render_compare(ledger, tmp_path).read_text()
+
+
 @pytest.mark.parametrize("changes,message", [
     ({"reference": "nope"}, "reference: 'nope' is not one of the variants"),
     ({"variants": {"only": {}}}, "at least two variants"),
@@ -144,7 +170,9 @@ def test_a_train_variant_trains_the_base_student_alone(setup, tmp_path):
     ({"varients": {}}, "varients: unknown key"),
     ({"variants": {"a": 3, "b": {}}, "reference": "b"}, "variants.a: expected a mapping"),
     ({"variants": {"a": {"eval.split": None}, "b": {}}, "reference": "b"}, "variants.a: sets no eval.split"),
-    ({"variants": {"a": {"job": "eval"}, "b": {}}, "reference": "b"}, "variants.a.job: expected 'distill' or 'train'"),
+    ({"variants": {"a": {"job": "eval"}, "b": {}}, "reference": "b"}, "variants.a.job: expected 'distill', 'train' or"),
+    ({"variants": {"a": {"job": "evaluate"}, "b": {}}, "reference": "b"}, "variants.a: a 'job: evaluate' variant names"),
+    ({"variants": {"a": {"seeds": [7]}, "b": {}}, "reference": "b"}, "variants.a.seeds: expected a non-empty list"),
     ({"variants": {"a": {"loss.layr": "none"}, "b": {}}, "reference": "b"}, "variant 'a'"),
 ])
 def test_bad_specs_are_one_clear_line(setup, tmp_path, changes, message):

@@ -270,3 +270,23 @@ def test_minilm_matches_sentence_transformers():
     np.testing.assert_allclose(de.encode_passages(sentences), reference, atol=1e-5)
     np.testing.assert_allclose(de.encode_passages(sentences, max_batch_tokens=0, batch_size=3), reference,
                                atol=1e-5)
+
+
+def test_evaluate_layers_scores_given_corpus_vectors_like_its_own_encoding(tmp_path):
+    """The quickstart hands the teacher's mining vectors to its test evaluation: same rows as encoding anew,
+    and vectors of another shape are refused."""
+    from conftest import make_tiny_beir, make_tiny_bert_folder
+
+    from leadkd.data.datasets import load_dataset
+    from leadkd.retrieval.pipeline import evaluate_layers
+
+    model = DualEncoder.from_pretrained(make_tiny_bert_folder(tmp_path / "m", layers=3), pooling="mean").eval()
+    data = load_dataset(make_tiny_beir(tmp_path / "d"), split="dev")
+    corpus = data.corpus.passages(range(len(data.corpus)))
+    vectors = model.encode_passages(corpus, batch_size=5, layers=[0, 1, 2])
+    own = evaluate_layers(model, data, per_query=True)
+    given = evaluate_layers(model, data, per_query=True, corpus_vectors=vectors)
+    assert len(own) == 3 and all(a["nDCG@10"] == pytest.approx(b["nDCG@10"], abs=1e-9) for a, b in zip(own, given))
+    assert own[-1]["per_query"].keys() == given[-1]["per_query"].keys()
+    with pytest.raises(ValueError, match="expected 3 layers"):
+        evaluate_layers(model, data, corpus_vectors=vectors[:2])

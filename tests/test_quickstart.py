@@ -34,6 +34,20 @@ def test_quickstart_fast_writes_a_report_people_can_read(data_dir, tmp_path, mon
     stages = {"mining", "warmup", "distill", "response_kd"} | {f"test_{name}" for name in names}
     assert set(results["timings"]) == stages and all(v > 0 for v in results["timings"].values())
     assert "Wall time by stage" in report
+    # Both arms distil from the frozen teacher through one cache (LEAD's, holding every layer), and neither
+    # scores its start again (the warm-up's chosen checkpoint, scored on test as student_warmup).
+    assert json.loads((output / "teacher-cache" / "rank0" / "meta.json").read_text())["layers"] == list(range(6))
+    # ...filled ahead with every passage from the teacher's mining encoding (training alone would have seen
+    # a few per query), so no training step ran the teacher on a passage.
+    import numpy as np
+
+    assert np.count_nonzero(np.load(output / "teacher-cache" / "rank0" / "passages.hash.npy")) == 400
+    for arm in ("distill", "response_kd"):
+        config = (output / "stages" / arm / "config.yaml").read_text()
+        assert "train: false" in config and not (output / "stages" / arm / "teacher-cache").exists()
+        evals = [json.loads(line)["step"] for line in (output / "stages" / arm / "metrics.jsonl").read_text().splitlines()
+                 if '"eval"' in line]
+        assert evals and 0 not in evals
     # The teacher retrieves far better than chance even on 64-token passages of a 400-passage slice.
     assert results["models"]["teacher"]["nDCG@10"] > 0.5
     for name in ("per_layer.png", "training_curves.png", "layer_weights.png"):

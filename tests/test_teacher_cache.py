@@ -148,6 +148,59 @@ def test_a_cache_for_other_settings_is_rebuilt_and_a_matching_one_reused(setup, 
     assert meta["teacher"] == "b" and meta["passages"] == len(corpus) and meta["layers"] == [0, 1, 2]
 
 
+def test_a_cache_holding_more_layers_serves_fewer_and_one_holding_fewer_is_rebuilt(setup, tmp_path):
+    """A response-KD run (last layer) reuses a LEAD run's cache (every layer); the other way round rebuilds."""
+    teacher = DualEncoder.from_pretrained(setup["teacher"]).eval()
+    corpus, queries = load_corpus(setup["data"]), load_queries(setup["data"])
+    ids, texts = [corpus.id_at(i) for i in (0, 3)], [corpus.text(i) for i in (0, 3)]
+    full = TeacherVectorCache(tmp_path / "c", teacher, corpus, queries, {"teacher": "a"}, log=lambda m: None)
+    every = full.encode([], [], ids, texts, layers=[0, 1, 2]).passages
+    said: list[str] = []
+    last = TeacherVectorCache(tmp_path / "c", teacher, corpus, queries, {"teacher": "a"}, layers=[-1], log=said.append)
+    calls = counting(teacher)
+    assert said == [] and last.layers == [0, 1, 2]
+    assert torch.equal(last.encode([], [], ids, texts, layers=[2]).passages[0], every[2]) and calls == []
+    TeacherVectorCache(tmp_path / "d", teacher, corpus, queries, {"teacher": "a"}, layers=[2], log=lambda m: None)
+    grown = TeacherVectorCache(tmp_path / "d", teacher, corpus, queries, {"teacher": "a"}, log=said.append)
+    assert grown.layers == [0, 1, 2] and "rebuilding" in said[0]
+
+
+def test_a_cache_filled_from_a_corpus_encoding_serves_what_the_teacher_would_compute(setup, tmp_path):
+    """The quickstart fills the cache with mining's corpus vectors (``encode_passages`` of every layer): the
+    rows it writes are hits, equal to the teacher's own vectors, and a wrongly shaped array is refused."""
+    teacher = DualEncoder.from_pretrained(setup["teacher"], pooling="mean", normalize=True).eval()
+    corpus, queries = load_corpus(setup["data"]), load_queries(setup["data"])
+    vectors = teacher.encode_passages(corpus.passages(range(len(corpus))), batch_size=7, layers=[0, 1, 2])
+    cache = TeacherVectorCache(tmp_path / "c", teacher, corpus, queries, {"teacher": "t"}, log=lambda m: None)
+    with pytest.raises(ValueError, match="expected 3 layers"):
+        cache.prefill_passages(vectors[:2])
+    assert cache.prefill_passages(vectors, chunk=5) == len(corpus) == cache.filled()["passage"]
+    calls = counting(teacher)
+    rows = [4, 0, 11]
+    served = cache.encode([], [], [corpus.id_at(i) for i in rows], corpus.passages(rows), layers=[0, 2]).passages
+    assert calls == []
+    with torch.no_grad():
+        expected = DualEncoder.layer_embeddings(teacher, corpus.passages(rows), "passage", [0, 2])
+    assert torch.allclose(served, expected, atol=1e-5)
+
+
+def test_runs_share_a_cache_folder(setup, tmp_path):
+    """teacher.cache_dir: the second run (another variant and seed) never runs the teacher on a text the first
+    one cached, and its losses match a run with a cache of its own up to float rounding."""
+    shared = tmp_path / "shared-cache"
+    run_job(distill_config(setup, tmp_path / "lead", **{"teacher.cache": True, "teacher.cache_dir": str(shared)}),
+            log=lambda m: None)
+    assert (shared / "rank0" / "meta.json").is_file() and not (tmp_path / "lead" / "teacher-cache").exists()
+    config = {"teacher.cache": True, "loss.layer": "none", "seed": 5}
+    run_job(distill_config(setup, tmp_path / "own", **config), log=lambda m: None)
+    trainer = Trainer(distill_config(setup, tmp_path / "rkd", **config, **{"teacher.cache_dir": str(shared)}),
+                      log=lambda m: None, show_progress=False)
+    calls = counting(trainer.models["teacher"].model)
+    trainer.fit()
+    trainer.close()
+    assert calls == [] and np.allclose(losses(tmp_path / "own"), losses(tmp_path / "rkd"), atol=1e-4)
+
+
 def distill_config(setup, output: Path, **overrides):
     values = {"teacher.path": str(setup["teacher"]), "teacher.train": False, "teacher.max_query_length": 16,
               "teacher.max_passage_length": 32, "student.init": "teacher_layers=[0,2]",
@@ -214,6 +267,7 @@ def test_resume_reuses_the_cache(setup, tmp_path):
     ({"teacher.train": True}, "only a frozen teacher"),
     ({"teacher.kind": "cross_encoder", "student.init": None, "student.path": "s"}, "nothing per text to cache"),
     ({"loss.layer": "hidden_mse"}, "token states"),
+    ({"teacher.cache": False, "teacher.train": False, "teacher.cache_dir": "c"}, "set teacher.cache: true"),
 ])
 def test_cache_settings_that_cannot_work_are_refused(setup, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):

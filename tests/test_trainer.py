@@ -75,6 +75,14 @@ def test_distill_runs_and_writes_what_users_open(setup, tmp_path):
     assert student.kind == "dual_encoder" and student.num_layers == 2
 
 
+def test_eval_at_start_false_skips_only_the_step_0_evaluation(setup, tmp_path):
+    out = tmp_path / "run"
+    result = run_job(distill_config(setup, out, **{"eval.split": "dev", "eval.every": 2, "eval.at_start": False}),
+                     log=lambda m: None)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "eval" in row] == [2, 4] and result["best"]["step"] in (2, 4)
+
+
 def test_a_run_writes_only_inside_its_output_folder(setup, tmp_path):
     """Inputs (models, corpus, groups) are only read; everything written lands under ``output_dir``."""
     def snapshot(root: Path) -> dict[str, tuple[int, int]]:

@@ -12,6 +12,8 @@ config's ``eval.split`` (dev) and only that model is scored on the evaluation se
       response_kd: {loss.layer: none}
       lead: {}
       ground_truth: {job: train}                 # the base's student on its own loss
+      teacher: {job: evaluate, model: runs/teacher}   # a model scored as it is (once)
+      lead_k3: {layers.k: 3, seeds: [0]}         # an ablation screened on the first seed only
     reference: response_kd
     seeds: [0, 1, 2]
     evaluate:
@@ -59,11 +61,15 @@ class EvalSet:
 
 @dataclass(frozen=True)
 class Variant:
-    """One recipe: dotted overrides on the base, run as a distill job (or a train job of the base's student)."""
+    """One recipe: dotted overrides on the base, run as a distill job (or a train job of the base's
+    student), or a model folder scored as it is (``evaluate``: the teacher, the student's init).
+    ``seeds`` narrows the spec's seeds for this variant (an ablation screened on one seed)."""
 
     name: str
     overrides: dict[str, Any]
     job: str = "distill"
+    seeds: tuple[int, ...] | None = None
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,8 +91,17 @@ class CompareSpec:
         return Path(self.results) if self.results else Path(self.output_dir) / "compare.json"
 
     def rows(self) -> list[tuple[Variant, int]]:
-        """Seed-major, so every variant has its first seed before any has its second."""
-        return [(variant, seed) for seed in self.seeds for variant in self.variants]
+        """Seed-major, so every variant has its first seed before any has its second. A model scored as it
+        is has one row, under its first seed: every seed would score the same folder."""
+        def seeds(variant: Variant) -> tuple[int, ...]:
+            chosen = variant.seeds or self.seeds
+            return chosen[:1] if variant.job == "evaluate" else chosen
+
+        return [(variant, seed) for seed in self.seeds for variant in self.variants if seed in seeds(variant)]
+
+    def default_corpus(self) -> str:
+        """The base's corpus: what an evaluation set without ``data`` is scored on."""
+        return str(load_config(self.base, _overrides(self.common), "distill").data.corpus)
 
 
 def _fail(source: str, key: str, message: str) -> None:
@@ -113,9 +128,18 @@ def load_spec(path: str | os.PathLike) -> CompareSpec:
             _fail(source, f"variants.{name}", f"expected a mapping of dotted.option: value, got {overrides!r}")
         overrides = dict(overrides or {})
         job = overrides.pop("job", "distill")
-        if job not in ("distill", "train"):
-            _fail(source, f"variants.{name}.job", f"expected 'distill' or 'train', got {job!r}")
-        variants.append(Variant(str(name), overrides, job))
+        if job not in ("distill", "train", "evaluate"):
+            _fail(source, f"variants.{name}.job", f"expected 'distill', 'train' or 'evaluate', got {job!r}")
+        own_seeds = overrides.pop("seeds", None)
+        if own_seeds is not None and (not isinstance(own_seeds, list) or not own_seeds
+                                      or not set(own_seeds) <= set(data.get("seeds") or [])):
+            _fail(source, f"variants.{name}.seeds", f"expected a non-empty list of the spec's seeds, got {own_seeds!r}")
+        model = overrides.pop("model", None) if job == "evaluate" else None
+        if job == "evaluate" and (not model or overrides):
+            _fail(source, f"variants.{name}", "a 'job: evaluate' variant names a model folder (model: PATH) "
+                                              "and nothing else to override")
+        variants.append(Variant(str(name), overrides, job, tuple(own_seeds) if own_seeds else None,
+                                str(model) if model else None))
     names = [v.name for v in variants]
     if len(variants) < 2:
         _fail(source, "variants", "a comparison needs at least two variants")
@@ -149,6 +173,8 @@ def _check_selection(spec: CompareSpec) -> None:
 
     parse_measures(spec.measures)  # one-line error for an unknown measure, before any training
     for variant in spec.variants:  # every variant's config is checked here, before any training
+        if variant.job == "evaluate":
+            continue
         config = row_config(spec, variant, spec.seeds[0])
         if config.eval.split is None:
             _fail(spec.source, f"variants.{variant.name}", "sets no eval.split: checkpoints must be chosen on a "
@@ -273,14 +299,16 @@ def run_compare(spec: CompareSpec, log: Log = print, max_rows: int | None = None
 
     ledger = load_ledger(spec.ledger)
     ledger["spec"] = {"source": spec.source, "base": spec.base, "reference": spec.reference,
-                      "seeds": list(spec.seeds), "variants": {v.name: {"job": v.job, **v.overrides}
+                      "seeds": list(spec.seeds), "variants": {v.name: {"job": v.job, **v.overrides,
+                                                                  **({"model": v.model} if v.model else {}),
+                                                                  **({"seeds": list(v.seeds)} if v.seeds else {})}
                                                                  for v in spec.variants},
                       "set": spec.common, "evaluate": {n: vars(e) for n, e in spec.evaluate.items()},
                       "measures": list(spec.measures), "k": spec.k}
     rows = [(v, s) for v, s in spec.rows() if only is None or v.name in only]
     pending = []
     for variant, seed in rows:
-        config = config_to_dict(row_config(spec, variant, seed))
+        config = {"model": variant.model} if variant.job == "evaluate" else config_to_dict(row_config(spec, variant, seed))
         done = ledger["rows"].get(row_key(variant.name, seed))
         if done is None:
             pending.append((variant, seed, config))
@@ -292,15 +320,19 @@ def run_compare(spec: CompareSpec, log: Log = print, max_rows: int | None = None
     log(f"compare: {len(rows) - len(pending)} of {len(rows)} rows done, {total} to run now")
     for index, (variant, seed, config) in enumerate(pending[:total], start=1):
         wall, cpu = time.perf_counter(), time.process_time()
-        job = config_from_dict(config, variant.job)
-        run_job(job, resume=True, log=lambda message: None)
-        run_dir = Path(job.output_dir)
-        model_dir = run_dir / "best" if (run_dir / "best").is_dir() else run_dir / "final"
-        scores = {name: score_model(model_dir, target, job.data.corpus, spec.measures, spec.k)
+        if variant.job == "evaluate":
+            model_dir, corpus, trained = Path(variant.model), spec.default_corpus(), {}
+        else:
+            job = config_from_dict(config, variant.job)
+            run_job(job, resume=True, log=lambda message: None)
+            run_dir = Path(job.output_dir)
+            model_dir = run_dir / "best" if (run_dir / "best").is_dir() else run_dir / "final"
+            corpus, trained = job.data.corpus, {"dev_metric": job.eval.metric, "dev": dev_curve(run_dir)}
+        scores = {name: score_model(model_dir, target, corpus, spec.measures, spec.k)
                   for name, target in spec.evaluate.items()}
         row = {"variant": variant.name, "seed": seed, "job": variant.job, "config": config, "model": str(model_dir),
                "cpu_seconds": round(time.process_time() - cpu, 1), "wall_seconds": round(time.perf_counter() - wall, 1),
-               "dev_metric": job.eval.metric, "dev": dev_curve(run_dir), "splits": scores, "code": code_version()}
+               **trained, "splits": scores, "code": code_version()}
         ledger["rows"][row_key(variant.name, seed)] = row
         save_ledger(spec.ledger, ledger)
         first = next(iter(spec.evaluate))
@@ -321,6 +353,8 @@ def config_changes(stored: Mapping[str, Any], current: Mapping[str, Any], job: s
     """
     from .config import DistillConfig, TrainConfig
 
+    if job == "evaluate":
+        return [] if stored == current else [f"model: {stored.get('model')!r} -> {current.get('model')!r}"]
     defaults = _flat(config_to_dict(DistillConfig() if job == "distill" else TrainConfig()))
     before, now = _flat(stored), _flat(current)
     changes = []

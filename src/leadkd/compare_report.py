@@ -37,8 +37,10 @@ def variant_values(ledger: dict, split: str, measure: str) -> dict[str, dict[int
 
 
 def _per_query(ledger: dict, variant: str, split: str, measure: str, seeds: list[int]) -> dict[str, float]:
-    """Each query's metric averaged over ``seeds``."""
-    rows = [ledger["rows"][f"{variant}/seed{seed}"]["splits"][split]["per_query"] for seed in seeds]
+    """Each query's metric averaged over ``seeds`` (empty when a row kept no per-query metrics)."""
+    rows = [ledger["rows"][f"{variant}/seed{seed}"]["splits"][split].get("per_query") for seed in seeds]
+    if not all(rows):
+        return {}
     return {qid: statistics.fmean(row[qid][measure] for row in rows) for qid in rows[0]}
 
 
@@ -166,8 +168,8 @@ def render_compare(ledger: dict, out_dir: str | Path) -> Path:
     splits = list(spec.get("evaluate") or {name: None for row in ledger["rows"].values() for name in row["splits"]})
     measures = list(spec.get("measures") or ["nDCG@10"])
     rows = ledger["rows"].values()
-    cpu = sum(row.get("cpu_seconds", 0.0) for row in rows)
-    wall = sum(row.get("wall_seconds", 0.0) for row in rows)
+    cpu = sum(row.get("cpu_seconds") or 0.0 for row in rows)
+    wall = sum(row.get("wall_seconds") or 0.0 for row in rows)
     lines = ["# Comparison", "", f"Spec: `{spec.get('source', '?')}` (base `{spec.get('base', '?')}`); reference "
              f"`{reference}`; {len(ledger['rows'])} rows; compute {wall / 3600:.2f} h wall, {cpu / 3600:.2f} h CPU.",
              "", "Mean ± sample std over seeds. Δ: mean of per-seed differences against the reference (same seed: "
@@ -181,7 +183,7 @@ def render_compare(ledger: dict, out_dir: str | Path) -> Path:
         lines += ["![paired differences](deltas.png)", ""]
     lines += ["## Rows", "", "| row | wall s | CPU s | model |", "|---|---:|---:|---|"]
     for key, row in ledger["rows"].items():
-        lines.append(f"| {key} | {row.get('wall_seconds', 0):.0f} | {row.get('cpu_seconds', 0):.0f} | `{row['model']}` |")
+        lines.append(f"| {key} | {row.get('wall_seconds') or 0:.0f} | {row.get('cpu_seconds') or 0:.0f} | `{row['model']}` |")
     page = out / "compare.md"
     with atomic_write(page) as handle:
         handle.write("\n".join(lines) + "\n")

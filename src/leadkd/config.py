@@ -68,11 +68,14 @@ class TeacherConfig(ModelConfig):
     """The teacher; ``train`` keeps the paper's joint training (its own optimizer, same schedule).
 
     ``cache`` (frozen dual-encoder teacher only) stores its per-layer vectors of every query and passage
-    on disk the first time they are seen, so later epochs cost only the student.
+    on disk the first time they are seen, so later epochs cost only the student. ``cache_dir`` puts the
+    cache elsewhere than ``output_dir/teacher-cache``, so runs of the same frozen teacher on the same data
+    (the variants and seeds of a comparison) encode each text once between them.
     """
 
     train: bool = True
     cache: bool = False
+    cache_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,9 @@ class EvalConfig:
     metric: str = "nDCG@10"
     k: int = 100
     max_queries: int | None = None
+    #: Score the starting model too, so it competes for ``best/``; false skips that evaluation where the
+    #: start is already scored (the quickstart's arms start from the warm-up's chosen checkpoint).
+    at_start: bool = True
 
 
 @dataclass(frozen=True)
@@ -528,6 +534,8 @@ def _check_distill(config: DistillConfig) -> None:
                                    "query-passage pair, so there is nothing per text to cache")
         if loss.layer == "hidden_mse":
             _fail("teacher.cache", "holds pooled vectors; loss.layer=hidden_mse needs the teacher's token states")
+    elif config.teacher.cache_dir:
+        _fail("teacher.cache_dir", "names where the teacher cache goes; set teacher.cache: true to use one")
     _non_negative(loss, "loss.", "student_ce", "teacher_ce", "response_weight", "layer_weight")
     _positive(loss, "loss.", "temperature", "layer_temperature")
     terms = [loss.student_ce > 0, config.teacher.train and loss.teacher_ce > 0,

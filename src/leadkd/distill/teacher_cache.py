@@ -14,7 +14,9 @@ costs a recomputation, never a wrong vector. Unwritten rows are sparse holes whe
 
 Within a run, a cached vector equals the one the teacher would compute now up to float rounding (the
 padding of the batch it was first computed in differs). ``meta.json`` holds what the vectors depend on
-(teacher, its settings, the cached layers, collection sizes); a cache that does not match is rebuilt.
+(teacher, its settings, the cached layers, collection sizes); a cache that does not match is rebuilt,
+and one that holds more layers than asked for serves the ones asked for (a response-KD run reuses a LEAD
+run's cache). Runs may share a cache folder (``teacher.cache_dir``) one at a time, not concurrently.
 """
 
 from __future__ import annotations
@@ -137,7 +139,11 @@ class TeacherVectorCache:
         self.layers = sorted(set(resolve_layers(layers, model.num_layers)))
         meta = {**fingerprint, "layers": self.layers, "dim": int(model.hidden_size), "passages": len(corpus),
                 "queries": len(queries) if queries is not None else 0}
-        fresh = not (folder / META).is_file() or json.loads((folder / META).read_text()) != meta
+        stored = json.loads((folder / META).read_text()) if (folder / META).is_file() else None
+        if stored is not None and set(self.layers) <= set(stored.get("layers", ())) \
+                and {**stored, "layers": None} == {**meta, "layers": None}:
+            meta, self.layers = stored, stored["layers"]  # a shared cache holding more layers serves these too
+        fresh = stored != meta
         if fresh:
             if folder.exists():
                 log(f"{folder}: teacher cache built for another teacher or data; rebuilding it")
@@ -164,6 +170,25 @@ class TeacherVectorCache:
         device = next(self.model.parameters()).device
         return Encoded(queries=q.index_select(0, index).to(device), passages=p.index_select(0, index).to(device),
                        scale=self.model.similarity_scale)
+
+    def prefill_passages(self, vectors: np.ndarray, chunk: int = 4096) -> int:
+        """Store the teacher's vectors of the whole corpus computed elsewhere: ``[every layer of the teacher,
+        passages, dim]`` in corpus row order (the encoding that mining searched), so that no training step
+        runs the teacher on a corpus passage. Each row is keyed by the passage's text as training batches
+        give it; returns how many rows were written."""
+        side = self.sides["passage"]
+        if side.empty:
+            return 0
+        corpus = side.collection
+        if tuple(vectors.shape[:2]) != (self.model.num_layers, len(corpus)):
+            raise ValueError(f"vectors of shape {tuple(vectors.shape)}: expected {self.model.num_layers} layers x "
+                             f"{len(corpus)} passages")
+        for begin in range(0, len(corpus), chunk):
+            rows = np.arange(begin, min(begin + chunk, len(corpus)))
+            values = np.ascontiguousarray(np.asarray(vectors[self.layers][:, rows], dtype=np.float32).transpose(1, 0, 2))
+            side.vectors.write(rows, values)
+            side.hashes.write(rows, np.array([text_hash(t) for t in corpus.passages(rows)], dtype=np.int64))
+        return len(corpus)
 
     def filled(self) -> dict[str, int]:
         """How many queries and passages are cached so far (for the log)."""

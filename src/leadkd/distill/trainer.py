@@ -251,20 +251,8 @@ class Trainer:
                                             lr=cfg.optim.teacher_lr or cfg.optim.lr)
 
     def _teacher_cache(self, corpus, queries):
-        """Each process caches what it sees, in its own files (processes never write the same file)."""
-        from .teacher_cache import TeacherVectorCache
-
-        teacher = self.models["teacher"].model
-        corpus_path = Path(self.config.data.corpus)
-        fingerprint = {
-            "teacher": self.config.teacher.path, "settings": teacher.settings(),
-            "corpus": str(corpus_path.resolve()) if corpus_path.exists() else str(corpus_path),
-            # the weights themselves, cheaply and device-independently: a folder rewritten in place must
-            # not reuse old vectors
-            "weights_sum": float(sum(p.detach().cpu().double().sum() for p in teacher.parameters()))}
-        layers = None if self.config.loss.layer != "none" else [teacher.num_layers - 1]
-        return TeacherVectorCache(self.output / "teacher-cache" / f"rank{self.ctx.rank}", teacher, corpus,
-                                  queries, fingerprint, layers=layers, log=self.log)
+        return open_teacher_cache(self.config, self.models["teacher"].model, corpus, queries, self.output,
+                                  self.ctx.rank, self.log)
 
     def _hidden_mse_baseline(self, student: nn.Module, teacher: nn.Module) -> nn.Module:
         """The classical feature baseline's learned projections; it needs one shared tokenizer."""
@@ -539,7 +527,7 @@ class Trainer:
         log_file = self.output / "metrics.jsonl"
         if self.ctx.is_main:
             _truncate_log(log_file, self.step)
-        if self.step == 0 and cfg.eval.split is not None:
+        if self.step == 0 and cfg.eval.split is not None and cfg.eval.at_start:
             self._eval_and_keep_best(log_file)  # the starting model competes for best/ too
         progress = contextlib.nullcontext()
         if self.show_progress:
@@ -646,6 +634,23 @@ def _truncate_log(path: Path, step: int) -> None:
 
     with atomic_write(path) as handle:  # a crash here must not lose the log
         handle.write("".join(f"{line}\n" for line in kept))
+
+
+def open_teacher_cache(config: DistillConfig, teacher, corpus, queries, output: Path, rank: int = 0, log: Log = print):
+    """The frozen teacher's vector cache of a distill run (each process in its own files: processes never
+    write the same one), keyed by what its vectors depend on; the quickstart opens it to fill it ahead."""
+    from .teacher_cache import TeacherVectorCache
+
+    corpus_path = Path(config.data.corpus)
+    fingerprint = {
+        "teacher": config.teacher.path, "settings": teacher.settings(),
+        "corpus": str(corpus_path.resolve()) if corpus_path.exists() else str(corpus_path),
+        # the weights themselves, cheaply and device-independently: a folder rewritten in place must
+        # not reuse old vectors
+        "weights_sum": float(sum(p.detach().cpu().double().sum() for p in teacher.parameters()))}
+    layers = None if config.loss.layer != "none" else [teacher.num_layers - 1]
+    folder = Path(config.teacher.cache_dir) if config.teacher.cache_dir else Path(output) / "teacher-cache"
+    return TeacherVectorCache(folder / f"rank{rank}", teacher, corpus, queries, fingerprint, layers=layers, log=log)
 
 
 def evaluate_retriever(model, corpus_spec: str, split: str, metric: str = "nDCG@10", k: int = 100,

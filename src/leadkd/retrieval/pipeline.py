@@ -93,12 +93,15 @@ def check_dims(query_embeddings: Embeddings, doc_embeddings: Embeddings) -> None
 
 
 def evaluate_layers(model, dataset, measures: Sequence[str] = ("nDCG@10", "R@100"), k: int = 100,
-                    batch_size: int = 32, show_progress: bool = False, per_query: bool = False) -> list[dict]:
+                    batch_size: int = 32, show_progress: bool = False, per_query: bool = False,
+                    corpus_vectors=None) -> list[dict]:
     """Retrieval quality of every layer of a dual encoder, each layer's pooled vectors used as a retriever.
 
     One encoding pass yields all layers, so this costs about one ordinary corpus encoding. Returns one
     row per layer, ``{"layer": l, measure: value, ...}``; the last row is the model's ordinary quality,
     and with ``per_query`` it also holds ``"per_query": {query_id: {measure: value}}`` (for paired tests).
+    ``corpus_vectors``: this model's ``[layers, passages, dim]`` vectors of the corpus, already computed
+    (e.g. for mining), so the corpus is not encoded again.
     """
     from ..evaluate import evaluate
 
@@ -106,8 +109,13 @@ def evaluate_layers(model, dataset, measures: Sequence[str] = ("nDCG@10", "R@100
     corpus, queries = dataset.corpus, dataset.queries
     doc_ids = [corpus.id_at(i) for i in range(len(corpus))]
     query_ids = [queries.id_at(i) for i in range(len(queries))]
-    docs = model.encode_passages(corpus.passages(range(len(corpus))), batch_size=batch_size, layers=layers,
-                                 show_progress=show_progress)
+    docs = corpus_vectors
+    if docs is None:
+        docs = model.encode_passages(corpus.passages(range(len(corpus))), batch_size=batch_size, layers=layers,
+                                     show_progress=show_progress)
+    elif tuple(docs.shape[:2]) != (len(layers), len(corpus)):
+        raise ValueError(f"corpus_vectors of shape {tuple(docs.shape)}: expected {len(layers)} layers x "
+                         f"{len(corpus)} passages")
     vectors = model.encode_queries([queries.text(i) for i in range(len(queries))], batch_size=batch_size,
                                    layers=layers, show_progress=show_progress)
     rows = []
