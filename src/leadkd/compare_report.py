@@ -17,7 +17,8 @@ from typing import Any
 from .fileio import atomic_write
 from .stats import paired_interval, randomization_test
 
-__all__ = ["variant_values", "paired_comparison", "render_compare", "report_dir", "mean_std"]
+__all__ = ["variant_values", "measure_key", "paired_comparison", "render_compare", "report_dir", "mean_std",
+           "delta_cell", "p_cell"]
 
 
 def _variants(ledger: dict) -> list[str]:
@@ -26,9 +27,19 @@ def _variants(ledger: dict) -> list[str]:
     return names + [name for name in dict.fromkeys(seen) if name not in names]
 
 
+def measure_key(ledger: dict, split: str, measure: str) -> str:
+    """The name a measure is stored under for ``split``: with the set's ``rel`` (TREC DL's 2) binary
+    measures carry it (``R@100`` -> ``R(rel=2)@100``), as ir-measures names them; nDCG does not."""
+    from .evaluate import parse_measure
+
+    rel = (ledger.get("spec", {}).get("evaluate", {}).get(split) or {}).get("rel")
+    return str(parse_measure(measure, rel)) if rel else measure
+
+
 def variant_values(ledger: dict, split: str, measure: str) -> dict[str, dict[int, float]]:
     """``{variant: {seed: aggregate value}}`` of every finished row on ``split``."""
     out: dict[str, dict[int, float]] = {name: {} for name in _variants(ledger)}
+    measure = measure_key(ledger, split, measure)
     for row in ledger["rows"].values():
         found = row["splits"].get(split, {}).get("aggregate", {})
         if measure in found:
@@ -41,6 +52,7 @@ def _per_query(ledger: dict, variant: str, split: str, measure: str, seeds: list
     rows = [ledger["rows"][f"{variant}/seed{seed}"]["splits"][split].get("per_query") for seed in seeds]
     if not all(rows):
         return {}
+    measure = measure_key(ledger, split, measure)
     return {qid: statistics.fmean(row[qid][measure] for row in rows) for qid in rows[0]}
 
 
@@ -68,7 +80,8 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def _delta_cell(found: dict[str, Any] | None) -> str:
+def delta_cell(found: dict[str, Any] | None) -> str:
+    """A :func:`paired_comparison` as a table cell: ``+Δ [low, high]``, or ``+Δ (1 seed)``, or ``—``."""
     if found is None:
         return "—"
     if found["low"] is None:
@@ -76,7 +89,8 @@ def _delta_cell(found: dict[str, Any] | None) -> str:
     return f"{found['delta']:+.4f} [{found['low']:+.4f}, {found['high']:+.4f}]"
 
 
-def _p_cell(found: dict[str, Any] | None) -> str:
+def p_cell(found: dict[str, Any] | None) -> str:
+    """Its p-value as a cell (3 significant digits), ``—`` where no per-query metrics were kept."""
     return "—" if found is None or math.isnan(found["p"]) else f"{found['p']:.3g}"
 
 
@@ -84,15 +98,16 @@ def _tables(ledger: dict, splits: list[str], measures: list[str], reference: str
     lines = []
     for split in splits:
         first = measures[0]
-        lines += [f"## {split}", "", "| variant | " + " | ".join(measures) + f" | Δ {first} vs {reference} "
+        lines += [f"## {split}", "", "| variant | " + " | ".join(measure_key(ledger, split, m) for m in measures)
+                  + f" | Δ {measure_key(ledger, split, first)} vs {reference} "
                   "[95% CI over seeds] | p (randomization, per query) | seeds |",
                   "|---|" + "---:|" * (len(measures) + 3)]
         per_measure = {m: variant_values(ledger, split, m) for m in measures}
         for name in _variants(ledger):
             cells = [mean_std([per_measure[m][name][s] for s in sorted(per_measure[m][name])]) for m in measures]
             found = None if name == reference else paired_comparison(ledger, split, first, name, reference)
-            delta = "reference" if name == reference else _delta_cell(found)
-            p = "" if name == reference else _p_cell(found)
+            delta = "reference" if name == reference else delta_cell(found)
+            p = "" if name == reference else p_cell(found)
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {delta} | {p} | {len(per_measure[first][name])} |")
         lines.append("")
     return lines
