@@ -311,3 +311,13 @@ def test_parse_markdown_table_picks_a_table_and_reads_signs():
     assert parse_markdown_table(text, index=1) == [{"c": 1}]
     with pytest.raises(ValueError, match="no Markdown table number 2"):
         parse_markdown_table(text, index=2)
+
+
+def test_a_stage_and_the_model_it_produced_share_a_colour_in_every_plot():
+    from leadkd.report import _named_colors
+
+    stages = _named_colors(["warmup", "distill", "response_kd", "custom_stage"])
+    models = _named_colors(["student_init", "student_warmup", "student_response_kd", "student_lead", "other"])
+    assert stages["distill"] == models["student_lead"] and stages["response_kd"] == models["student_response_kd"]
+    assert stages["warmup"] == models["student_warmup"]
+    assert len(set(stages.values())) == 4 and stages["custom_stage"] not in set(models.values()) - {models["other"]}

@@ -414,6 +414,19 @@ def _colors(count: int) -> list:
     return [palette[i % len(palette)] for i in range(count)]
 
 
+#: One colour per role in every plot: a training stage and the model it produced share it.
+_ROLE_COLORS = {"warmup": "#1f77b4", "student_warmup": "#1f77b4", "distill": "#d62728", "student_lead": "#d62728",
+                "response_kd": "#2ca02c", "student_response_kd": "#2ca02c", "student_init": "#7f7f7f"}
+
+
+def _named_colors(names: Sequence[str]) -> dict[str, str]:
+    """Role colours for the quickstart's stages and models, the rest of the palette for other names."""
+    free = [color for color in _colors(10) if color not in _ROLE_COLORS.values()]
+    others = [name for name in names if name not in _ROLE_COLORS]
+    return {**{name: _ROLE_COLORS[name] for name in names if name in _ROLE_COLORS},
+            **{name: free[i % len(free)] for i, name in enumerate(others)}}
+
+
 def _integer_ticks(axis) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -424,7 +437,7 @@ def _plot_per_layer(layers: dict[str, dict[int, float | None]], measure: str, pa
     figure = _figure(8, 4.8)
     axes = figure.add_subplot()
     students = [name for name in layers if name != "teacher"]
-    colors = dict(zip(students, _colors(len(students))))
+    colors = _named_colors(students)
     for name, values in layers.items():
         xs = list(range(max(values) + 1))
         ys = [math.nan if values.get(layer) is None else values[layer] for layer in xs]  # a gap, not a bridge
@@ -469,7 +482,7 @@ def _plot_training(stages: Sequence[Stage], terms: list[str], measures: list[str
     panels = [("term", term) for term in terms] + [("eval", measure) for measure in measures]
     figure = _figure(5.2 * columns, 3.4 * rows + 0.6)
     grid = figure.add_gridspec(rows, columns)
-    colors = dict(zip((stage.name for stage in stages), _colors(len(stages))))
+    colors = _named_colors([stage.name for stage in stages])
     for (kind, key), (row, column) in zip(panels, places):
         axes = figure.add_subplot(grid[row, column])
         plotted: list[float] = []
