@@ -93,6 +93,7 @@ def test_rows_run_once_resume_after_an_interruption_and_render(setup, tmp_path, 
         statistics.fmean(q["nDCG@10"] for q in per_query.values()))
 
     assert run_compare(spec, log=lines.append) == ledger and len(trained) == 5  # nothing left to do
+    assert load_ledger(str(spec.ledger)) == ledger  # a path given as text works too
     page = render_compare(ledger, tmp_path)
     text = page.read_text()
     assert "| lead | " in text and "| response_kd | " in text and "reference" in text

@@ -221,7 +221,8 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------- the ledger
 
-def load_ledger(path: Path) -> dict:
+def load_ledger(path: str | os.PathLike) -> dict:
+    path = Path(path)
     if not path.is_file():
         return {"rows": {}}
     try:
@@ -233,7 +234,8 @@ def load_ledger(path: Path) -> dict:
     return ledger
 
 
-def save_ledger(path: Path, ledger: dict) -> None:
+def save_ledger(path: str | os.PathLike, ledger: dict) -> None:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as handle:
         json.dump(ledger, handle, indent=1, sort_keys=False)
