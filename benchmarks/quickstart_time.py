@@ -21,6 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import tempfile  # noqa: E402
@@ -55,7 +56,7 @@ def time_quickstart(mode: str, data: str, root: Path) -> dict:
             "stages": stages, "other_seconds": round(total - sum(stages.values()), 1),
             "dev_eval_seconds": {stage: dev_eval_seconds(output / "stages" / stage)
                                  for stage in ("warmup", "distill", "response_kd")},
-            "steps": results["settings"]["steps"], "teacher_trained": results["settings"].get("teacher_trained"),
+            "steps": results["settings"]["steps"], "teacher_training": results["settings"].get("teacher_training"),
             "test_nDCG@10": {name: scores["nDCG@10"] for name, scores in results["models"].items()},
             "lead_vs_response_kd": {k: results["lead_vs_response_kd"][k] for k in ("delta", "p", "queries")}}
 
@@ -66,6 +67,8 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(TARGETS), default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=str(HERE / "results" / "quickstart_time.json"))
+    parser.add_argument("--keep", default=None, help="run the quickstarts in this folder and keep them (reports, "
+                                                     "plots); it must not hold an earlier run (default: a temporary one)")
     args = parser.parse_args()
     import torch
 
@@ -77,7 +80,9 @@ def main() -> None:
     record.update(machine={"cpus": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
                            "torch": torch.__version__}, data=args.data)
     modes = [args.only] if args.only else ["fast", "default"]
-    with tempfile.TemporaryDirectory(prefix="quickstart-time-") as root:
+    if args.keep and any((Path(args.keep) / mode).exists() for mode in modes):
+        parser.error(f"--keep {args.keep}: holds an earlier run, which the quickstart would continue, not time")
+    with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="quickstart-time-")) as root:
         for mode in modes:
             record[mode] = time_quickstart(mode, args.data, Path(root))
             print(f"{mode}: {record[mode]['total_seconds'] / 60:.1f} min (target {TARGETS[mode] / 60:.0f}): "
