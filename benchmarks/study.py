@@ -105,6 +105,11 @@ CELLS = {
         "response_kd": RESPONSE_KD,
         "lead": {},
     }),
+    # The confirmation of scifact-frozen-150 (the best screened SciFact cell) on the other dataset.
+    "nfcorpus-frozen-150": Cell("nfcorpus", "150 steps, frozen cached teacher", _budget(150, True), {
+        "response_kd": RESPONSE_KD,
+        "lead": {},
+    }),
     # The quickstart's own condition, where one seed gave LEAD +0.007: the student warmed up on ground
     # truth for 40 steps first (one shared warm-up, seed 0), then 150 distillation steps.
     "scifact-warm-150": Cell("scifact", "40 warm-up + 150 steps, joint teacher (the quickstart's before 12-01)",
