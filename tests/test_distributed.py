@@ -230,10 +230,10 @@ def _perfect_loss(batch, candidate_ids: list[str], labels: torch.Tensor, mask) -
 def _duplicate_positive_checks(rank: int) -> dict:
     """The trainer's duplicate mask over gathered candidates, and what it does to a perfect model's loss."""
     from leadkd.distill.losses import group_labels
-    from leadkd.distill.views import duplicate_positives
+    from leadkd.distill.objectives import Layout, duplicate_positives
 
     batch = _dup_batch(rank)
-    mask = duplicate_positives(batch, gathered=True, query_offset=rank * B)
+    mask = duplicate_positives(batch, Layout(gathered=True, offset=rank * B, own_group=False))
     everyone = [pid for r in range(WORLD) for _, ids in DUP_GROUPS[r] for pid in ids]
     labels = group_labels(B, M, query_offset=rank * B)
     return {"dup_mask": mask, "dup_loss_masked": D.all_reduce_mean(_perfect_loss(batch, everyone, labels, mask)),
@@ -344,9 +344,9 @@ def test_copies_of_a_positive_in_other_processes_groups_are_masked(two_ranks):
 
 def test_one_process_on_the_whole_batch_masks_the_same_candidates():
     from leadkd.data.groups import collate_groups
-    from leadkd.distill.views import duplicate_positives
+    from leadkd.distill.objectives import Layout, duplicate_positives
 
     whole = collate_groups([sample for r in range(WORLD) for sample in _dup_samples(r)])
-    mask = duplicate_positives(whole, gathered=False)
+    mask = duplicate_positives(whole, Layout(gathered=False, offset=0, own_group=False))
     assert torch.equal(mask, torch.cat([_expected_duplicate_mask(r) for r in range(WORLD)]))
 

@@ -291,7 +291,7 @@ def test_allow_partial_loads_a_damaged_folder_and_says_so(tiny_bert, tmp_path, c
     mismatched = damaged_copy(tiny_bert, tmp_path / "mismatched",
                               reshape_key("encoder.layer.0.output.dense.weight", (32, 10)))
     de = DualEncoder.from_pretrained(mismatched, allow_partial=True)
-    assert tuple(de.model.encoder.layer[0].output.dense.weight.shape) == (32, 64)
+    assert tuple(de.backbone.encoder.layer[0].output.dense.weight.shape) == (32, 64)
 
 
 def bin_only_copy(base: Path, target: Path) -> Path:
@@ -319,10 +319,10 @@ def test_pickle_only_folder_is_refused_unless_opted_in(tiny_bert, tmp_path):
     assert isinstance(load_model(folder, use_safetensors=False), DualEncoder)
 
 
-def test_load_model_for_refuses_a_damaged_checkpoint(tiny_bert, tmp_path):
-    """Resume reopens checkpoints through load_model_for: the same refusal, and the config's opt-in."""
+def test_build_model_refuses_a_damaged_checkpoint(tiny_bert, tmp_path):
+    """Resume reopens checkpoints through the registry's build_model: the same refusal, and the config's opt-in."""
     from leadkd.config import ModelConfig, StudentConfig, TeacherConfig
-    from leadkd.distill.trainer import load_model_for
+    from leadkd.models.loading import build_model as load_model_for
 
     checkpoint = tmp_path / "checkpoint-3" / "student"
     DualEncoder.from_pretrained(tiny_bert).save_pretrained(checkpoint)
@@ -456,7 +456,7 @@ def test_checkpoint_with_a_task_head_loads_its_encoder(tmp_path, caplog, head):
     with caplog.at_level(logging.INFO, logger="leadkd"):
         de = DualEncoder.from_pretrained(tmp_path / "m")
     _no_warnings(caplog)
-    assert torch.equal(de.model.encoder.layer[1].output.dense.weight, model.bert.encoder.layer[1].output.dense.weight)
+    assert torch.equal(de.backbone.encoder.layer[1].output.dense.weight, model.bert.encoder.layer[1].output.dense.weight)
     if head == "BertForMaskedLM":  # no pooler in an MLM checkpoint: allowed, with a line
         assert "pooler" in caplog.text
     assert "cls." in caplog.text or "classifier." in caplog.text
@@ -469,7 +469,7 @@ def test_folders_leadkd_saves_load_strictly(tiny_bert, tmp_path, caplog):
     from leadkd.models.surgery import keep_layers
 
     deep = DualEncoder.from_pretrained(tiny_bert)
-    DualEncoder(keep_layers(deep.model, [1]), deep.tokenizer, max_passage_length=128).save_pretrained(tmp_path / "student")
+    DualEncoder(keep_layers(deep.backbone, [1]), deep.tokenizer, max_passage_length=128).save_pretrained(tmp_path / "student")
     deep.save_pretrained(tmp_path / "de")
     ColBERT.from_pretrained(tiny_bert, max_passage_length=64).save_pretrained(tmp_path / "cb")
     CrossEncoder.from_pretrained(tiny_bert, max_length=64).save_pretrained(tmp_path / "ce")

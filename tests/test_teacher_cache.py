@@ -256,7 +256,7 @@ def test_resume_reuses_the_cache(setup, tmp_path):
     shutil.rmtree(out / "checkpoints" / "step-00000006")  # as if the run had died after step 3
     shutil.rmtree(out / "final")
     trainer = Trainer(config, resume=True, log=lambda m: None, show_progress=False)
-    assert trainer.step == 3 and trainer.teacher_cache.filled()["passage"] > 0
+    assert trainer.step == 3 and trainer.objective.teacher_cache.filled()["passage"] > 0
     calls = counting(trainer.models["teacher"].model)
     trainer.fit()
     trainer.close()

@@ -161,7 +161,7 @@ class OptimConfig:
     bf16: bool = False
     gradient_checkpointing: bool = False
     #: On CPU, dropout masks from 16 random bits per element and attention dropout outside SDPA
-    #: (models/cpu_dropout.py): the same dropout, a ~15% faster forward and backward.
+    #: (accel/cpu_dropout.py): the same dropout, a ~15% faster forward and backward.
     cpu_dropout: bool = True
     #: A NaN/inf loss stops the run (0), or up to this many such batches in a row are skipped (no update).
     skip_non_finite: int = 0

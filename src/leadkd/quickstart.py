@@ -158,7 +158,9 @@ def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart"
     from .config import load_config
     from .data.datasets import load_dataset, resolve_dataset
     from .data.groups import write_training_groups
-    from .distill.trainer import run_job, student_from_teacher
+    from .accel import cpu
+    from .distill.build import student_from_teacher
+    from .distill.trainer import run_job
     from .models.dual_encoder import DualEncoder
     from .report import build_report
     from .retrieval.mine import mine_hard_negatives
@@ -192,8 +194,8 @@ def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart"
         log("mining hard negatives with the teacher")
         with timings("mining"):
             train = load_dataset(folder, split=splits["train"])
-            teacher_corpus = teacher.encode_passages(train.corpus.passages(range(len(train.corpus))), batch_size=32,
-                                                     layers=list(range(teacher.num_layers)), show_progress=True)
+            teacher_corpus = cpu.encode_passages(teacher, train.corpus.passages(range(len(train.corpus))), batch_size=32,
+                                                 layers=list(range(teacher.num_layers)), show_progress=True)
             groups, report = mine_hard_negatives(teacher, train, depth=plan.mine_depth, rank_range=plan.mine_range,
                                                  negatives=plan.mine_negatives, seed=plan.seed,
                                                  corpus_embeddings=teacher_corpus[-1], show_progress=True)
@@ -276,7 +278,7 @@ def _prefill_cache(config, teacher_dir: Path, vectors, stage_dir: Path, log: Log
     """Fill the arms' shared teacher cache with the corpus vectors mining computed, so no training step runs
     the teacher on a passage (only the training queries are left to encode, once)."""
     from .data.datasets import load_corpus, load_queries
-    from .distill.trainer import open_teacher_cache
+    from .distill.build import open_teacher_cache
     from .models.dual_encoder import DualEncoder
 
     teacher = DualEncoder.from_pretrained(teacher_dir).eval()

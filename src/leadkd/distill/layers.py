@@ -30,6 +30,7 @@ import torch
 from ..errors import ConfigError, LeadkdError
 
 Pair = tuple[int, int]
+"""A ``(student_layer, teacher_layer)`` pair: indices into the score tensors' first dimension."""
 
 STRATEGIES = ("random", "last", "skip", "paper_last", "paper_skip")
 

@@ -20,12 +20,16 @@ from ..errors import LeadkdError
 from ..fileio import atomic_write
 from .base import LEADKD_CONFIG, read_leadkd_config, resolve_model_path
 
-#: Model kind -> "module:Class"; imported only when a folder of that kind is opened.
-MODEL_KINDS: dict[str, str] = {
+#: Model kind -> its class, or "module:Class" imported only when that kind is first used. The one registry:
+#: config validation, loading a saved folder and the trainer all go through it.
+MODEL_KINDS: dict[str, str | type] = {
     "dual_encoder": "leadkd.models.dual_encoder:DualEncoder",
     "colbert": "leadkd.models.colbert:ColBERT",
     "cross_encoder": "leadkd.models.cross_encoder:CrossEncoder",
 }
+
+#: The kind of a plain Hugging Face / sentence-transformers folder, and of a student built from blocks.
+DEFAULT_KIND = "dual_encoder"
 
 #: Pooling modes named by sentence-transformers' legacy boolean keys, in ST's own order.
 _ST_LEGACY_POOLING = {
@@ -38,13 +42,32 @@ _ST_LEGACY_POOLING = {
 }
 
 
+def register_model_kind(cls: type) -> type:
+    """Make ``cls`` (a :class:`~leadkd.models.base.Retriever` with a ``from_config`` and a ``from_pretrained``)
+    the model of kind ``cls.kind`` everywhere; usable as a class decorator. Nothing else needs to change
+    for a new kind to train as teacher or student."""
+    missing = [name for name in ("kind", "scores_whole_batch", "config_options", "from_config", "from_pretrained",
+                                 "encode_batch", "save_pretrained", "settings") if not hasattr(cls, name)]
+    if missing:
+        raise TypeError(f"{cls.__name__} is not a leadkd model kind: it lacks {', '.join(missing)}")
+    MODEL_KINDS[cls.kind] = cls
+    return cls
+
+
 def model_class(kind: str) -> type:
     """The class registered for ``kind``, imported on first use."""
     target = MODEL_KINDS.get(kind)
     if target is None:
         raise LeadkdError(f"unknown model kind {kind!r}; known kinds: {', '.join(sorted(MODEL_KINDS))}")
-    module_name, class_name = target.split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    if isinstance(target, str):
+        module_name, class_name = target.split(":")
+        target = getattr(importlib.import_module(module_name), class_name)
+    return target
+
+
+def build_model(config, path: str | None = None):
+    """The model a :class:`~leadkd.config.ModelConfig` describes, from ``path`` (default ``config.path``)."""
+    return model_class(config.kind).from_config(config, path)
 
 
 def load_model(path: str | os.PathLike, **overrides: Any):
@@ -58,7 +81,7 @@ def load_model(path: str | os.PathLike, **overrides: Any):
     resolved = resolve_model_path(path)
     config = read_leadkd_config(resolved) if os.path.isdir(resolved) else None
     if config is None:
-        kind = "dual_encoder"
+        kind = DEFAULT_KIND
     else:
         file = Path(resolved) / LEADKD_CONFIG
         kind = config.get("kind") if isinstance(config, dict) else None
