@@ -29,9 +29,11 @@ def encode(model, texts: Sequence[str], side: str = "passage", *, fuse: bool = T
     """``model.encode(texts, side, **kwargs)`` with the CPU speed-ups where the model runs on the CPU: the
     fused kernels (after a one-off check against the plain forward), batches of at most
     :data:`CPU_BATCH_TOKENS` padded tokens, and as many batches side by side as torch has threads (each
-    on one thread). On other devices, or with ``bf16``, it is ``model.encode`` itself."""
-    if model.device.type != "cpu":
-        return model.encode(texts, side, **kwargs)
+    on one thread). Elsewhere, or for a model without a Hugging Face ``backbone``, it is the model's own
+    ``encode_queries`` / ``encode_passages``."""
+    device = getattr(model, "device", None)
+    if getattr(device, "type", None) != "cpu" or not isinstance(getattr(model, "backbone", None), nn.Module):
+        return (model.encode_queries if side == "query" else model.encode_passages)(texts, **kwargs)
     kwargs.setdefault("max_batch_tokens", CPU_BATCH_TOKENS)
     workers = torch.get_num_threads() if parallel_batches else 1
     bf16 = bool(kwargs.get("bf16"))

@@ -23,7 +23,8 @@ from torch import nn
 from .. import distributed as dist
 from ..config import DistillConfig, TrainConfig, save_config
 from ..data.datasets import load_corpus, load_queries
-from ..data.groups import GroupDataset, group_loader, read_training_groups
+from ..data.batches import GroupDataset, group_loader
+from ..data.groups import read_training_groups
 from ..errors import LeadkdError
 from ..fileio import atomic_write
 from ..models.base import DenseRetriever

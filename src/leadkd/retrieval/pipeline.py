@@ -86,13 +86,6 @@ def search_run(query_embeddings: Embeddings, doc_embeddings: Embeddings, k: int,
     return to_run(query_embeddings.ids, doc_embeddings.ids, scores, indices)
 
 
-def check_dims(query_embeddings: Embeddings, doc_embeddings: Embeddings) -> None:
-    """Refuse to compare vectors of different widths (e.g. from two different models)."""
-    dq, dd = query_embeddings.vectors.shape[1], doc_embeddings.vectors.shape[1]
-    if dq != dd:
-        raise LeadkdError(f"query vectors have {dq} dimensions but passage vectors {dd}: not the same model?")
-
-
 def evaluate_layers(model, dataset, measures: Sequence[str] = ("nDCG@10", "R@100"), k: int = 100,
                     batch_size: int = 32, show_progress: bool = False, per_query: bool = False,
                     corpus_vectors=None) -> list[dict]:
