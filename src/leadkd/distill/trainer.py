@@ -226,7 +226,8 @@ class Trainer:
         if self.distill and cfg.loss.layer in ("lead", "hidden_mse"):
             student, teacher = self.models["student"].model, self.models["teacher"].model
             self.schedule = LayerSchedule(cfg.layers.strategy, student.num_layers, teacher.num_layers,
-                                          k=cfg.layers.k, seed=cfg.seed, resample_interval=cfg.layers.resample_every)
+                                          k=cfg.layers.k, seed=cfg.seed, resample_interval=cfg.layers.resample_every,
+                                          pairs=cfg.layers.pairs)
         if resumed:
             self._restore(resumed[1])
             self._say(f"resumed from {ckpt} at step {self.step}")
