@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .config import config_from_dict, config_to_dict, load_config, read_config_file
+from .config import config_from_dict, config_to_dict, load_config, read_config_file, todays_spelling
 from .errors import ConfigError, InputError, LeadkdError
 from .fileio import atomic_write
 from .results import read_json_object
@@ -356,7 +356,7 @@ def config_changes(stored: Mapping[str, Any], current: Mapping[str, Any], job: s
     if job == "evaluate":
         return [] if stored == current else [f"model: {stored.get('model')!r} -> {current.get('model')!r}"]
     defaults = _flat(config_to_dict(DistillConfig() if job == "distill" else TrainConfig()))
-    before, now = _flat(stored), _flat(current)
+    before, now = _flat(todays_spelling(stored)), _flat(current)
     changes = []
     for key in sorted((set(before) | set(now)) - {"output_dir"}):
         if key not in before and now[key] == defaults.get(key):

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, LeadkdError
-from .layers import Pair
+from ..layer_strategy import Pair
 
 __all__ = [
     "contrastive_loss", "kl_distillation", "response_kl_loss", "margin_mse_loss", "layer_distillation_loss",

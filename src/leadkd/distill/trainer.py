@@ -128,7 +128,8 @@ class Trainer:
                                                          self.log)
         if cfg.loss.layer in ("lead", "hidden_mse"):
             self.schedule = LayerSchedule(cfg.layers.strategy, student.num_layers, teacher.num_layers, k=cfg.layers.k,
-                                          seed=cfg.seed, resample_interval=cfg.layers.resample_every)
+                                          seed=cfg.seed, resample_interval=cfg.layers.resample_every,
+                                          pairs=cfg.layers.pairs)
         return objective
 
     # ------------------------------------------------------------------ state
