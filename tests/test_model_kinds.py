@@ -16,6 +16,7 @@ from torch import nn
 
 import leadkd
 from leadkd.cli import main
+from leadkd import kinds
 from leadkd.models import loading
 
 from conftest import make_tiny_beir, make_tiny_groups
@@ -93,8 +94,8 @@ class HashedWords(nn.Module):
 
 @pytest.fixture
 def toy_kind(monkeypatch):
-    monkeypatch.setitem(loading.MODEL_KINDS, HashedWords.kind, HashedWords)
-    loading.register_model_kind(HashedWords)
+    monkeypatch.setitem(kinds.MODEL_KINDS, HashedWords.kind, None)  # removed again after the test
+    kinds.register(HashedWords)
     return HashedWords
 
 
@@ -103,7 +104,7 @@ def _distill(tmp_path: Path, name: str, teacher: dict, student: dict) -> Path:
     config = {"teacher": {**teacher, "train": True}, "student": student,
               "data": {"corpus": str(data), "train_groups": str(groups), "num_negatives": 3},
               "optim": {"steps": 3, "batch_size": 4, "lr": 1e-2}, "layers": {"k": 2},
-              "eval": {"split": None}, "checkpoint": {"every": None}, "output_dir": str(tmp_path / name)}
+              "eval": {"split": None}, "checkpoint": {"every": None}, "log_every": 1, "output_dir": str(tmp_path / name)}
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps(config))
     assert main(["distill", "--config", str(path)]) == 0
@@ -151,12 +152,12 @@ def _names_in_code(path: Path) -> set[str]:
 
 
 def test_the_distillation_package_never_names_a_model_kind():
-    kinds = set(loading.MODEL_KINDS) - {HashedWords.kind}
-    classes = {target.rsplit(":", 1)[-1] for target in loading.MODEL_KINDS.values() if isinstance(target, str)}
+    names = set(kinds.MODEL_KINDS) - {HashedWords.kind}
+    classes = {kind.target.rsplit(":", 1)[-1] for kind in kinds.MODEL_KINDS.values() if isinstance(kind.target, str)}
     package = Path(leadkd.__file__).parent / "distill"
     found = {}
     for module in sorted(package.glob("*.py")):
-        hits = {name for name in _names_in_code(module) if any(word in name for word in kinds | classes)}
+        hits = {name for name in _names_in_code(module) if any(word in name for word in names | classes)}
         if hits:
             found[module.name] = sorted(hits)
     assert found == {}

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import leadkd.models as models_pkg
+from leadkd import kinds
 from leadkd.errors import LeadkdError
-from leadkd.models import DualEncoder, load_model
-from leadkd.models import loading
+from leadkd.models import DualEncoder, load_model, loading
 from leadkd.models.base import LEADKD_CONFIG
 
 QUERIES = ["cancer risk", "dose of the drug", "dna"]
@@ -135,17 +135,18 @@ def test_load_model_dispatches_on_kind(tmp_path, monkeypatch):
     folder = tmp_path / "colbert"
     folder.mkdir()
     (folder / LEADKD_CONFIG).write_text(json.dumps({"kind": "colbert", "dim": 128}))
-    monkeypatch.setitem(loading.MODEL_KINDS, "colbert", f"{__name__}:FakeModel")
+    monkeypatch.setitem(kinds.MODEL_KINDS, "colbert", kinds.Kind(f"{__name__}:FakeModel"))
     model = load_model(folder, max_query_length=32)
     assert isinstance(model, FakeModel)
     assert model.path == str(folder) and model.overrides == {"max_query_length": 32}
 
 
 def test_registry_names_the_three_kinds():
-    assert loading.MODEL_KINDS == {"dual_encoder": "leadkd.models.dual_encoder:DualEncoder",
-                                   "colbert": "leadkd.models.colbert:ColBERT",
-                                   "cross_encoder": "leadkd.models.cross_encoder:CrossEncoder"}
+    assert {name: kind.target for name, kind in kinds.MODEL_KINDS.items()} == {
+        "dual_encoder": "leadkd.models.dual_encoder:DualEncoder", "colbert": "leadkd.models.colbert:ColBERT",
+        "cross_encoder": "leadkd.models.cross_encoder:CrossEncoder"}
     assert loading.model_class("dual_encoder") is DualEncoder
+    assert kinds.owners("colbert_dim") == ["colbert"] and kinds.owners("max_query_length") == []
     with pytest.raises(LeadkdError, match="unknown model kind"):
         loading.model_class("bm25")
 

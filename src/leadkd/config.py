@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from .config_files import dump_yaml, origin_of, read_config_file, read_sources
 from .config_values import (Integer, MeasureName, NonNegativeInt, NonNegativeNumber, Number, PositiveInt,
@@ -26,6 +26,7 @@ from .config_values import (Integer, MeasureName, NonNegativeInt, NonNegativeNum
                             parse_student_init, problem_of, within)
 from .errors import ConfigError
 from .fileio import atomic_write
+from .kinds import DEFAULT_KIND, MODEL_KINDS, owners
 from .layer_strategy import STRATEGIES, Pair, StrategyError, parse_layer_map, resolve_strategy
 
 __all__ = [
@@ -37,8 +38,15 @@ __all__ = [
 ]
 
 
-MODEL_KINDS: tuple[str, ...] = ("dual_encoder", "colbert", "cross_encoder")
-ModelKind = choice(*MODEL_KINDS)
+def _registered_kind(value: Any) -> Any:
+    """A kind of the registry (:mod:`leadkd.kinds`), in any case; kinds registered at run time count."""
+    text = value.strip().lower() if isinstance(value, str) else value
+    if not isinstance(text, str) or text not in MODEL_KINDS:
+        raise ValueError(f"expected one of {', '.join(MODEL_KINDS)}, got {value!r}")
+    return text
+
+
+ModelKind = Annotated[str, BeforeValidator(_registered_kind)]
 Pooling = choice("cls", "mean")
 ResponseLoss = choice("kl", "margin_mse", "none")
 LayerLoss = choice("lead", "hidden_mse", "none")
@@ -53,16 +61,11 @@ class _Section(BaseModel):
 
 # --------------------------------------------------------------------------- sections
 
-#: Options of one model kind; set on another kind they are errors rather than ignored.
-_KIND_OPTIONS = {"pooling": "dual_encoder", "normalize": "dual_encoder", "similarity_scale": "dual_encoder",
-                 "colbert_dim": "colbert", "token_type_ids": "cross_encoder"}
-
-
 class ModelConfig(_Section):
     """One retriever: where its weights are and how it reads text."""
 
     path: str | None = None
-    kind: ModelKind = "dual_encoder"
+    kind: ModelKind = DEFAULT_KIND
     pooling: Pooling | None = None
     normalize: StrictBool | None = None
     max_query_length: PositiveInt | None = None
@@ -76,9 +79,11 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _options_of_its_kind(self) -> ModelConfig:
-        for name, kind in _KIND_OPTIONS.items():
-            if self.kind != kind and getattr(self, name) is not None:
-                raise check_failed(name, f"only applies to a {kind}, not to a {self.kind}")
+        """Options of one kind (the registry's) set on another are errors rather than ignored."""
+        for name in type(self).model_fields:
+            kinds = owners(name)
+            if kinds and self.kind not in kinds and getattr(self, name) is not None:
+                raise check_failed(name, f"only applies to a {' or a '.join(kinds)}, not to a {self.kind}")
         return self
 
 
@@ -138,6 +143,11 @@ class LossConfig(TrainLossConfig):
     reweight: StrictBool = True
     detach_teacher_targets: StrictBool = False
     colbert_last_layer: ColbertLastLayer = "raw"
+
+    @property
+    def raw_last_layer(self) -> bool:
+        """Whether the layer loss scores every model's last block raw (the paper's ColBERT view)."""
+        return self.colbert_last_layer == "raw"
 
 
 class LayerConfig(_Section):
@@ -241,15 +251,9 @@ class DistillConfig(_Job):
         if student.init is not None and student.path is not None:
             raise check_failed("student.init", "builds the student from the teacher's blocks; remove student.path "
                                                "(or remove student.init to load the student from student.path)")
-        if student.init is not None and student.kind != teacher.kind:
-            raise check_failed("student.kind", f"must match teacher.kind ({teacher.kind}) when the student is "
-                                               "built from the teacher's blocks (student.init)")
         if teacher.cache and teacher.train:
             raise check_failed("teacher.cache", "only a frozen teacher's vectors can be cached; "
                                                 "set teacher.train: false")
-        if teacher.cache and teacher.kind != "dual_encoder":
-            raise check_failed("teacher.cache", f"caches dual-encoder vectors; a {teacher.kind} teacher scores "
-                                                "each query-passage pair, so there is nothing per text to cache")
         if teacher.cache and loss.layer == "hidden_mse":
             raise check_failed("teacher.cache", "holds pooled vectors; loss.layer=hidden_mse needs the teacher's "
                                                 "token states")

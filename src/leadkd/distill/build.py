@@ -18,7 +18,8 @@ from ..accel.cpu_dropout import use_cpu_dropout
 from ..config import DistillConfig
 from ..errors import ConfigError
 from ..models.base import DenseRetriever
-from ..models.loading import DEFAULT_KIND, build_model, model_class
+from ..kinds import DEFAULT_KIND, model_class
+from ..models.loading import build_model
 from .losses import HiddenStateMSE, check_same_tokenizer
 from .teacher_cache import TeacherVectorCache
 
@@ -39,7 +40,12 @@ def student_from_teacher(teacher: nn.Module, layers: Sequence[int], config) -> n
     """A student made of ``layers`` of the teacher's blocks, what ``student.init: teacher_layers=[...]``
     builds: of ``config.kind`` (a :class:`~leadkd.config.StudentConfig`; the default kind for a plain
     settings object), with the config's settings over the teacher's."""
-    return model_class(getattr(config, "kind", DEFAULT_KIND)).from_blocks(teacher, tuple(layers), config)
+    kind = getattr(config, "kind", DEFAULT_KIND)
+    cls = model_class(kind)
+    if not hasattr(cls, "from_blocks"):
+        raise ConfigError(f"student.init: a {kind} student cannot be built from a teacher's blocks; give "
+                          "student.path instead")
+    return cls.from_blocks(teacher, tuple(layers), config)
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, eps: float) -> torch.optim.AdamW:

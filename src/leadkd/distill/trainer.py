@@ -117,7 +117,7 @@ class Trainer:
         teacher = build_model(cfg.teacher, str(ckpt / "teacher") if ckpt and cfg.teacher.train else None)
         student = build_student(cfg, teacher, ckpt)
         hidden_mse = hidden_state_baseline(student, teacher, self.ctx) if cfg.loss.layer == "hidden_mse" else None
-        raw = cfg.loss.colbert_last_layer == "raw"
+        raw = cfg.loss.raw_last_layer
         objective = Distillation(
             self._prepare("student", student, trains=True, lr=cfg.optim.lr, raw_last_layer=raw, extra=hidden_mse),
             self._prepare("teacher", teacher, trains=cfg.teacher.train, lr=cfg.optim.teacher_lr or cfg.optim.lr,

@@ -65,15 +65,14 @@ class Retriever(Protocol):
     cross-encoder reads each pair jointly). ``encode_batch`` returns the view the losses score: the
     requested layers (layer view: for ColBERT the raw last block with ``raw_last_layer``), then with
     ``final`` one more slice, the model's ordinary score. ``from_config`` builds the model from a
-    :class:`~leadkd.config.ModelConfig`; ``config_options`` names the ModelConfig fields it reads beyond
-    the ones every kind has (path, lengths, trust_remote_code, use_safetensors).
+    :class:`~leadkd.config.ModelConfig`; the registry (:mod:`leadkd.kinds`) says which of its fields only
+    this kind reads.
     """
 
     kind: str
     num_layers: int
     backbone: nn.Module
     scores_whole_batch: bool
-    config_options: tuple[str, ...]
 
     def layer_scores(self, queries: Sequence[str], passages: Sequence[str]) -> torch.Tensor:
         """Scores of every layer: ``[num_layers, len(queries), C]``; see each kind for what C is."""

@@ -139,7 +139,6 @@ class ColBERT(nn.Module):
 
     kind = KIND
     scores_whole_batch = True
-    config_options = ("colbert_dim",)
 
     def __init__(self, tokenizer, backbone: nn.Module, options: ColBERTOptions = ColBERTOptions(),
                  projection: nn.Linear | None = None):

@@ -77,7 +77,6 @@ class CrossEncoder(nn.Module):
 
     kind = KIND
     scores_whole_batch = False
-    config_options = ("token_type_ids",)
 
     def __init__(self, tokenizer, backbone: nn.Module, options: CrossEncoderOptions = CrossEncoderOptions(),
                  head: nn.Linear | None = None):

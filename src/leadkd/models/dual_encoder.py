@@ -111,7 +111,6 @@ class DualEncoder(nn.Module):
 
     kind = "dual_encoder"
     scores_whole_batch = True
-    config_options = ("pooling", "normalize", "similarity_scale")
 
     def __init__(self, backbone: nn.Module, tokenizer: Any, **options: Any):
         """``options``: :class:`DualEncoderOptions` fields (the paper's DE where not given)."""

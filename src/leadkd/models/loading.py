@@ -8,7 +8,6 @@ that every model kind reads and writes the same files the same way.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import warnings
@@ -16,20 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..kinds import DEFAULT_KIND, MODEL_KINDS, model_class
 from ..errors import LeadkdError
 from ..fileio import atomic_write
 from .base import LEADKD_CONFIG, read_leadkd_config, resolve_model_path
-
-#: Model kind -> its class, or "module:Class" imported only when that kind is first used. The one registry:
-#: config validation, loading a saved folder and the trainer all go through it.
-MODEL_KINDS: dict[str, str | type] = {
-    "dual_encoder": "leadkd.models.dual_encoder:DualEncoder",
-    "colbert": "leadkd.models.colbert:ColBERT",
-    "cross_encoder": "leadkd.models.cross_encoder:CrossEncoder",
-}
-
-#: The kind of a plain Hugging Face / sentence-transformers folder, and of a student built from blocks.
-DEFAULT_KIND = "dual_encoder"
 
 #: Pooling modes named by sentence-transformers' legacy boolean keys, in ST's own order.
 _ST_LEGACY_POOLING = {
@@ -40,29 +29,6 @@ _ST_LEGACY_POOLING = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
 }
-
-
-def register_model_kind(cls: type) -> type:
-    """Make ``cls`` (a :class:`~leadkd.models.base.Retriever` with a ``from_config`` and a ``from_pretrained``)
-    the model of kind ``cls.kind`` everywhere; usable as a class decorator. Nothing else needs to change
-    for a new kind to train as teacher or student."""
-    missing = [name for name in ("kind", "scores_whole_batch", "config_options", "from_config", "from_pretrained",
-                                 "encode_batch", "save_pretrained", "settings") if not hasattr(cls, name)]
-    if missing:
-        raise TypeError(f"{cls.__name__} is not a leadkd model kind: it lacks {', '.join(missing)}")
-    MODEL_KINDS[cls.kind] = cls
-    return cls
-
-
-def model_class(kind: str) -> type:
-    """The class registered for ``kind``, imported on first use."""
-    target = MODEL_KINDS.get(kind)
-    if target is None:
-        raise LeadkdError(f"unknown model kind {kind!r}; known kinds: {', '.join(sorted(MODEL_KINDS))}")
-    if isinstance(target, str):
-        module_name, class_name = target.split(":")
-        target = getattr(importlib.import_module(module_name), class_name)
-    return target
 
 
 def build_model(config, path: str | None = None):
