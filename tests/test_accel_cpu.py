@@ -9,19 +9,7 @@ import torch
 from leadkd.accel import cpu
 from leadkd.models import DualEncoder
 
-PASSAGES = [
-    "the study shows high levels of protein in cells of patients with cancer",
-    "virus",
-    "a trial of the drug dose and the risk of heart and brain effects in human and mouse",
-    "low blood levels",
-    "genes and rna results show an increase in the treatment of patients",
-]
-
-
-@pytest.fixture(scope="module")
-def models(tiny_bert):
-    return {(pooling, normalize): DualEncoder.from_pretrained(tiny_bert, pooling=pooling, normalize=normalize)
-            for pooling in ("cls", "mean") for normalize in (False, True)}
+from test_dual_encoder import PASSAGES, models  # noqa: F401  (the fixture, one per pooling setting)
 
 
 @pytest.mark.parametrize("bf16", [False, True])
