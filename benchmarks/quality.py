@@ -82,7 +82,7 @@ def prepare(dataset: str, work: Path) -> dict:
     from leadkd.data.datasets import available_splits, load_dataset, resolve_dataset
     from leadkd.data.formats import write_beir_qrels
     from leadkd.data.groups import write_training_groups
-    from leadkd.distill.trainer import student_from_teacher
+    from leadkd.distill.build import student_from_teacher
     from leadkd.models.dual_encoder import DualEncoder
     from leadkd.retrieval.mine import mine_hard_negatives
 

@@ -43,22 +43,23 @@ def dev_eval_seconds(stage_dir: Path) -> float:
 
 def time_quickstart(mode: str, data: str, root: Path) -> dict:
     from leadkd.quickstart import QuickstartPlan, run_quickstart
+    from leadkd.results import read_results
 
     output = root / mode
     plan = QuickstartPlan.fast() if mode == "fast" else QuickstartPlan()
     started, cpu = time.perf_counter(), time.process_time()
     run_quickstart(data, output, plan, log=lambda m: None)
     total = time.perf_counter() - started
-    results = json.loads((output / "results.json").read_text())
-    stages = results["timings"]
+    results = read_results(output / "results.json")
+    stages = results.timings
+    paired = results.lead_vs_response_kd
     return {"total_seconds": round(total, 1), "cpu_seconds": round(time.process_time() - cpu, 1),
             "target_seconds": TARGETS[mode], "meets_target": total <= TARGETS[mode],
             "stages": stages, "other_seconds": round(total - sum(stages.values()), 1),
-            "dev_eval_seconds": {stage: dev_eval_seconds(output / "stages" / stage)
-                                 for stage in ("warmup", "distill", "response_kd")},
-            "steps": results["settings"]["steps"], "teacher_training": results["settings"].get("teacher_training"),
-            "test_nDCG@10": {name: scores["nDCG@10"] for name, scores in results["models"].items()},
-            "lead_vs_response_kd": {k: results["lead_vs_response_kd"][k] for k in ("delta", "p", "queries")}}
+            "dev_eval_seconds": {stage.name: dev_eval_seconds(output / stage.folder) for stage in results.stages},
+            "steps": results.settings["steps"], "teacher_training": results.settings.get("teacher_training"),
+            "test_nDCG@10": {model.name: model.metrics[results.test_split]["nDCG@10"] for model in results.models},
+            "lead_vs_response_kd": {"delta": paired.delta, "p": paired.p, "queries": paired.queries}}
 
 
 def main() -> None:

@@ -140,7 +140,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from leadkd.distill.trainer import student_from_teacher
+    from leadkd.distill.build import student_from_teacher
     from leadkd.models.dual_encoder import DualEncoder
 
     root = Path(tempfile.mkdtemp(prefix="leadkd-train-speed-"))

@@ -252,10 +252,10 @@ CASES: list[Case] = [
          ["cannot distill 3 layer pairs: the student has 2 layers and the teacher 4"]),
     Case("layers-k-above-teacher-depth", _distill("student.init=<drop>", "student.path={deep}", "layers.k=5"),
          ["cannot distill 5 layer pairs: the student has 6 layers and the teacher 4"]),
-    Case("layer-map-teacher-out-of-range", _distill("layers.strategy=0:1,1:7"),
-         ["layer map", "pair 1:7 is out of range", "the teacher 4 (0..3)"]),
-    Case("layer-map-student-out-of-range", _distill("layers.strategy=0:1,5:3"),
-         ["layer map", "pair 5:3 is out of range", "the student has 2 layers (0..1)"]),
+    Case("layer-map-teacher-out-of-range", _distill("layers.strategy=map", "layers.pairs=[[0, 1], [1, 7]]"),
+         ["layers.pairs: pair [1, 7] is out of range", "the teacher 4 (0..3)"]),
+    Case("layer-map-student-out-of-range", _distill("layers.strategy=0:1,5:3"),  # the old spelling of a map
+         ["layers.pairs: pair [5, 3] is out of range", "the student has 2 layers (0..1)"]),
     Case("student-init-layer-out-of-range", _distill("student.init=teacher_layers=[0,9]"),
          ["layers [9] are out of range for a model of 4 layers (0..3)"]),
     # -- models that are not there, or not models -------------------------------------------------------

@@ -137,16 +137,14 @@ def test_layer_selection_and_score(colbert):
 def test_the_layer_view_scores_the_last_layer_raw_and_the_final_score_apart(tiny_bert, dim):
     """What LEAD's layer loss sees (the paper's code): MaxSim over every block's raw output, the last one
     included; the response term alone gets the projected, normalised final score, appended after them."""
-    from leadkd.distill.views import EncodeForward, score
-
     model = ColBERT.from_pretrained(tiny_bert, dim=dim, max_query_length=Q_LEN, max_passage_length=24)
     last = model.num_layers - 1
     with torch.no_grad():
-        view = score(EncodeForward(model)(QUERIES, PASSAGES, [0, last], final=True), "colbert")
+        view = model.encode_batch(QUERIES, PASSAGES, [0, last], final=True).scores()
         raw = torch.tensor([[_reference_scores(model, q, p, raw_last=True) for p in PASSAGES] for q in QUERIES])
         final = torch.tensor([[_reference_scores(model, q, p) for p in PASSAGES] for q in QUERIES])
-        only_final = score(EncodeForward(model)(QUERIES, PASSAGES, [], final=True), "colbert")
-        earlier = score(EncodeForward(model, raw_last_layer=False)(QUERIES, PASSAGES, [last], final=True), "colbert")
+        only_final = model.encode_batch(QUERIES, PASSAGES, [], final=True).scores()
+        earlier = model.encode_batch(QUERIES, PASSAGES, [last], final=True, raw_last_layer=False).scores()
     assert view.shape == (3, len(QUERIES), len(PASSAGES))
     torch.testing.assert_close(view[0], raw[..., 0], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(view[1], raw[..., last], atol=1e-4, rtol=1e-5)

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
 
+import pydantic
 import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from leadkd.config import (
-    DistillConfig, LayerConfig, StudentConfig, TrainConfig, config_from_dict, config_to_dict, load_config,
-    parse_layer_map, parse_student_init, save_config, validate_config,
+    DistillConfig, LayerConfig, StudentConfig, TrainConfig, changed_settings, config_from_dict, config_to_dict,
+    load_config, parse_layer_map, parse_student_init, save_config, todays_spelling, validate_config,
 )
+from leadkd.compare import config_changes
 from leadkd.errors import ConfigError, LeadkdError
 
 REQUIRED_DISTILL = ["teacher.path=teacher-dir", "student.path=student-dir", "data.corpus=scifact",
@@ -87,11 +88,12 @@ def test_json_file(tmp_path):
 
 def test_overrides_go_on_top_of_the_file(tmp_path):
     path = write(tmp_path, "optim: {lr: 1.0e-5, batch_size: 4}\nlayers: {k: 3}\n")
-    config = load_config(path, REQUIRED_DISTILL + ["optim.lr=3e-5", "layers.strategy=5:11",
-                                                   "teacher.train=false", "eval.max_queries=200",
-                                                   "student.max_passage_length=null"], kind="distill")
+    config = load_config(path, REQUIRED_DISTILL + ["optim.lr=3e-5", "layers.strategy=map",
+                                                   "layers.pairs=[[5, 11]]", "teacher.train=false",
+                                                   "eval.max_queries=200", "student.max_passage_length=null"],
+                         kind="distill")
     assert config.optim.lr == 3e-5 and config.optim.batch_size == 4 and config.layers.k == 3
-    assert config.layers.strategy == "5:11"  # not the base-60 integer 311 YAML 1.1 would make of it
+    assert (config.layers.strategy, config.layers.pairs) == ("map", ((5, 11),))
     assert config.teacher.train is False and config.eval.max_queries == 200
     assert config.student.max_passage_length is None
 
@@ -128,6 +130,14 @@ def test_unknown_key_in_file_names_file_key_and_suggestion(tmp_path):
 def test_unknown_key_in_override_names_the_override():
     message = error_of("loss.temprature=2")
     assert message.startswith("override 'loss.temprature=2'") and "did you mean 'loss.temperature'" in message
+
+
+def test_of_several_problems_an_unknown_key_comes_first_then_a_type():
+    """As before pydantic: every key is checked, then every type, then the values."""
+    assert "loss.temprature: unknown option" in error_of("teacher.max_query_length=0", "optim.lr=abc",
+                                                         "loss.temprature=2")
+    assert "optim.lr: expected a number, got 'abc'" in error_of("teacher.max_query_length=0", "optim.lr=abc")
+    assert "teacher.max_query_length: must be > 0" in error_of("teacher.max_query_length=0", "optim.lr=0")
 
 
 def test_misplaced_option_suggests_its_real_section():
@@ -210,10 +220,16 @@ def test_bad_files(tmp_path):
     ("seed=-1", "seed: must be in [0, 2**32)"),
     ("log_every=0", "log_every: must be > 0"),
     ("output_dir=", "output_dir: required but not set"),
-    ("layers.strategy=0-1", "layers.strategy: expected one of random, last, skip, paper_last, paper_skip or student:teacher pairs"),
-    ("layers.strategy=0:1,0:3", "layers.strategy: '0:1,0:3' uses a student layer twice"),
+    ("layers.strategy=0-1", "layers.strategy: expected one of random, last, skip, paper_last, paper_skip, map, "
+                            "or old-style student:teacher pairs like '0:1,1:3,2:5', got '0-1'"),
+    ("layers.strategy=0:1,0:3", "layers.strategy: '0:1,0:3' uses a student layer twice (layer 0)"),
     ("layers.strategy=0:1,2:1", "uses a teacher layer twice"),
     ("layers.strategy=-1:3", "student:teacher pairs"),
+    ("layers.strategy=randm", "layers.strategy: expected one of random, last, skip, paper_last, paper_skip, map, "
+                              "got 'randm' (did you mean 'random'?)"),
+    ("layers.strategy=map", "layers.pairs: strategy 'map' needs its [student, teacher] pairs, e.g. [[0, 1], [2, 5]]"),
+    ("layers.pairs=[[0, 1]]", "layers.pairs: only strategy 'map' takes pairs; set layers.pairs to null for 'random'"),
+    ("layers.pairs=[[0, 1], [0, 3]]", "layers.pairs: only strategy 'map' takes pairs"),
     ("teacher.kind=colbert", None),  # fine by itself ...
     ("student.kind=cross_encoder", None),
 ])
@@ -251,14 +267,74 @@ def test_all_loss_terms_off_is_an_error():
     distill("loss.student_ce=0", "loss.response=none", "loss.layer=none")  # the teacher still trains
 
 
-def test_explicit_layer_map_is_parsed_and_canonical():
-    config = distill("layers.strategy= 3:11 , 0:1,1:3")
-    assert config.layers.strategy == "0:1,1:3,3:11"
-    assert config.layers.pairs == ((0, 1), (1, 3), (3, 11))
+def test_a_map_is_a_list_of_pairs_sorted_by_student_layer(tmp_path):
+    path = write(tmp_path, "layers:\n  strategy: map\n  pairs: [[3, 11], [0, 1], [1, 3]]\n")
+    config = load_config(path, REQUIRED_DISTILL)
+    assert (config.layers.strategy, config.layers.pairs) == ("map", ((0, 1), (1, 3), (3, 11)))
+    assert distill("layers.strategy=MAP", "layers.pairs=[[2, 5]]").layers.pairs == ((2, 5),)
     assert distill().layers.pairs is None
-    assert parse_layer_map("2:5") == ((2, 5),)
+    assert "layers:\n  strategy: map\n  pairs: [[0, 1], [1, 3], [3, 11]]\n" in save_config(
+        config, tmp_path / "saved.yaml").read_text()
+
+
+@pytest.mark.parametrize("pairs, expected", [
+    ("[[0, 1], [0, 3]]", "layers.pairs: [[0, 1], [0, 3]] uses a student layer twice (layer 0)"),
+    ("[[0, 1], [2, 1]]", "layers.pairs: [[0, 1], [2, 1]] uses a teacher layer twice (layer 1)"),
+    ("[[0, -1]]", "layers.pairs: expected [student, teacher] pairs of layer numbers (>= 0) like [[0, 1], [2, 5]], "
+                  "got [[0, -1]]"),
+    ("[[0, 1, 2]]", "expected [student, teacher] pairs"),
+    ("[[0, true]]", "expected [student, teacher] pairs"),
+    ("[[0, 1.5]]", "expected [student, teacher] pairs"),
+    ("[]", "expected [student, teacher] pairs"),
+    ("0:1", "layers.pairs: expected [student, teacher] pairs of layer numbers (>= 0) like [[0, 1], [2, 5]], "
+            "got '0:1'"),
+])
+def test_bad_pairs_name_the_key(pairs, expected):
+    message = error_of("layers.strategy=map", f"layers.pairs={pairs}")
+    assert message.startswith(f"override 'layers.pairs={pairs}': ") and expected in message
+
+
+def test_old_map_spelling_reads_as_map_with_pairs(tmp_path):
+    """Before ``layers.pairs`` the map was the strategy itself: saved runs and ledgers still hold that."""
+    config = distill("layers.strategy= 3:11 , 0:1,1:3")
+    assert (config.layers.strategy, config.layers.pairs) == ("map", ((0, 1), (1, 3), (3, 11)))
+    assert config == distill("layers.strategy=map", "layers.pairs=[[0, 1], [1, 3], [3, 11]]")
+    # YAML 1.1 reads an unquoted single pair as a base-60 number (5:11 -> 311): read back as that pair
+    unquoted = write(tmp_path, "layers: {strategy: 5:11}\n")
+    assert yaml.safe_load(unquoted.read_text()) == {"layers": {"strategy": 311}}
+    assert load_config(unquoted, REQUIRED_DISTILL).layers.pairs == ((5, 11),)
+    assert distill("layers.strategy=5:11").layers.pairs == ((5, 11),)
+    assert parse_layer_map("2:5") == ((2, 5),) and parse_layer_map(311) == ((5, 11),)
     with pytest.raises(ValueError):
         parse_layer_map("2:5,")
+    assert "layers.pairs: set beside the old-style map '0:1'" in error_of("layers.strategy=0:1", "layers.pairs=[[0, 1]]")
+
+
+def test_a_run_saved_in_the_old_spelling_resumes(tmp_path):
+    """A config.yaml written before ``layers.pairs`` (the map as its strategy, unquoted; a single pair quoted
+    by the old dumper) loads to the same settings as today's spelling, so a resume sees no change."""
+    for old, pairs in [("0:1,2:5", "[[0, 1], [2, 5]]"), ("'5:11'", "[[5, 11]]")]:
+        saved = save_config(distill("layers.strategy=map", f"layers.pairs={pairs}"), tmp_path / "new.yaml")
+        text = saved.read_text().replace(f"  strategy: map\n  pairs: {pairs}\n", f"  strategy: {old}\n")
+        assert "pairs" not in text
+        before = load_config(write(tmp_path, text, "config.yaml"), kind="distill")
+        assert changed_settings(before, distill("layers.strategy=map", f"layers.pairs={pairs}")) == []
+        assert config_to_dict(before) == config_to_dict(load_config(saved, kind="distill"))
+
+
+def test_ledger_rows_in_the_old_spelling_compare_in_todays():
+    row = config_to_dict(distill("layers.strategy=skip"))
+    old = {**row, "layers": {"strategy": "0:1,2:5", "k": 5, "resample_every": 10}}
+    assert todays_spelling(old)["layers"] == {"strategy": "map", "pairs": [[0, 1], [2, 5]], "k": 5,
+                                              "resample_every": 10}
+    assert config_changes(old, config_to_dict(distill("layers.strategy=map", "layers.pairs=[[0, 1], [2, 5]]")),
+                          "distill") == []
+    assert config_changes(old, config_to_dict(distill("layers.strategy=map", "layers.pairs=[[0, 1]]")),
+                          "distill") == ["layers.pairs: [[0, 1], [2, 5]] -> [[0, 1]]"]
+    assert todays_spelling(row) == row
+    broken = {**row, "layers": {"strategy": "0-1"}}
+    assert todays_spelling(broken) == broken  # left as it is: the comparison then shows the difference
+    assert todays_spelling({"model": {"path": "m"}}) == {"model": {"path": "m"}}  # a train row has no layers
 
 
 def test_student_init_from_teacher_layers():
@@ -276,14 +352,17 @@ def test_student_init_from_teacher_layers():
                            ("layers=[0,2]", "expected teacher_layers=[i,j,...]")]:
         with pytest.raises(ConfigError, match=rf"student.init: .*{re.escape(expected)}"):
             load_config(None, no_path + [f"student.init={text}"])
-    with pytest.raises(ConfigError, match="student.kind: must match teacher.kind"):
-        load_config(None, no_path + ["student.init=teacher_layers=[0]", "teacher.kind=colbert"])
+    # Any teacher's blocks can seed a dual-encoder student (the kind builds itself from them, see
+    # test_trainer); whether the student's kind can be built so is the trainer's one-line error.
+    config = load_config(None, no_path + ["student.init=teacher_layers=[0]", "teacher.kind=colbert"])
+    assert (config.teacher.kind, config.student.kind) == ("colbert", "dual_encoder")
 
 
 # --------------------------------------------------------------------------- saving
 
 def test_round_trip_distill(tmp_path):
-    config = distill("layers.strategy=0:1,2:5", "teacher.kind=colbert", "teacher.train=false", "optim.lr=5e-5",
+    config = distill("layers.strategy=map", "layers.pairs=[[2, 5], [0, 1]]", "teacher.kind=colbert",
+                     "teacher.train=false", "optim.lr=5e-5",
                      "optim.teacher_lr=1e-5", "loss.response=margin_mse", "eval.split=null", "eval.every=500",
                      "data.corpus=2019", "student.pooling=mean", "checkpoint.keep_last=null", "seed=0")
     path = save_config(config, tmp_path / "run" / "config.yaml")
@@ -300,23 +379,28 @@ def test_round_trip_train(tmp_path):
 
 
 def test_config_to_dict_is_plain_and_reloads():
-    config = distill("layers.strategy=0:1")
+    config = distill("layers.strategy=map", "layers.pairs=[[0, 1]]")
     data = config_to_dict(config)
     assert json.loads(json.dumps(data)) == data
     assert yaml.safe_load(yaml.safe_dump(data)) == data
     assert config_from_dict(data, kind="distill") == config
-    assert set(data) == {f.name for f in dataclasses.fields(DistillConfig)}
+    assert set(data) == set(DistillConfig.model_fields)
+    assert list(data)[:3] == ["teacher", "student", "data"]  # the models first, as a recipe reads
 
 
 def test_configs_are_frozen_and_validate_config_checks_code_built_ones():
     config = distill()
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         config.optim.lr = 1.0  # type: ignore[misc]
-    changed = dataclasses.replace(config, student=StudentConfig(path="s", init="teacher_layers=[1, 3]"))
-    with pytest.raises(ConfigError, match="remove student.path"):
+    changed = config.model_copy(update={"student": StudentConfig(path="s", init="teacher_layers=[1, 3]")})
+    with pytest.raises(ConfigError, match="^student.init: .*remove student.path"):
         validate_config(changed)
-    fixed = validate_config(dataclasses.replace(changed, student=StudentConfig(init="teacher_layers=[1, 3]")))
+    fixed = validate_config(changed.model_copy(update={"student": StudentConfig(init="teacher_layers=[1, 3]")}))
     assert fixed.student.init == "teacher_layers=[1,3]"
+    with pytest.raises(ConfigError, match="^optim.lr: must be > 0, got -1.0$"):
+        validate_config(config.model_copy(update={"optim": config.optim.model_copy(update={"lr": -1.0})}))
+    with pytest.raises(ConfigError, match="^teacher.path: required but not set$"):
+        validate_config(DistillConfig())
 
 
 _TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=12).filter(str.strip)
@@ -327,11 +411,12 @@ _TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, ma
        lr=st.floats(min_value=1e-12, max_value=10.0), steps=st.integers(1, 10**9),
        split=st.none() | _TEXT, weight=st.floats(min_value=0.0, max_value=1e6), seed=st.integers(0, 2**32 - 1))
 def test_round_trip_property(tmp_path_factory, corpus, lr, steps, split, weight, seed):
-    config = dataclasses.replace(
-        distill(), seed=seed, eval=dataclasses.replace(distill().eval, split=split),
-        data=dataclasses.replace(distill().data, corpus=corpus),
-        optim=dataclasses.replace(distill().optim, lr=lr, steps=steps),
-        loss=dataclasses.replace(distill().loss, layer_weight=weight))
+    base = distill()
+    config = base.model_copy(update={
+        "seed": seed, "eval": base.eval.model_copy(update={"split": split}),
+        "data": base.data.model_copy(update={"corpus": corpus}),
+        "optim": base.optim.model_copy(update={"lr": lr, "steps": steps}),
+        "loss": base.loss.model_copy(update={"layer_weight": weight})})
     config = validate_config(config)
     path = save_config(config, tmp_path_factory.mktemp("rt") / "config.yaml")
     assert load_config(path, [], kind="distill") == config

@@ -9,12 +9,12 @@ Only configuration is read here: no model, no data, so the whole module runs in 
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pydantic
 import pytest
 
 from leadkd.config import DistillConfig, TrainConfig, config_to_dict, load_config
@@ -245,8 +245,8 @@ def test_response_kd_baseline_is_lead_12cb_6de_without_the_layer_term():
     baseline = load("msmarco-passage/response-kd-12cb-6de.yaml")
     lead = load("msmarco-passage/lead-12cb-6de.yaml")
     assert baseline.loss.layer == "none" and lead.loss.layer == "lead"
-    same = dataclasses.replace(baseline, output_dir=lead.output_dir,
-                               loss=dataclasses.replace(baseline.loss, layer="lead"))
+    same = baseline.model_copy(update={"output_dir": lead.output_dir,
+                                       "loss": baseline.loss.model_copy(update={"layer": "lead"})})
     assert config_to_dict(same) == config_to_dict(lead)
 
 
@@ -297,12 +297,12 @@ def test_every_option_has_a_row_in_the_configuration_reference(cls):
                                                       re.MULTILINE)}
 
     def keys(config, prefix=""):
-        for item in dataclasses.fields(config):
-            value = getattr(config, item.name)
-            if dataclasses.is_dataclass(value):
-                yield from keys(value, f"{prefix}{item.name}.")
+        for name in type(config).model_fields:
+            value = getattr(config, name)
+            if isinstance(value, pydantic.BaseModel):
+                yield from keys(value, f"{prefix}{name}.")
             else:
-                yield prefix + item.name
+                yield prefix + name
 
     missing = [key for key in keys(cls()) if key not in rows and key.split(".", 1)[-1] not in rows]
     assert not missing, f"options without a row in docs/configuration.md: {missing}"

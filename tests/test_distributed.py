@@ -65,13 +65,9 @@ def test_single_process_helpers_are_identity():
     x = torch.randn(3, 2, requires_grad=True)
     assert D.gather_with_grad(x) is x
     assert D.gather_padded(x, pad_value=0.0, dim=1) is x
-    assert D.broadcast_object({"pairs": [(0, 1)]}) == {"pairs": [(0, 1)]}
     assert D.all_reduce_mean(2.5) == 2.5
     mean = D.all_reduce_mean(x.sum())
     assert not mean.requires_grad and torch.equal(mean, x.sum().detach())
-    assert D.main_process_only(lambda v: v + 1)(1) == 2
-    with D.main_process_first():
-        pass
 
 
 # --------------------------------------------------------------------------- two processes
@@ -183,15 +179,8 @@ def _run_checks(ctx: D.DistContext, out_dir: Path) -> None:
         out["unequal"] = str(exc)
 
     out.update(_duplicate_positive_checks(rank))
-    out["broadcast"] = D.broadcast_object({"pairs": [(rank, rank + 5)]})
     out["mean_float"] = D.all_reduce_mean(float(rank))
     out["mean_tensor"] = D.all_reduce_mean(torch.tensor([rank, 2.0 * rank]))
-    out["main_only"] = D.main_process_only(lambda: "written")()
-    shared = out_dir / "cache.txt"
-    with D.main_process_first():
-        if ctx.is_main:
-            shared.write_text("built by rank 0")
-        out["cache"] = shared.read_text()
     ctx.barrier()
     torch.save(out, out_dir / f"rank{rank}.pt")
 
@@ -206,14 +195,14 @@ DUP_GROUPS = {
 
 
 def _dup_samples(rank: int) -> list:
-    from leadkd.data.groups import GroupSample
+    from leadkd.data.batches import GroupSample
 
     return [GroupSample(f"q{rank}{i}", "query", ids, ["text"] * M, positive_ids=positives)
             for i, (positives, ids) in enumerate(DUP_GROUPS[rank])]
 
 
 def _dup_batch(rank: int):
-    from leadkd.data.groups import collate_groups
+    from leadkd.data.batches import collate_groups
 
     return collate_groups(_dup_samples(rank))
 
@@ -230,10 +219,10 @@ def _perfect_loss(batch, candidate_ids: list[str], labels: torch.Tensor, mask) -
 def _duplicate_positive_checks(rank: int) -> dict:
     """The trainer's duplicate mask over gathered candidates, and what it does to a perfect model's loss."""
     from leadkd.distill.losses import group_labels
-    from leadkd.distill.views import duplicate_positives
+    from leadkd.distill.objectives import Layout, duplicate_positives
 
     batch = _dup_batch(rank)
-    mask = duplicate_positives(batch, gathered=True, query_offset=rank * B)
+    mask = duplicate_positives(batch, Layout(gathered=True, offset=rank * B, own_group=False))
     everyone = [pid for r in range(WORLD) for _, ids in DUP_GROUPS[r] for pid in ids]
     labels = group_labels(B, M, query_offset=rank * B)
     return {"dup_mask": mask, "dup_loss_masked": D.all_reduce_mean(_perfect_loss(batch, everyone, labels, mask)),
@@ -300,11 +289,8 @@ def test_two_processes_basics(two_ranks):
         assert torch.equal(out["gathered_ids"], torch.arange(WORLD * B * M, dtype=torch.float64))
         assert torch.equal(out["label_ids"], ((rank * B + torch.arange(B)) * M).double())
         assert "same shape on every process" in out["unequal"]
-        assert out["broadcast"] == {"pairs": [(0, 5)]}
         assert out["mean_float"] == pytest.approx(0.5)
         assert torch.equal(out["mean_tensor"], torch.tensor([0.5, 1.0]))
-        assert out["main_only"] == ("written" if rank == 0 else None)
-        assert out["cache"] == "built by rank 0"
 
 
 def test_gathered_contrastive_loss_and_grads_equal_one_process(two_ranks):
@@ -343,10 +329,10 @@ def test_copies_of_a_positive_in_other_processes_groups_are_masked(two_ranks):
 
 
 def test_one_process_on_the_whole_batch_masks_the_same_candidates():
-    from leadkd.data.groups import collate_groups
-    from leadkd.distill.views import duplicate_positives
+    from leadkd.data.batches import collate_groups
+    from leadkd.distill.objectives import Layout, duplicate_positives
 
     whole = collate_groups([sample for r in range(WORLD) for sample in _dup_samples(r)])
-    mask = duplicate_positives(whole, gathered=False)
+    mask = duplicate_positives(whole, Layout(gathered=False, offset=0, own_group=False))
     assert torch.equal(mask, torch.cat([_expected_duplicate_mask(r) for r in range(WORLD)]))
 

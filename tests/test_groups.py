@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from leadkd.data.collection import Corpus, Queries
-from leadkd.data.groups import (EpochSampler, GroupDataset, GroupsBuilder, collate_groups, group_loader,
-                                read_training_groups, sample_group, write_training_groups)
+from leadkd.data.batches import EpochSampler, GroupDataset, collate_groups, group_loader, sample_group
+from leadkd.data.groups import GroupsBuilder, read_training_groups, write_training_groups
 from leadkd.errors import InputError, LeadkdError
 
 

@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from leadkd.distill.layers import LayerSchedule, parse_layer_map, select_layers
+from leadkd.distill.layers import STRATEGIES, LayerSchedule, select_layers
+from leadkd.layer_strategy import STRATEGIES as CONFIG_STRATEGIES
 from leadkd.errors import ConfigError, LeadkdError
 
 
@@ -80,7 +81,7 @@ def test_k_larger_than_a_model_names_both_depths(strategy):
 
 
 def test_unknown_strategy_and_missing_generator():
-    with pytest.raises(ConfigError, match="unknown layer selection 'randm'"):
+    with pytest.raises(ConfigError, match=r"^layers.strategy: expected one of .*, got 'randm' \(did you mean 'random'\?\)$"):
         select_layers("randm", 6, 12, 5, gen())
     with pytest.raises(LeadkdError, match="seeded torch.Generator"):
         select_layers("random", 6, 12, 5)
@@ -89,33 +90,47 @@ def test_unknown_strategy_and_missing_generator():
 # --------------------------------------------------------------------------- explicit maps
 
 
-def test_explicit_map_is_parsed_and_sorted():
-    assert select_layers("0:1,1:3,2:5", 6, 12, 5) == [(0, 1), (1, 3), (2, 5)]   # k is ignored for a map
+def test_one_list_of_strategy_names():
+    assert STRATEGIES is CONFIG_STRATEGIES and "map" in STRATEGIES
+
+
+def test_explicit_map_is_sorted():
+    assert select_layers("map", 6, 12, 5, pairs=[(2, 5), (0, 1), (1, 3)]) == [(0, 1), (1, 3), (2, 5)]  # k ignored
+    assert select_layers("map", 2, 4, 2, pairs=[[0, 3], [1, 2]]) == [(0, 3), (1, 2)]  # crossing pairs: the user's choice
+
+
+def test_old_map_spelling_is_read_as_map():
+    assert select_layers("0:1,1:3,2:5", 6, 12, 5) == [(0, 1), (1, 3), (2, 5)]
     assert select_layers(" 2:5 , 0:1 ", 3, 6, 2) == [(0, 1), (2, 5)]
-    assert parse_layer_map("5:11", 6, 12) == [(5, 11)]
-    assert parse_layer_map("0:3,1:2", 2, 4) == [(0, 3), (1, 2)]  # crossing pairs are the user's choice
+    assert select_layers("5:11", 6, 12, 5) == select_layers(311, 6, 12, 5) == [(5, 11)]  # 311: YAML 1.1's base 60
 
 
-@pytest.mark.parametrize("text,match", [
-    ("0:1,", "malformed"),
-    (",", "malformed"),
-    ("0-1", "'0-1' is not student:teacher"),
-    ("a:b", "'a:b' is not student:teacher"),
-    ("0:1:2", "not student:teacher"),
-    ("6:1", r"pair 6:1 is out of range; the student has 6 layers \(0..5\) and the teacher 12 \(0..11\)"),
-    ("0:12", "pair 0:12 is out of range"),
-    ("-1:3", "pair -1:3 is out of range"),
-    ("0:1,0:2", "student layer 0 appears more than once"),
-    ("0:1,1:1", "teacher layer 1 appears more than once"),
+@pytest.mark.parametrize("strategy,pairs,match", [
+    ("map", [(6, 1)], r"^layers.pairs: pair \[6, 1\] is out of range; the student has 6 layers \(0..5\) and the "
+                      r"teacher 12 \(0..11\)$"),
+    ("map", [(0, 12)], r"pair \[0, 12\] is out of range"),
+    ("map", [(0, 1), (0, 2)], r"^layers.pairs: \[\(0, 1\), \(0, 2\)\] uses a student layer twice \(layer 0\)$"),
+    ("map", [(0, 1), (1, 1)], r"uses a teacher layer twice \(layer 1\)"),
+    ("map", [(-1, 3)], r"^layers.pairs: expected \[student, teacher\] pairs of layer numbers \(>= 0\)"),
+    ("map", [], r"expected \[student, teacher\] pairs"),
+    ("map", None, r"^layers.pairs: strategy 'map' needs its \[student, teacher\] pairs"),
+    ("skip", [(0, 1)], r"^layers.pairs: only strategy 'map' takes pairs"),
+    ("0:1", [(0, 1)], r"^layers.pairs: set beside the old-style map '0:1'"),
+    ("0:1,", None, r"^layers.strategy: expected one of .* or old-style student:teacher pairs like '0:1,1:3,2:5', "
+                   r"got '0:1,'$"),
+    (",", None, "old-style student:teacher pairs"),
+    ("0-1", None, "old-style student:teacher pairs"),
+    ("a:b", None, "old-style student:teacher pairs"),
+    ("0:1:2", None, "old-style student:teacher pairs"),
+    ("-1:3", None, "old-style student:teacher pairs"),
+    ("6:1", None, r"^layers.pairs: pair \[6, 1\] is out of range"),
+    ("0:1,0:2", None, r"^layers.strategy: '0:1,0:2' uses a student layer twice \(layer 0\)$"),
+    ("0:1,1:1", None, r"teacher layer twice \(layer 1\)"),
+    ("  ", None, r"^layers.strategy: expected one of"),
 ])
-def test_explicit_map_errors(text, match):
+def test_explicit_map_errors(strategy, pairs, match):
     with pytest.raises(ConfigError, match=match):
-        select_layers(text, 6, 12, 5)
-
-
-def test_empty_map_is_an_error():
-    with pytest.raises(ConfigError, match="malformed"):
-        parse_layer_map("  ", 6, 12)
+        select_layers(strategy, 6, 12, 5, pairs=pairs)
 
 
 # --------------------------------------------------------------------------- random
@@ -197,8 +212,9 @@ def test_schedule_without_resampling_and_fixed_strategies():
     assert frozen.pairs_for_step(1000) == reference_draws(1)[0]
     skip = LayerSchedule("skip", 6, 12, k=5)
     assert skip.pairs_for_step(0) == skip.pairs_for_step(95) == [(1, 0), (2, 2), (3, 4), (4, 6), (5, 8)]
-    explicit = LayerSchedule("0:1,5:11", 6, 12)
+    explicit = LayerSchedule("map", 6, 12, pairs=[(5, 11), (0, 1)])
     assert explicit.pairs_for_step(123) == [(0, 1), (5, 11)]
+    assert LayerSchedule("0:1,5:11", 6, 12).pairs_for_step(0) == [(0, 1), (5, 11)]  # the old spelling
     with pytest.raises(ConfigError, match="resample interval"):
         LayerSchedule("random", 6, 12, resample_interval=0)
 
@@ -222,3 +238,17 @@ def test_schedule_refuses_a_state_from_other_settings():
         LayerSchedule("random", 6, 12, k=3, seed=1).load_state_dict(state)
     with pytest.raises(LeadkdError, match="seed 1 .now 2."):
         LayerSchedule("random", 6, 12, k=5, seed=2).load_state_dict(state)
+    mapped = LayerSchedule("map", 6, 12, pairs=[(0, 1), (5, 11)]).state_dict()
+    with pytest.raises(LeadkdError, match=r"map_pairs \[\[0, 1\], \[5, 11\]\] .now \[\[0, 1\]\]."):
+        LayerSchedule("map", 6, 12, pairs=[(0, 1)]).load_state_dict(mapped)
+
+
+def test_a_schedule_saved_with_the_old_map_spelling_resumes():
+    """A checkpoint from before ``map_pairs`` holds the map as its strategy, and no ``map_pairs``."""
+    state = LayerSchedule("map", 6, 12, pairs=[(0, 1), (5, 11)]).state_dict()
+    old = {**{key: value for key, value in state.items() if key != "map_pairs"}, "strategy": "0:1,5:11"}
+    resumed = LayerSchedule("map", 6, 12, pairs=[(5, 11), (0, 1)])
+    resumed.load_state_dict(old)
+    assert resumed.pairs == [(0, 1), (5, 11)]
+    with pytest.raises(LeadkdError, match="map_pairs"):
+        LayerSchedule("map", 6, 12, pairs=[(0, 1)]).load_state_dict(old)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import leadkd.models as models_pkg
+from leadkd import kinds
 from leadkd.errors import LeadkdError
-from leadkd.models import DualEncoder, load_model
-from leadkd.models import loading
+from leadkd.models import DualEncoder, load_model, loading
 from leadkd.models.base import LEADKD_CONFIG
 
 QUERIES = ["cancer risk", "dose of the drug", "dna"]
@@ -135,17 +135,18 @@ def test_load_model_dispatches_on_kind(tmp_path, monkeypatch):
     folder = tmp_path / "colbert"
     folder.mkdir()
     (folder / LEADKD_CONFIG).write_text(json.dumps({"kind": "colbert", "dim": 128}))
-    monkeypatch.setitem(loading.MODEL_KINDS, "colbert", f"{__name__}:FakeModel")
+    monkeypatch.setitem(kinds.MODEL_KINDS, "colbert", kinds.Kind(f"{__name__}:FakeModel"))
     model = load_model(folder, max_query_length=32)
     assert isinstance(model, FakeModel)
     assert model.path == str(folder) and model.overrides == {"max_query_length": 32}
 
 
 def test_registry_names_the_three_kinds():
-    assert loading.MODEL_KINDS == {"dual_encoder": "leadkd.models.dual_encoder:DualEncoder",
-                                   "colbert": "leadkd.models.colbert:ColBERT",
-                                   "cross_encoder": "leadkd.models.cross_encoder:CrossEncoder"}
+    assert {name: kind.target for name, kind in kinds.MODEL_KINDS.items()} == {
+        "dual_encoder": "leadkd.models.dual_encoder:DualEncoder", "colbert": "leadkd.models.colbert:ColBERT",
+        "cross_encoder": "leadkd.models.cross_encoder:CrossEncoder"}
     assert loading.model_class("dual_encoder") is DualEncoder
+    assert kinds.owners("colbert_dim") == ["colbert"] and kinds.owners("max_query_length") == []
     with pytest.raises(LeadkdError, match="unknown model kind"):
         loading.model_class("bm25")
 
@@ -291,7 +292,7 @@ def test_allow_partial_loads_a_damaged_folder_and_says_so(tiny_bert, tmp_path, c
     mismatched = damaged_copy(tiny_bert, tmp_path / "mismatched",
                               reshape_key("encoder.layer.0.output.dense.weight", (32, 10)))
     de = DualEncoder.from_pretrained(mismatched, allow_partial=True)
-    assert tuple(de.model.encoder.layer[0].output.dense.weight.shape) == (32, 64)
+    assert tuple(de.backbone.encoder.layer[0].output.dense.weight.shape) == (32, 64)
 
 
 def bin_only_copy(base: Path, target: Path) -> Path:
@@ -319,10 +320,10 @@ def test_pickle_only_folder_is_refused_unless_opted_in(tiny_bert, tmp_path):
     assert isinstance(load_model(folder, use_safetensors=False), DualEncoder)
 
 
-def test_load_model_for_refuses_a_damaged_checkpoint(tiny_bert, tmp_path):
-    """Resume reopens checkpoints through load_model_for: the same refusal, and the config's opt-in."""
+def test_build_model_refuses_a_damaged_checkpoint(tiny_bert, tmp_path):
+    """Resume reopens checkpoints through the registry's build_model: the same refusal, and the config's opt-in."""
     from leadkd.config import ModelConfig, StudentConfig, TeacherConfig
-    from leadkd.distill.trainer import load_model_for
+    from leadkd.models.loading import build_model as load_model_for
 
     checkpoint = tmp_path / "checkpoint-3" / "student"
     DualEncoder.from_pretrained(tiny_bert).save_pretrained(checkpoint)
@@ -456,7 +457,7 @@ def test_checkpoint_with_a_task_head_loads_its_encoder(tmp_path, caplog, head):
     with caplog.at_level(logging.INFO, logger="leadkd"):
         de = DualEncoder.from_pretrained(tmp_path / "m")
     _no_warnings(caplog)
-    assert torch.equal(de.model.encoder.layer[1].output.dense.weight, model.bert.encoder.layer[1].output.dense.weight)
+    assert torch.equal(de.backbone.encoder.layer[1].output.dense.weight, model.bert.encoder.layer[1].output.dense.weight)
     if head == "BertForMaskedLM":  # no pooler in an MLM checkpoint: allowed, with a line
         assert "pooler" in caplog.text
     assert "cls." in caplog.text or "classifier." in caplog.text
@@ -469,7 +470,7 @@ def test_folders_leadkd_saves_load_strictly(tiny_bert, tmp_path, caplog):
     from leadkd.models.surgery import keep_layers
 
     deep = DualEncoder.from_pretrained(tiny_bert)
-    DualEncoder(keep_layers(deep.model, [1]), deep.tokenizer, max_passage_length=128).save_pretrained(tmp_path / "student")
+    DualEncoder(keep_layers(deep.backbone, [1]), deep.tokenizer, max_passage_length=128).save_pretrained(tmp_path / "student")
     deep.save_pretrained(tmp_path / "de")
     ColBERT.from_pretrained(tiny_bert, max_passage_length=64).save_pretrained(tmp_path / "cb")
     CrossEncoder.from_pretrained(tiny_bert, max_length=64).save_pretrained(tmp_path / "ce")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from leadkd.cli import main
-from leadkd.report import parse_markdown_table
+from leadkd.results import read_results
 
 
 @pytest.mark.slow
@@ -16,23 +16,27 @@ def test_quickstart_fast_writes_a_report_people_can_read(data_dir, tmp_path, mon
     output = tmp_path / "qs"
     assert main(["quickstart", "--fast", "--output", str(output)]) == 0
     report = (output / "report.md").read_text()
-    table = parse_markdown_table(report.split("## Test results", 1)[1])
-    names = [row[next(iter(row))] for row in table]
+    results = read_results(output / "results.json")
+    names = [model.name for model in results.models]
     assert names == ["teacher", "student_init", "student_warmup", "student_response_kd", "student_lead"]
-    for row in table:
-        assert 0.0 <= row["nDCG@10"] <= 1.0
-    results = json.loads((output / "results.json").read_text())
-    assert len(results["layers"]["teacher"]) == 6 and len(results["layers"]["student_lead"]) == 3
-    assert results["splits"] == {"train": "train-nodev", "dev": "dev", "test": "test"}
-    assert results["dataset"] == "scifact" and "- Dataset: scifact" in report  # not the last model's name
-    paired = results["lead_vs_response_kd"]
-    lead, base = paired["per_query"]["student_lead"], paired["per_query"]["student_response_kd"]
-    assert paired["queries"] == len(lead) == len(base) > 0 and 0.0 < paired["p"] <= 1.0
-    assert paired["delta"] == pytest.approx(results["models"]["student_lead"]["nDCG@10"]
-                                            - results["models"]["student_response_kd"]["nDCG@10"], abs=1e-12)
-    assert "**LEAD against response-only KD**" in report and f"p = {paired['p']:.3g}" in report
+    assert [stage.name for stage in results.stages] == ["warmup", "distill", "response_kd"]
+    table = report.split("## Test results", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("|")][2:]  # below the header and separator
+    assert [row.split(" | ")[0][2:] for row in rows] == names  # the report's table, in the results' order
+    for model, row in zip(results.models, rows):
+        score = model.metrics["test"]["nDCG@10"]
+        assert 0.0 <= score <= 1.0 and f"{score:.4f}" in row.split(" | ")[1]
+    assert len(results.model("teacher").layers["nDCG@10"]) == 6 and len(results.model("student_lead").layers["R@100"]) == 3
+    assert results.splits == {"train": "train-nodev", "dev": "dev", "test": "test"}
+    assert results.dataset == "scifact" and "- Dataset: scifact" in report  # not the last model's name
+    paired = results.lead_vs_response_kd
+    lead, base = paired.per_query["student_lead"], paired.per_query["student_response_kd"]
+    assert paired.queries == len(lead) == len(base) > 0 and 0.0 < paired.p <= 1.0
+    assert paired.delta == pytest.approx(results.model("student_lead").metrics["test"]["nDCG@10"]
+                                         - results.model("student_response_kd").metrics["test"]["nDCG@10"], abs=1e-12)
+    assert "**LEAD against response-only KD**" in report and f"p = {paired.p:.3g}" in report
     stages = {"mining", "warmup", "distill", "response_kd"} | {f"test_{name}" for name in names}
-    assert set(results["timings"]) == stages and all(v > 0 for v in results["timings"].values())
+    assert set(results.timings) == stages and all(v > 0 for v in results.timings.values())
     assert "Wall time by stage" in report
     # Both arms distil from the frozen teacher through one cache (LEAD's, holding every layer), and neither
     # scores its start again (the warm-up's chosen checkpoint, scored on test as student_warmup).
@@ -49,7 +53,7 @@ def test_quickstart_fast_writes_a_report_people_can_read(data_dir, tmp_path, mon
                  if '"eval"' in line]
         assert evals and 0 not in evals
     # The teacher retrieves far better than chance even on 64-token passages of a 400-passage slice.
-    assert results["models"]["teacher"]["nDCG@10"] > 0.5
+    assert results.model("teacher").metrics["test"]["nDCG@10"] > 0.5
     for name in ("per_layer.png", "training_curves.png", "layer_weights.png"):
         png = (output / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

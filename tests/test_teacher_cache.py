@@ -256,7 +256,7 @@ def test_resume_reuses_the_cache(setup, tmp_path):
     shutil.rmtree(out / "checkpoints" / "step-00000006")  # as if the run had died after step 3
     shutil.rmtree(out / "final")
     trainer = Trainer(config, resume=True, log=lambda m: None, show_progress=False)
-    assert trainer.step == 3 and trainer.teacher_cache.filled()["passage"] > 0
+    assert trainer.step == 3 and trainer.objective.teacher_cache.filled()["passage"] > 0
     calls = counting(trainer.models["teacher"].model)
     trainer.fit()
     trainer.close()
@@ -265,10 +265,16 @@ def test_resume_reuses_the_cache(setup, tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"teacher.train": True}, "only a frozen teacher"),
-    ({"teacher.kind": "cross_encoder", "student.init": None, "student.path": "s"}, "nothing per text to cache"),
     ({"loss.layer": "hidden_mse"}, "token states"),
     ({"teacher.cache": False, "teacher.train": False, "teacher.cache_dir": "c"}, "set teacher.cache: true"),
 ])
 def test_cache_settings_that_cannot_work_are_refused(setup, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         distill_config(setup, tmp_path / "x", **{"teacher.cache": True, **overrides})
+
+
+def test_a_teacher_without_vectors_per_text_cannot_be_cached(setup, tmp_path):
+    """A cross-encoder reads each query-passage pair jointly: the trainer refuses its cache in one line."""
+    config = distill_config(setup, tmp_path / "x", **{"teacher.cache": True, "teacher.kind": "cross_encoder"})
+    with pytest.raises(ConfigError, match="teacher.cache stores per-text vectors; a cross_encoder teacher"):
+        Trainer(config, log=lambda m: None)

@@ -195,14 +195,14 @@ def test_non_finite_loss_stops_with_the_step(setup, tmp_path, monkeypatch):
     trainer = Trainer(distill_config(setup, tmp_path / "run"), log=lambda m: None)
     trainer._iterator = trainer._batches()
     trainer.train_step()
-    original = trainer._distill_loss
+    original = trainer.objective
 
     def poisoned(batch, pairs):
         terms = original(batch, pairs)
         terms["loss"] = terms["loss"] * float("nan")
         return terms
 
-    monkeypatch.setattr(trainer, "_distill_loss", poisoned)
+    monkeypatch.setattr(trainer, "objective", poisoned)
     with pytest.raises(LeadkdError, match="at step 2; no checkpoint"):
         trainer.train_step()
     trainer.close()
@@ -212,7 +212,7 @@ def test_skip_non_finite_drops_the_update_then_stops_when_it_persists(setup, tmp
     trainer = Trainer(distill_config(setup, tmp_path / "run", **{"optim.skip_non_finite": 1}), log=lambda m: None)
     trainer._iterator = trainer._batches()
     trainer.train_step()
-    original, poison = trainer._distill_loss, {"on": True}
+    original, poison = trainer.objective, {"on": True}
 
     def poisoned(batch, pairs):
         terms = original(batch, pairs)
@@ -220,7 +220,7 @@ def test_skip_non_finite_drops_the_update_then_stops_when_it_persists(setup, tmp
             terms["loss"] = terms["loss"] + float("inf")
         return terms
 
-    monkeypatch.setattr(trainer, "_distill_loss", poisoned)
+    monkeypatch.setattr(trainer, "objective", poisoned)
     before = {k: v.clone() for k, v in trainer.models["student"].model.state_dict().items()}
     lr_before = trainer.models["student"].scheduler.get_last_lr()[0]
     result = trainer.train_step()
@@ -243,7 +243,7 @@ def test_skip_non_finite_drops_the_update_then_stops_when_it_persists(setup, tmp
 def test_skipped_steps_are_logged_and_the_run_finishes(setup, tmp_path, monkeypatch):
     out = tmp_path / "run"
     trainer = Trainer(distill_config(setup, out, **{"optim.skip_non_finite": 2}), log=lambda m: None)
-    original = trainer._distill_loss
+    original = trainer.objective
 
     def poisoned(batch, pairs):
         terms = original(batch, pairs)
@@ -251,7 +251,7 @@ def test_skipped_steps_are_logged_and_the_run_finishes(setup, tmp_path, monkeypa
             terms["loss"] = terms["loss"] * float("nan")
         return terms
 
-    monkeypatch.setattr(trainer, "_distill_loss", poisoned)
+    monkeypatch.setattr(trainer, "objective", poisoned)
     trainer.fit()
     trainer.close()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # strict JSON: no NaN
@@ -328,7 +328,7 @@ def _first_step(config) -> dict:
 
 
 def test_models_that_train_on_the_cpu_get_the_cheaper_dropout(setup, tmp_path):
-    from leadkd.models.cpu_dropout import CpuDropout
+    from leadkd.accel.cpu_dropout import CpuDropout
 
     def patched(trainer) -> dict[str, bool]:
         found = {name: any(isinstance(m, CpuDropout) for m in t.model.modules()) for name, t in trainer.models.items()}
@@ -415,7 +415,7 @@ def test_two_processes_match_one_process_on_the_whole_batch(setup, tmp_path):
 
 def _eval_worker(rank: int, port: int, setup: dict, out_dir: str) -> None:
     from leadkd import distributed as D
-    from leadkd.distill.trainer import evaluate_retriever
+    from leadkd.retrieval.pipeline import evaluate_retriever
     from leadkd.models import load_model
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -434,7 +434,7 @@ def _eval_worker(rank: int, port: int, setup: dict, out_dir: str) -> None:
 def test_every_process_evaluates_a_share_and_rank_0_gets_the_whole_corpus_result(setup, tmp_path):
     """No process waits while rank 0 encodes everything: each encodes half the corpus, and the merged
     top-k lists give the single-process numbers (k = 3 cuts inside every share, k = 100 keeps all)."""
-    from leadkd.distill.trainer import evaluate_retriever
+    from leadkd.retrieval.pipeline import evaluate_retriever
     from leadkd.models import load_model
 
     _run_gloo_workers(_eval_worker, setup, tmp_path)

@@ -38,9 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .config import config_from_dict, config_to_dict, load_config, read_config_file
-from .errors import ConfigError, LeadkdError
+from .config import config_from_dict, config_to_dict, load_config, read_config_file, todays_spelling
+from .errors import ConfigError, InputError, LeadkdError
 from .fileio import atomic_write
+from .results import read_json_object
+from .stage_logs import load_metrics
 
 Log = Callable[[str], None]
 
@@ -222,15 +224,13 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- the ledger
 
 def load_ledger(path: str | os.PathLike) -> dict:
+    """The ledger at ``path`` (an empty one where there is none yet); one-line errors for a bad file."""
     path = Path(path)
     if not path.is_file():
         return {"rows": {}}
-    try:
-        ledger = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LeadkdError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-    if not isinstance(ledger, dict) or not isinstance(ledger.get("rows"), dict):
-        raise LeadkdError(f"{path}: not a leadkd comparison ledger (no 'rows' object)")
+    ledger = read_json_object(path, "a leadkd comparison ledger")
+    if not isinstance(ledger.get("rows"), dict):
+        raise InputError(path, "not a leadkd comparison ledger (no 'rows' object)")
     return ledger
 
 
@@ -250,8 +250,6 @@ def row_key(variant: str, seed: int) -> str:
 
 def dev_curve(run_dir: Path) -> list[list[float]]:
     """``[[step, value], ...]`` of the run's dev evaluations (the metric it chose checkpoints by)."""
-    from .report import load_metrics
-
     log = run_dir / "metrics.jsonl"
     if not log.is_file():
         return []
@@ -358,7 +356,7 @@ def config_changes(stored: Mapping[str, Any], current: Mapping[str, Any], job: s
     if job == "evaluate":
         return [] if stored == current else [f"model: {stored.get('model')!r} -> {current.get('model')!r}"]
     defaults = _flat(config_to_dict(DistillConfig() if job == "distill" else TrainConfig()))
-    before, now = _flat(stored), _flat(current)
+    before, now = _flat(todays_spelling(stored)), _flat(current)
     changes = []
     for key in sorted((set(before) | set(now)) - {"output_dir"}):
         if key not in before and now[key] == defaults.get(key):

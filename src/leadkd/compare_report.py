@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .fileio import atomic_write
+from .plots import new_figure, palette, save_png
 from .stats import paired_interval, randomization_test
 
 __all__ = ["variant_values", "measure_key", "paired_comparison", "render_compare", "report_dir", "mean_std",
@@ -114,17 +115,15 @@ def _tables(ledger: dict, splits: list[str], measures: list[str], reference: str
 
 
 def _plot_dev(ledger: dict, path: Path) -> bool:
-    from .report import _colors, _figure, _save_png
-
     curves: dict[str, list[list[list[float]]]] = {}
     for row in ledger["rows"].values():
         if row.get("dev"):
             curves.setdefault(row["variant"], []).append(row["dev"])
     if not curves:
         return False
-    figure = _figure(6.4, 3.8)
+    figure = new_figure(6.4, 3.8)
     axes = figure.add_subplot()
-    for color, (name, runs) in zip(_colors(len(curves)), curves.items()):
+    for color, (name, runs) in zip(palette(len(curves)), curves.items()):
         steps = sorted({point[0] for run in runs for point in run})
         by_step = [[v for run in runs for s, v in run if s == step] for step in steps]
         axes.plot(steps, [statistics.fmean(v) for v in by_step], color=color, label=f"{name} (n={len(runs)})")
@@ -135,22 +134,20 @@ def _plot_dev(ledger: dict, path: Path) -> bool:
     axes.set_ylabel(f"dev {metrics.pop() if len(metrics) == 1 else 'metric'} (checkpoint choice)")
     axes.set_title("Dev curves: mean over seeds, band = min..max")
     axes.legend(fontsize="small")
-    _save_png(figure, path)
+    save_png(figure, path)
     return True
 
 
 def _plot_deltas(ledger: dict, splits: list[str], measure: str, reference: str, path: Path) -> bool:
-    from .report import _colors, _figure, _save_png
-
     names = [name for name in _variants(ledger) if name != reference]
     found = {(split, name): paired_comparison(ledger, split, measure, name, reference)
              for split in splits for name in names}
     if not any(found.values()):
         return False
-    figure = _figure(6.4, 3.8)
+    figure = new_figure(6.4, 3.8)
     axes = figure.add_subplot()
     width = 0.8 / max(1, len(names))
-    for offset, (color, name) in enumerate(zip(_colors(len(names)), names)):
+    for offset, (color, name) in enumerate(zip(palette(len(names)), names)):
         for index, split in enumerate(splits):
             item = found[(split, name)]
             if item is None:
@@ -164,7 +161,7 @@ def _plot_deltas(ledger: dict, splits: list[str], measure: str, reference: str, 
     axes.set_ylabel(f"Δ {measure} vs {reference}")
     axes.set_title("Paired difference per evaluation set (95% CI over seeds)")
     axes.legend(fontsize="small")
-    _save_png(figure, path)
+    save_png(figure, path)
     return True
 
 

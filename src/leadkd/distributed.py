@@ -20,13 +20,11 @@ the small helpers at the end, so no module calls ``torch.distributed`` directly.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import functools
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -35,8 +33,7 @@ from .errors import LeadkdError
 
 __all__ = [
     "DistContext", "init_distributed", "is_distributed", "get_rank", "get_world_size", "is_main_process",
-    "barrier", "gather_with_grad", "gather_padded", "broadcast_object", "gather_object", "all_gather_object",
-    "all_reduce_mean", "main_process_only", "main_process_first",
+    "barrier", "gather_with_grad", "gather_padded", "gather_object", "all_gather_object", "all_reduce_mean",
 ]
 
 T = TypeVar("T")
@@ -278,15 +275,6 @@ def gather_padded(tensor: torch.Tensor, pad_value: float = 0.0, dim: int = 1) ->
 
 # --------------------------------------------------------------------------- everything else
 
-def broadcast_object(obj: T, src: int = 0) -> T:
-    """Rank ``src``'s value of a picklable ``obj`` on every process (e.g. the chosen layer pairs)."""
-    if not is_distributed():
-        return obj
-    holder = [obj if get_rank() == src else None]
-    dist.broadcast_object_list(holder, src=src, device=_collective_device())
-    return holder[0]
-
-
 def gather_object(obj: T, dst: int = 0) -> list[T] | None:
     """Every process's picklable ``obj``, in rank order, on rank ``dst`` (None on the others); ``[obj]`` in
     a single process. For small results each process computed on its share (e.g. top-k lists)."""
@@ -323,31 +311,3 @@ def all_reduce_mean(value: float | torch.Tensor) -> float | torch.Tensor:
     reduced = torch.tensor(float(value), dtype=torch.float64, device=_collective_device())
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
     return reduced.item() / get_world_size()
-
-
-def main_process_only(fn: Callable[..., T]) -> Callable[..., T | None]:
-    """Run ``fn`` on rank 0 only (other processes get None), for file writes and logging.
-
-    It does not synchronise: follow with :func:`barrier` where others must then read the result.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> T | None:
-        return fn(*args, **kwargs) if is_main_process() else None
-
-    return wrapper
-
-
-@contextlib.contextmanager
-def main_process_first() -> Iterator[None]:
-    """Rank 0 runs the block first, then the others (e.g. build a cache once, then read it everywhere).
-
-    Every process must enter the block, or the barrier waits forever.
-    """
-    if not is_main_process():
-        barrier()
-    try:
-        yield
-    finally:
-        if is_main_process():
-            barrier()

@@ -18,12 +18,13 @@ import json
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import LeadkdError
 from .fileio import atomic_write
+from .results import RESULTS_NAME, Model, PairedComparison, RunResults, Stage, read_results, write_results
 
 Log = Callable[[str], None]
 #: The ir_datasets splits a quickstart looks for under a dataset id (``beir/scifact/train``, ...).
@@ -53,7 +54,7 @@ class QuickstartPlan:
     joint_teacher: bool = False           # the paper's joint training of the teacher in both arms
     slice_queries: int | None = None      # fast mode: queries kept per split
     slice_passages: int | None = None     # fast mode: corpus size (judged passages + fillers)
-    overrides: dict[str, Any] = field(default_factory=dict)  # extra distill config overrides
+    overrides: dict[str, Any] = field(default_factory=dict)  # extra distill options, nested as in a config file
 
     @classmethod
     def fast(cls, **changes) -> "QuickstartPlan":
@@ -152,17 +153,50 @@ def _done(folder: Path) -> bool:
     return (folder / "final").is_dir()
 
 
+def planned_results(dataset: str, splits: dict[str, str | None], plan: QuickstartPlan) -> RunResults:
+    """What a quickstart makes, before any of it is scored: its models and stages in report order (which
+    stage starts from which model and makes which) and its settings. Written first, so a report built
+    while it trains already knows its stages."""
+    models = (Model("teacher", "teacher", "the teacher"), Model("student_init", "student", "the initial student"),
+              Model("student_warmup", "student", "the warmed-up student"),
+              Model("student_response_kd", "response_kd", "the response-KD student"),
+              Model("student_lead", "lead", "the LEAD student"))
+    stages = (Stage("warmup", "warmup", "stages/warmup", plan.warmup_steps, "student_init", "student_warmup"),
+              Stage("distill", "distill", "stages/distill", plan.distill_steps, "student_warmup", "student_lead"),
+              Stage("response_kd", "distill", "stages/response_kd", plan.distill_steps, "student_warmup",
+                    "student_response_kd"))
+    settings = {"teacher": plan.teacher, "student_layers": list(plan.student_layers),
+                "max_passage_length": plan.max_passage_length, "similarity_scale": plan.similarity_scale,
+                "steps": {"warmup": plan.warmup_steps, "distill": plan.distill_steps},
+                "batch": f"{plan.batch_size} queries x (1 + {plan.negatives})", "layer_k": plan.layer_k,
+                "lr": plan.lr, "seed": plan.seed, "fast": bool(plan.slice_queries),
+                "teacher_training": "joint (the paper's)" if plan.joint_teacher else
+                "frozen, cached (--joint-teacher trains it jointly, as the paper does)"}
+    return RunResults(dataset, dict(splits), ("nDCG@10", "R@100"), models, stages, settings)
+
+
+def _merged(*trees: dict[str, Any]) -> dict[str, Any]:
+    """Nested option mappings merged section by section, later ones winning."""
+    out: dict[str, Any] = {}
+    for tree in trees:
+        for key, value in tree.items():
+            both = isinstance(value, dict) and isinstance(out.get(key), dict)
+            out[key] = _merged(out[key], value) if both else value
+    return out
+
+
 def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart", plan: QuickstartPlan | None = None,
                    log: Log = print) -> Path:
     """Run (or continue) every stage; returns the report's path."""
-    from .config import load_config
+    from .config import config_from_dict
     from .data.datasets import load_dataset, resolve_dataset
     from .data.groups import write_training_groups
-    from .distill.trainer import run_job, student_from_teacher
+    from .accel import cpu
+    from .distill.build import student_from_teacher
+    from .distill.trainer import run_job
     from .models.dual_encoder import DualEncoder
     from .report import build_report
     from .retrieval.mine import mine_hard_negatives
-    from .retrieval.pipeline import evaluate_layers
 
     plan = plan or QuickstartPlan()
     output = Path(output)
@@ -179,6 +213,12 @@ def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart"
         if not (folder / "corpus.jsonl").is_file():
             write_slice(source, folder, splits, plan.slice_queries, plan.slice_passages or 400, plan.seed)
     log(f"data: {folder} (train {splits['train']}, dev {splits['dev']}, test {splits['test']})")
+    results_file = output / RESULTS_NAME
+    results = read_results(results_file) if results_file.is_file() else None
+    if results is None or not results.evaluated:  # the plan of this call, until its models are scored
+        results = planned_results(name, splits, plan)
+        write_results(results_file, results)
+    stages = {stage.name: stage for stage in results.stages}
 
     lengths = {"max_query_length": plan.max_query_length, "max_passage_length": plan.max_passage_length}
     teacher = DualEncoder.from_pretrained(plan.teacher, similarity_scale=plan.similarity_scale, **lengths)
@@ -192,8 +232,8 @@ def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart"
         log("mining hard negatives with the teacher")
         with timings("mining"):
             train = load_dataset(folder, split=splits["train"])
-            teacher_corpus = teacher.encode_passages(train.corpus.passages(range(len(train.corpus))), batch_size=32,
-                                                     layers=list(range(teacher.num_layers)), show_progress=True)
+            teacher_corpus = cpu.encode_passages(teacher, train.corpus.passages(range(len(train.corpus))), batch_size=32,
+                                                 layers=list(range(teacher.num_layers)), show_progress=True)
             groups, report = mine_hard_negatives(teacher, train, depth=plan.mine_depth, rank_range=plan.mine_range,
                                                  negatives=plan.mine_negatives, seed=plan.seed,
                                                  corpus_embeddings=teacher_corpus[-1], show_progress=True)
@@ -203,80 +243,81 @@ def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart"
     if not init_dir.is_dir():
         student_from_teacher(teacher, plan.student_layers, _Lengths(**lengths)).save_pretrained(init_dir)
 
-    common = [f"data.corpus={folder}", f"data.train_groups={groups_file}", f"data.num_negatives={plan.negatives}",
-              f"optim.batch_size={plan.batch_size}", f"optim.lr={plan.lr}", f"seed={plan.seed}",
-              f"eval.split={splits['dev'] or 'null'}", f"eval.every={plan.eval_every}", "log_every=1",
-              "checkpoint.every=null", "eval.at_start=false"]  # the cut init and the warm start are scored on test
-    warmup_dir = output / "stages" / "warmup"
+    common = {"data": {"corpus": str(folder), "train_groups": str(groups_file), "num_negatives": plan.negatives},
+              "optim": {"batch_size": plan.batch_size, "lr": plan.lr}, "seed": plan.seed, "log_every": 1,
+              "eval": {"split": splits["dev"], "every": plan.eval_every, "at_start": False},
+              "checkpoint": {"every": None}}  # no eval at start: the cut init and the warm start are scored on test
+    warmup_dir = output / stages["warmup"].folder
     if not _done(warmup_dir):
         log("warm-up: the student alone on ground truth")
         with timings("warmup"):  # its final checkpoint (scored on test as student_warmup) starts both arms
-            run_job(load_config(None, common + [f"model.path={init_dir}", f"optim.steps={plan.warmup_steps}",
-                                                f"output_dir={warmup_dir}", "eval.split=null"], kind="train"),
+            run_job(config_from_dict(_merged(common, {"model": {"path": str(init_dir)}, "eval": {"split": None},
+                                                      "optim": {"steps": plan.warmup_steps},
+                                                      "output_dir": str(warmup_dir)}), "train"),
                     resume=True, log=log)
     warm = warmup_dir / "final"
     # Two arms from the same warm start, teacher, data and budget: LEAD, and response-only KD beside it. A
     # frozen teacher's vectors are cached once for both (LEAD runs first: its cache holds every layer).
-    teaching = ["teacher.train=true"] if plan.joint_teacher else \
-        ["teacher.train=false", "teacher.cache=true", f"teacher.cache_dir={output / 'teacher-cache'}"]
+    teaching = {"train": True} if plan.joint_teacher else \
+        {"train": False, "cache": True, "cache_dir": str(output / "teacher-cache")}
     how = "teacher and student trained jointly" if plan.joint_teacher else "from the frozen, cached teacher"
-    arms = {"distill": (f"LEAD: {how}", teaching),
+    arms = {"distill": (f"LEAD: {how}", {}),
             "response_kd": ("response-only KD (the baseline): the same, without the layer term",
-                            teaching + ["loss.layer=none"])}
+                            {"loss": {"layer": "none"}})}
     chosen = {}
     for stage, (message, extra) in arms.items():
-        stage_dir = output / "stages" / stage
+        stage_dir = output / stages[stage].folder
         if not _done(stage_dir):
             log(message)
-            overrides = common + [f"teacher.path={teacher_dir}", f"student.path={warm}",
-                                  f"optim.steps={plan.distill_steps}", f"layers.k={plan.layer_k}",
-                                  f"output_dir={stage_dir}"] + [f"{k}={v}" for k, v in plan.overrides.items()] + extra
-            config = load_config(None, overrides, kind="distill")
+            config = config_from_dict(_merged(
+                common, {"teacher": {"path": str(teacher_dir), **teaching}, "student": {"path": str(warm)},
+                         "optim": {"steps": plan.distill_steps}, "layers": {"k": plan.layer_k},
+                         "output_dir": str(stage_dir)}, plan.overrides, extra), "distill")
             with timings(stage):
                 if teacher_corpus is not None and config.teacher.cache:
                     _prefill_cache(config, teacher_dir, teacher_corpus, stage_dir, log)
                 run_job(config, resume=True, log=log)
-        chosen[stage] = stage_dir / ("best" if splits["dev"] and (stage_dir / "best").is_dir() else "final")
+        chosen[stages[stage].produces] = stage_dir / ("best" if splits["dev"] and (stage_dir / "best").is_dir()
+                                                      else "final")
 
-    results_file = output / "results.json"
-    if not results_file.is_file():
-        log(f"evaluating on {splits['test']}")
-        test = load_dataset(folder, split=splits["test"])
-        measures = ["nDCG@10", "R@100"]
-        models = {"teacher": teacher_dir, "student_init": init_dir, "student_warmup": warm,
-                  "student_response_kd": chosen["response_kd"], "student_lead": chosen["distill"]}
-        layers, scores, per_query = {}, {}, {}
-        for model_name, path in models.items():
-            with timings(f"test_{model_name}"):
-                rows = evaluate_layers(DualEncoder.from_pretrained(path), test, measures=measures, per_query=True,
-                                       corpus_vectors=teacher_corpus if model_name == "teacher" else None)
-            layers[model_name] = [{"layer": r["layer"], "nDCG@10": r["nDCG@10"]} for r in rows]
-            scores[model_name] = {m: rows[-1][m] for m in measures}
-            per_query[model_name] = {qid: values[measures[0]] for qid, values in rows[-1]["per_query"].items()}
-            log(f"  {model_name}: nDCG@10 {scores[model_name]['nDCG@10']:.4f}")
-        results = {"dataset": name, "splits": splits, "measures": measures, "models": scores,
-                   "layers": layers, "lead_vs_response_kd": _paired(per_query, measures[0]),
-                   "settings": {"teacher": plan.teacher, "student_layers": list(plan.student_layers),
-                                "max_passage_length": plan.max_passage_length, "similarity_scale": plan.similarity_scale,
-                                "steps": {"warmup": plan.warmup_steps, "distill": plan.distill_steps},
-                                "batch": f"{plan.batch_size} queries x (1 + {plan.negatives})", "layer_k": plan.layer_k,
-                                "lr": plan.lr, "seed": plan.seed, "fast": bool(plan.slice_queries),
-                                "teacher_training": "joint (the paper's)" if plan.joint_teacher else
-                                "frozen, cached (--joint-teacher trains it jointly, as the paper does)",
-                                "seconds": round(time.perf_counter() - started, 1)},
-                   "timings": timings.seconds}
-        with atomic_write(results_file) as handle:
-            json.dump(results, handle, indent=2)
+    if not results.evaluated:
+        paths = {"teacher": teacher_dir, "student_init": init_dir, "student_warmup": warm, **chosen}
+        results = _evaluated(results, paths, load_dataset(folder, split=splits["test"]), teacher_corpus, timings, log)
+        write_results(results_file, replace(results, timings=dict(timings.seconds), settings={
+            **results.settings, "seconds": round(time.perf_counter() - started, 1)}))
     report = build_report(output)
     log(f"wrote {report} in {time.perf_counter() - started:.0f} s")
     return report
+
+
+def _evaluated(results: RunResults, paths: dict[str, Path], test, teacher_corpus, timings: _Timings,
+               log: Log) -> RunResults:
+    """``results`` with every model scored on the test split, per layer, and LEAD's paired difference to
+    response-KD over the test queries."""
+    from .models.dual_encoder import DualEncoder
+    from .retrieval.pipeline import evaluate_layers
+
+    log(f"evaluating on {results.test_split}")
+    measures = list(results.measures)
+    models, per_query = [], {}
+    for model in results.models:
+        with timings(f"test_{model.name}"):
+            rows = evaluate_layers(DualEncoder.from_pretrained(paths[model.name]), test, measures=measures,
+                                   per_query=True, corpus_vectors=teacher_corpus if model.role == "teacher" else None)
+        models.append(replace(model, metrics={results.test_split: {m: rows[-1][m] for m in measures}},
+                              layers={m: [row[m] for row in rows] for m in measures}))
+        per_query[model.name] = {qid: values[measures[0]] for qid, values in rows[-1]["per_query"].items()}
+        log(f"  {model.name}: {measures[0]} {rows[-1][measures[0]]:.4f}")
+    lead, base = results.with_role("lead").name, results.with_role("response_kd").name
+    return replace(results, models=tuple(models),
+                   lead_vs_response_kd=_paired(per_query, lead, base, measures[0], results.test_split))
 
 
 def _prefill_cache(config, teacher_dir: Path, vectors, stage_dir: Path, log: Log) -> None:
     """Fill the arms' shared teacher cache with the corpus vectors mining computed, so no training step runs
     the teacher on a passage (only the training queries are left to encode, once)."""
     from .data.datasets import load_corpus, load_queries
-    from .distill.trainer import open_teacher_cache
+    from .distill.build import open_teacher_cache
     from .models.dual_encoder import DualEncoder
 
     teacher = DualEncoder.from_pretrained(teacher_dir).eval()
@@ -308,15 +349,16 @@ class _Timings:
                 json.dump(self.seconds, handle, indent=2)
 
 
-def _paired(per_query: dict[str, dict[str, float]], measure: str) -> dict:
-    """LEAD against response-KD on the test queries: Δ of the means and a paired randomization test."""
+def _paired(per_query: dict[str, dict[str, float]], model: str, reference: str, measure: str,
+            split: str) -> PairedComparison:
+    """``model`` against ``reference`` on the test queries: Δ of the means and a paired randomization test."""
     from .stats import randomization_test
 
-    lead, base = per_query["student_lead"], per_query["student_response_kd"]
+    lead, base = per_query[model], per_query[reference]
     queries = sorted(set(lead) & set(base))
     a, b = [lead[q] for q in queries], [base[q] for q in queries]
-    return {"measure": measure, "delta": sum(a) / len(a) - sum(b) / len(b), "queries": len(queries),
-            "p": randomization_test(a, b), "per_query": {"student_lead": lead, "student_response_kd": base}}
+    return PairedComparison(model, reference, split, measure, sum(a) / len(a) - sum(b) / len(b), len(queries),
+                            randomization_test(a, b), {model: lead, reference: base})
 
 
 @dataclass(frozen=True)

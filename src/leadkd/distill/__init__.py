@@ -1,6 +1,6 @@
 """Distillation: LEAD's pure losses over layer scores and the choice of layer pairs."""
 
-from .layers import STRATEGIES, LayerSchedule, parse_layer_map, select_layers
+from .layers import STRATEGIES, LayerSchedule, select_layers
 from .losses import (
     HiddenStateMSE,
     check_same_tokenizer,
@@ -15,7 +15,7 @@ from .losses import (
 )
 
 __all__ = [
-    "STRATEGIES", "LayerSchedule", "parse_layer_map", "select_layers",
+    "STRATEGIES", "LayerSchedule", "select_layers",
     "HiddenStateMSE", "check_same_tokenizer", "contrastive_loss", "group_labels", "kl_distillation",
     "layer_distillation_loss", "lead_total_loss", "margin_mse_loss", "own_group_scores", "response_kl_loss",
 ]

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import LeadkdError
+from ..config import DistillConfig, changed_settings, load_config
+from ..errors import ConfigError, LeadkdError
 from ..fileio import atomic_directory
 
 STATE_FILE = "state.pt"
@@ -143,3 +144,29 @@ def newest_checkpoint(root: str | os.PathLike) -> tuple[Path, dict[str, Any]] | 
         except LeadkdError as exc:
             warnings.warn(f"skipping a damaged checkpoint: {exc}", stacklevel=2)
     return None
+
+
+def check_resumable(output: Path, config, resume: bool, resumed_from: Path | None, log) -> None:
+    """Never overwrite a run by accident, and never resume one under different settings.
+
+    A fresh start in a folder that holds checkpoints would replace them one by one; resuming with, say,
+    another ``optim.steps`` would silently bend the learning-rate schedule of the steps already taken.
+    ``config``: the run's validated config; ``log`` says why a saved config could not be compared.
+    """
+    checkpoints = Path(output) / "checkpoints"
+    if not resume and list_checkpoints(checkpoints):
+        raise ConfigError(f"{output}: holds checkpoints of an earlier run; pass --resume to continue "
+                          "it, or choose another output_dir")
+    saved = Path(output) / "config.yaml"
+    if resumed_from is None or not saved.is_file():
+        return
+    try:
+        before = load_config(saved, kind="distill" if isinstance(config, DistillConfig) else "train")
+    except ConfigError as exc:  # written by another leadkd version: nothing reliable to compare with
+        log(f"warning: cannot compare with the saved settings ({exc})")
+        return
+    changed = changed_settings(before, config)
+    if changed:
+        start = Path(output) / "final" if (Path(output) / "final").is_dir() else resumed_from
+        raise ConfigError(f"{saved}: the run being resumed used other settings ({'; '.join(changed)}); "
+                          f"resume with the same settings, or start a new output_dir from {start}")

@@ -14,7 +14,8 @@ the transformer blocks' outputs (the last index is the final layer). Strategies 
   K=5 they equal ``last`` / ``skip``; for 12->24 they do not (``last`` there pairs student 7..11 with
   teacher 19..23, ``skip`` student 7..11 with teacher 0..8), so reproduce the paper's 24->12 ablations
   with these.
-* an explicit map ``"0:1,1:3,2:5"`` (``student:teacher`` per pair) - fixed pairs of your choosing.
+* ``map`` - fixed pairs of your choosing, ``pairs=[(0, 1), (1, 3), (2, 5)]`` (``student, teacher`` per
+  pair). The old spelling, ``"0:1,1:3,2:5"`` in place of the name, still reads (:mod:`leadkd.layer_strategy`).
 
 Random draws use a seeded ``torch.Generator`` (CPU), so every process with the same seed draws the same
 layers without communicating (the paper's code relied on a shared seed for Python's ``random``).
@@ -22,16 +23,12 @@ layers without communicating (the paper's code relied on a shared seed for Pytho
 
 from __future__ import annotations
 
-import re
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from ..errors import ConfigError, LeadkdError
-
-Pair = tuple[int, int]
-
-STRATEGIES = ("random", "last", "skip", "paper_last", "paper_skip")
+from ..layer_strategy import STRATEGIES, Pair, StrategyError, resolve_strategy
 
 #: The paper code's fixed ``(student, teacher)`` lists for its last/skip ablations, for every depth pair.
 PAPER_PAIRS: dict[str, tuple[Pair, ...]] = {
@@ -39,36 +36,23 @@ PAPER_PAIRS: dict[str, tuple[Pair, ...]] = {
     "paper_skip": ((1, 0), (2, 2), (3, 4), (4, 6), (5, 8)),
 }
 
-__all__ = ["STRATEGIES", "select_layers", "parse_layer_map", "LayerSchedule"]
-
-_MAP_ENTRY = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
+__all__ = ["STRATEGIES", "select_layers", "LayerSchedule"]
 
 
-def parse_layer_map(text: str, student_layers: int, teacher_layers: int) -> list[Pair]:
-    """Parse ``"s:t,s:t,..."`` into pairs sorted by student layer; every problem is a one-line ConfigError."""
-    entries = [entry for entry in text.split(",")]
-    if not text.strip() or any(not entry.strip() for entry in entries):
-        raise ConfigError(f"layer map {text!r} is malformed: write student:teacher pairs separated by "
-                          "commas, e.g. '0:1,1:3,2:5'")
-    pairs: list[Pair] = []
-    for entry in entries:
-        match = _MAP_ENTRY.match(entry)
-        if match is None:
-            raise ConfigError(f"layer map {text!r}: entry {entry.strip()!r} is not student:teacher "
-                              "(two layer numbers, e.g. '2:5')")
-        student, teacher = int(match.group(1)), int(match.group(2))
-        if not (0 <= student < student_layers and 0 <= teacher < teacher_layers):
+def _resolved(strategy: Any, pairs: Any) -> tuple[str, tuple[Pair, ...] | None]:
+    """Today's ``(name, pairs)`` from either spelling; a wrong setting is a one-line ConfigError naming it."""
+    try:
+        return resolve_strategy(strategy, pairs)
+    except StrategyError as exc:
+        raise ConfigError(f"layers.{exc.key}: {exc}") from None
+
+
+def _check_pairs_fit(pairs: Sequence[Pair], student_layers: int, teacher_layers: int) -> None:
+    for student, teacher in pairs:
+        if not (student < student_layers and teacher < teacher_layers):
             raise ConfigError(
-                f"layer map {text!r}: pair {student}:{teacher} is out of range; the student has "
-                f"{student_layers} layers (0..{student_layers - 1}) and the teacher {teacher_layers} "
-                f"(0..{teacher_layers - 1})")
-        pairs.append((student, teacher))
-    for side, index in (("student", 0), ("teacher", 1)):
-        seen = [pair[index] for pair in pairs]
-        repeated = sorted({layer for layer in seen if seen.count(layer) > 1})
-        if repeated:
-            raise ConfigError(f"layer map {text!r}: {side} layer {repeated[0]} appears more than once")
-    return sorted(pairs)
+                f"layers.pairs: pair [{student}, {teacher}] is out of range; the student has {student_layers} "
+                f"layers (0..{student_layers - 1}) and the teacher {teacher_layers} (0..{teacher_layers - 1})")
 
 
 def _check_depths(student_layers: int, teacher_layers: int, k: int) -> None:
@@ -82,19 +66,18 @@ def _check_depths(student_layers: int, teacher_layers: int, k: int) -> None:
 
 
 def select_layers(strategy: str, student_layers: int, teacher_layers: int, k: int,
-                  generator: torch.Generator | None = None) -> list[Pair]:
+                  generator: torch.Generator | None = None, pairs: Sequence[Pair] | None = None) -> list[Pair]:
     """The ``(student_layer, teacher_layer)`` pairs for ``strategy``, sorted by student layer.
 
-    ``strategy`` is ``random``, ``last``, ``skip``, ``paper_last``, ``paper_skip`` or an explicit map
-    ``"s:t,..."`` (the last three fix the pairs themselves, so ``k`` is ignored for them). ``generator`` is
-    required for ``random`` and advanced by exactly
-    two ``randperm`` calls (student, then teacher), so equal seeds give equal draws everywhere.
+    ``strategy`` is one of :data:`STRATEGIES`; ``map`` takes its ``pairs``. It and the paper's lists fix
+    the pairs themselves, so ``k`` is ignored for them. ``generator`` is required for ``random`` and
+    advanced by exactly two ``randperm`` calls (student, then teacher), so equal seeds give equal draws
+    everywhere.
     """
-    if strategy not in STRATEGIES and re.search(r"[\d:,]", strategy):  # meant as a map, maybe malformed
-        return parse_layer_map(strategy, student_layers, teacher_layers)
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"unknown layer selection {strategy!r}; choose one of {', '.join(STRATEGIES)} "
-                          "or an explicit map like '0:1,1:3'")
+    strategy, pairs = _resolved(strategy, pairs)
+    if pairs is not None:
+        _check_pairs_fit(pairs, student_layers, teacher_layers)
+        return list(pairs)
     if strategy in PAPER_PAIRS:
         pairs = list(PAPER_PAIRS[strategy])
         if student_layers < 6 or teacher_layers < 12:
@@ -121,6 +104,11 @@ def select_layers(strategy: str, student_layers: int, teacher_layers: int, k: in
     return list(zip(student, teacher))
 
 
+def _plain_pairs(pairs: Sequence[Pair] | None) -> list[list[int]] | None:
+    """Pairs as lists, the form a saved state holds them in."""
+    return None if pairs is None else [list(pair) for pair in pairs]
+
+
 class LayerSchedule:
     """Owns the layer pairs over training: drawn at step 0, re-drawn every ``resample_interval`` steps.
 
@@ -129,15 +117,15 @@ class LayerSchedule:
     all processes agree and a resumed run (via :meth:`state_dict`) continues the same sequence. The
     interval is its own setting (default 10, the paper's value) rather than tied to checkpoint saving
     as in the paper's code (spec §7.4-6). ``resample_interval=None`` keeps the first draw for good.
-    Deterministic strategies simply return the same pairs every time.
+    Deterministic strategies simply return the same pairs every time; ``pairs`` are those of ``map``.
     """
 
     def __init__(self, strategy: str, student_layers: int, teacher_layers: int, k: int = 5, seed: int = 888,
-                 resample_interval: int | None = 10):
+                 resample_interval: int | None = 10, pairs: Sequence[Pair] | None = None):
         if resample_interval is not None and resample_interval < 1:
             raise ConfigError(f"layer resample interval must be >= 1 optimizer steps (or None), "
                               f"got {resample_interval}")
-        self.strategy = strategy
+        self.strategy, self.map_pairs = _resolved(strategy, pairs)
         self.student_layers = student_layers
         self.teacher_layers = teacher_layers
         self.k = k
@@ -148,7 +136,8 @@ class LayerSchedule:
         self._pairs = self._draw()
 
     def _draw(self) -> list[Pair]:
-        return select_layers(self.strategy, self.student_layers, self.teacher_layers, self.k, self.generator)
+        return select_layers(self.strategy, self.student_layers, self.teacher_layers, self.k, self.generator,
+                             self.map_pairs)
 
     @property
     def pairs(self) -> list[Pair]:
@@ -168,18 +157,23 @@ class LayerSchedule:
         return list(self._pairs)
 
     def _settings(self) -> dict[str, Any]:
-        return {"strategy": self.strategy, "student_layers": self.student_layers,
-                "teacher_layers": self.teacher_layers, "k": self.k, "seed": self.seed,
-                "resample_interval": self.resample_interval}
+        return {"strategy": self.strategy, "map_pairs": _plain_pairs(self.map_pairs),
+                "student_layers": self.student_layers, "teacher_layers": self.teacher_layers, "k": self.k,
+                "seed": self.seed, "resample_interval": self.resample_interval}
 
     def state_dict(self) -> dict[str, Any]:
         """Settings, generator state, draw counter and current pairs; ``torch.save``-able."""
         return {**self._settings(), "generator_state": self.generator.get_state(),
-                "draw_index": self._draw_index, "pairs": [list(pair) for pair in self._pairs]}
+                "draw_index": self._draw_index, "pairs": _plain_pairs(self._pairs)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue a saved schedule; refuses one saved under other settings (other layers would follow)."""
-        saved = {key: state.get(key) for key in self._settings()}
+        """Continue a saved schedule; refuses one saved under other settings (other layers would follow).
+
+        A schedule saved before ``map_pairs`` existed holds an explicit map in the old spelling, as its strategy.
+        """
+        strategy, map_pairs = _resolved(state.get("strategy"), state.get("map_pairs"))
+        saved = {**{key: state.get(key) for key in self._settings()}, "strategy": strategy,
+                 "map_pairs": _plain_pairs(map_pairs)}
         if saved != self._settings():
             diff = ", ".join(f"{key} {saved[key]!r} (now {value!r})" for key, value in self._settings().items()
                              if saved[key] != value)

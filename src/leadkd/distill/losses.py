@@ -23,9 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, LeadkdError
-
-Pair = tuple[int, int]
-"""A ``(student_layer, teacher_layer)`` pair: indices into the score tensors' first dimension."""
+from ..layer_strategy import Pair
 
 __all__ = [
     "contrastive_loss", "kl_distillation", "response_kl_loss", "margin_mse_loss", "layer_distillation_loss",
@@ -237,6 +235,20 @@ def _pair_weights(teacher_ce: Tensor, layer_temperature: float, reweight: bool, 
     return torch.full_like(teacher_ce, float(weight))
 
 
+def _weighted_layer_loss(teacher_scores: Tensor, student_scores: Tensor, labels: Tensor, pairs: Sequence[Pair],
+                         layer_temperature: float, temperature: float, reweight: bool, weight: float,
+                         detach_teacher_targets: bool, reduce_teacher_ce: Callable[[Tensor], Tensor] | None = None
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The layer loss with what a trainer logs: ``(loss, weights, per-pair KL, teacher layer CE)``."""
+    _check_positive("layer_temperature", layer_temperature)
+    pair_kl, teacher_ce = _layer_terms(teacher_scores, student_scores, labels, pairs, temperature,
+                                       detach_teacher_targets)
+    if reduce_teacher_ce is not None:
+        teacher_ce = reduce_teacher_ce(teacher_ce)
+    weights = _pair_weights(teacher_ce, layer_temperature, reweight, weight)
+    return (weights * pair_kl).sum(), weights, pair_kl, teacher_ce
+
+
 def layer_distillation_loss(
     teacher_scores: Tensor,
     student_scores: Tensor,
@@ -274,11 +286,9 @@ def layer_distillation_loss(
         ``loss == (weights * D).sum()``: the softmax weights (summing to 1) when re-weighting,
         else ``weight`` repeated K times (all ones by default).
     """
-    _check_positive("layer_temperature", layer_temperature)
-    pair_kl, teacher_ce = _layer_terms(teacher_scores, student_scores, labels, pairs, temperature,
-                                       detach_teacher_targets)
-    weights = _pair_weights(teacher_ce, layer_temperature, reweight, weight)
-    return (weights * pair_kl).sum(), weights
+    loss, weights, _, _ = _weighted_layer_loss(teacher_scores, student_scores, labels, pairs, layer_temperature,
+                                               temperature, reweight, weight, detach_teacher_targets)
+    return loss, weights
 
 
 def lead_total_loss(
@@ -354,13 +364,9 @@ def lead_total_loss(
 
     empty = _fp(student_final).new_zeros(0)
     if pairs:
-        _check_positive("layer_temperature", layer_temperature)
-        pair_kl, layer_ce = _layer_terms(teacher_scores, student_scores, labels, pairs, temperature,
-                                         detach_teacher_targets)
-        if reduce_layer_ce is not None:
-            layer_ce = reduce_layer_ce(layer_ce)
-        weights = _pair_weights(layer_ce, layer_temperature, reweight, layer_weight)
-        layer = (weights * pair_kl).sum()
+        layer, weights, pair_kl, layer_ce = _weighted_layer_loss(
+            teacher_scores, student_scores, labels, pairs, layer_temperature, temperature, reweight, layer_weight,
+            detach_teacher_targets, reduce_layer_ce)
         total = total + layer
         pair_kl_log = pair_kl.detach()
     else:

@@ -1,4 +1,4 @@
-"""Per-layer vectors of a frozen dual-encoder teacher, cached per query and passage on disk.
+"""Per-layer vectors of a frozen dense teacher, cached per query and passage on disk.
 
 A frozen teacher runs in eval mode under ``no_grad``, so a text gets the same vectors in every epoch:
 after it has been seen once, response-KD and LEAD cost only the student's forward and backward.
@@ -35,7 +35,6 @@ import torch
 from ..errors import LeadkdError
 from ..fileio import atomic_write
 from ..models.base import resolve_layers
-from .views import Encoded
 
 META = "meta.json"
 
@@ -125,7 +124,7 @@ class _Side:
 
 
 class TeacherVectorCache:
-    """Serves a frozen DE teacher's per-layer vectors for training batches, computing each text once.
+    """Serves a frozen dense teacher's per-layer vectors for training batches, computing each text once.
 
     ``layers`` are the teacher layers the loss can ask for (every layer for LEAD's random pairs, the last
     one for response-only KD); ``queries`` may be None (a corpus without a queries file: every query is
@@ -156,8 +155,8 @@ class TeacherVectorCache:
                 json.dump(meta, handle, indent=2)
 
     def encode(self, query_ids: Sequence[str], queries: Sequence[str], passage_ids: Sequence[str],
-               passages: Sequence[str], layers: Sequence[int], final: bool = False) -> Encoded:
-        """What ``EncodeForward`` would return for the teacher, for the requested ``layers`` (and ``final``)."""
+               passages: Sequence[str], layers: Sequence[int], final: bool = False):
+        """What the teacher's ``encode_batch`` would return, for the requested ``layers`` (and ``final``)."""
         wanted = list(layers) + ([self.model.num_layers - 1] if final else [])
         wanted = resolve_layers(wanted, self.model.num_layers)
         if not set(wanted) <= set(self.layers):
@@ -168,8 +167,7 @@ class TeacherVectorCache:
         p = self.sides["passage"].vectors_for(lambda t: self.model.layer_embeddings(t, "passage", self.layers),
                                               passage_ids, passages)
         device = next(self.model.parameters()).device
-        return Encoded(queries=q.index_select(0, index).to(device), passages=p.index_select(0, index).to(device),
-                       scale=self.model.similarity_scale)
+        return self.model.vectors_batch(q.index_select(0, index).to(device), p.index_select(0, index).to(device))
 
     def prefill_passages(self, vectors: np.ndarray, chunk: int = 4096) -> int:
         """Store the teacher's vectors of the whole corpus computed elsewhere: ``[every layer of the teacher,

@@ -9,6 +9,7 @@ last slice is the model's ordinary score.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import operator
@@ -19,7 +20,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 from torch import nn
 
-from ..errors import LeadkdError
+from ..errors import ConfigError, LeadkdError
 
 #: File written by every leadkd model's ``save_pretrained``: its kind and settings, read by ``load_model``.
 LEADKD_CONFIG = "leadkd_config.json"
@@ -40,15 +41,68 @@ PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 SHOWN_KEYS = 3
 
 
+class EncodedBatch(Protocol):
+    """One model's view of a training batch, for the layers it was asked for; it knows how to travel and
+    how to score, so the trainer never asks what kind of model made it.
+
+    ``gathered``: the same view with the passages of every process in rank order (autograd-aware when
+    ``with_grad``, so each gradient reaches the process that owns its passage); queries stay local.
+    ``scores``: ``[L', Q, C]``; C is every passage of the view, or each query's own group for a model
+    that scores only its own group (``scores_whole_batch = False``).
+    """
+
+    def gathered(self, with_grad: bool) -> "EncodedBatch": ...
+
+    def scores(self) -> torch.Tensor: ...
+
+
 @runtime_checkable
 class Retriever(Protocol):
-    """The one interface the trainer and the per-layer evaluation rely on."""
+    """What the trainer and the per-layer evaluation ask of every model kind (one file per kind).
 
+    ``scores_whole_batch``: True when each query is scored against every passage of the batch (and, across
+    processes, of every batch: dual encoder, ColBERT); False when only against its own group (a
+    cross-encoder reads each pair jointly). ``encode_batch`` returns the view the losses score: the
+    requested layers (layer view: for ColBERT the raw last block with ``raw_last_layer``), then with
+    ``final`` one more slice, the model's ordinary score. ``from_config`` builds the model from a
+    :class:`~leadkd.config.ModelConfig`; the registry (:mod:`leadkd.kinds`) says which of its fields only
+    this kind reads.
+    """
+
+    kind: str
     num_layers: int
+    backbone: nn.Module
+    scores_whole_batch: bool
 
     def layer_scores(self, queries: Sequence[str], passages: Sequence[str]) -> torch.Tensor:
         """Scores of every layer: ``[num_layers, len(queries), C]``; see each kind for what C is."""
         ...
+
+    def encode_batch(self, queries: Sequence[str], passages: Sequence[str], layers: Sequence[int],
+                     final: bool = False, raw_last_layer: bool = True) -> EncodedBatch: ...
+
+    def settings(self) -> dict: ...
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None: ...
+
+
+@runtime_checkable
+class DenseRetriever(Retriever, Protocol):
+    """A retriever that encodes every text alone into one vector per layer: it can search a corpus (dev
+    evaluation, mining), its teacher vectors can be cached per text, and its token states can be compared
+    by the classical hidden-state baseline."""
+
+    hidden_size: int
+    similarity_scale: float
+
+    def layer_embeddings(self, texts: Sequence[str], side: str, layers: Sequence[int] | None = None
+                         ) -> torch.Tensor: ...
+
+    def vectors_batch(self, queries: torch.Tensor, passages: torch.Tensor) -> EncodedBatch: ...
+
+    def encode_queries(self, texts: Sequence[str], **kwargs): ...
+
+    def encode_passages(self, texts: Sequence[str], **kwargs): ...
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
@@ -298,3 +352,28 @@ def freeze_pooler(backbone: nn.Module) -> None:
     pooler = getattr(backbone, "pooler", None)
     if isinstance(pooler, nn.Module):
         pooler.requires_grad_(False)
+
+
+def options_from_folder(location: str, kind: str, options_cls: type, overrides: dict):
+    """Settings dataclass of a model kind: defaults, then the folder's saved values, then ``overrides``.
+
+    Unknown override names are a :class:`ConfigError`. A folder saved as another kind contributes only
+    its backbone (its options are ignored, with a warning), so e.g. a warmed-up dual-encoder can seed
+    a ColBERT.
+    """
+    names = [f.name for f in dataclasses.fields(options_cls)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown {kind} option(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+    saved = read_leadkd_config(location) if os.path.isdir(location) else None
+    if saved and saved.get("kind") != kind:
+        logger.warning("%s holds a %r model; loading only its backbone as a %s", location, saved.get("kind"), kind)
+        saved = None
+    kept = {key: value for key, value in (saved or {}).items() if key in names}
+    return options_cls(**{**kept, **overrides})
+
+
+def loading_options(config) -> dict:
+    """The loading switches every kind's ``from_config`` passes to ``from_pretrained``: strict loading,
+    pickled weights only where the config opts in."""
+    return {"trust_remote_code": config.trust_remote_code, "use_safetensors": config.use_safetensors}

@@ -32,8 +32,9 @@ from torch import nn
 
 from ..errors import ConfigError, LeadkdError
 from ..fileio import atomic_directory
-from .base import (block_outputs, freeze_pooler, load_backbone, num_blocks, position_limit, read_leadkd_config,
-                   resolve_layers, resolve_model_path)
+from .. import distributed as dist
+from .base import (block_outputs, freeze_pooler, load_backbone, loading_options, num_blocks, options_from_folder,
+                   position_limit, read_leadkd_config, resolve_layers, resolve_model_path)
 from .loading import write_leadkd_config
 
 logger = logging.getLogger(__name__)
@@ -102,25 +103,24 @@ def maxsim_scores(q_states: torch.Tensor, p_states: torch.Tensor, p_mask: torch.
     return torch.cat(blocks, dim=1)
 
 
-# Shared with the cross-encoder.
+@dataclass
+class TokenBatch:
+    """ColBERT's view of a batch: token states per layer (a list: the final vectors' width is ``dim``, the
+    others' the hidden size) and the passages' padding mask, which travels with their states."""
 
-def options_from_folder(location: str, kind: str, options_cls: type, overrides: dict):
-    """Settings dataclass of a model kind: defaults, then the folder's saved values, then ``overrides``.
+    queries: list[torch.Tensor]         # [Q, Tq, d_l] per layer
+    passages: list[torch.Tensor]        # [P, Tp, d_l] per layer
+    passage_mask: torch.Tensor          # [P, Tp]
 
-    Unknown override names are a :class:`ConfigError`. A folder saved as another kind contributes only
-    its backbone (its options are ignored, with a warning), so e.g. a warmed-up dual-encoder can seed
-    a ColBERT.
-    """
-    names = [f.name for f in dataclasses.fields(options_cls)]
-    unknown = sorted(set(overrides) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown {kind} option(s) {', '.join(unknown)}; choose from {', '.join(names)}")
-    saved = read_leadkd_config(location) if os.path.isdir(location) else None
-    if saved and saved.get("kind") != kind:
-        logger.warning("%s holds a %r model; loading only its backbone as a %s", location, saved.get("kind"), kind)
-        saved = None
-    kept = {key: value for key, value in (saved or {}).items() if key in names}
-    return options_cls(**{**kept, **overrides})
+    def gathered(self, with_grad: bool) -> "TokenBatch":
+        """Sequence lengths differ per process, so states are padded to the longest before gathering, and
+        the mask goes with them (the paper's code gathered states but kept the local mask: spec §7.4-1)."""
+        mask = dist.gather_padded(self.passage_mask.unsqueeze(-1).float(), pad_value=0.0, dim=1).squeeze(-1) > 0
+        states = [dist.gather_padded(s if with_grad else s.detach(), pad_value=0.0, dim=1) for s in self.passages]
+        return TokenBatch(self.queries, states, mask)
+
+    def scores(self) -> torch.Tensor:
+        return torch.stack([maxsim_scores(q, p, self.passage_mask) for q, p in zip(self.queries, self.passages)])
 
 
 def _token_id(tokenizer, token: str | None, message: str) -> int:
@@ -138,6 +138,7 @@ class ColBERT(nn.Module):
     """
 
     kind = KIND
+    scores_whole_batch = True
 
     def __init__(self, tokenizer, backbone: nn.Module, options: ColBERTOptions = ColBERTOptions(),
                  projection: nn.Linear | None = None):
@@ -206,6 +207,14 @@ class ColBERT(nn.Module):
             raise LeadkdError(f"{location}: a saved ColBERT without its projection ({PROJECTION_FILE}); restore the "
                               "file, or load with allow_partial=True for a fresh one")
         return cls(tokenizer, backbone, options, projection).eval()
+
+    @classmethod
+    def from_config(cls, config, path: str | None = None) -> "ColBERT":
+        """From a :class:`~leadkd.config.ModelConfig`: ``colbert_dim`` 0 means no projection (the paper's)."""
+        lengths = {key: value for key, value in (("max_query_length", config.max_query_length),
+                                                 ("max_passage_length", config.max_passage_length)) if value}
+        width = {} if config.colbert_dim is None else {"dim": config.colbert_dim or None}
+        return cls.from_pretrained(path or config.path, **lengths, **width, **loading_options(config))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write backbone (safetensors), tokenizer, projection and settings; the folder appears whole or not at all."""
@@ -307,6 +316,14 @@ class ColBERT(nn.Module):
     def forward(self, queries: Sequence[str], passages: Sequence[str],
                 layers: Sequence[int] | None = None) -> torch.Tensor:
         return self.layer_scores(queries, passages, layers)
+
+    def encode_batch(self, queries: Sequence[str], passages: Sequence[str], layers: Sequence[int],
+                     final: bool = False, raw_last_layer: bool = True) -> TokenBatch:
+        """The training view: ``layers`` (the last one raw with ``raw_last_layer``), then ColBERT's final
+        vectors with ``final``."""
+        q_states, _ = self.query_layer_states(queries, layers, raw_last=raw_last_layer, final=final)
+        p_states, p_mask = self.passage_layer_states(passages, layers, raw_last=raw_last_layer, final=final)
+        return TokenBatch(q_states, p_states, p_mask)
 
     def score(self, queries: Sequence[str], passages: Sequence[str]) -> torch.Tensor:
         """The ordinary ColBERT score (last layer), ``[Q, P]``."""

@@ -26,9 +26,8 @@ from torch import nn
 
 from ..errors import ConfigError, LeadkdError
 from ..fileio import atomic_directory
-from .base import (freeze_pooler, load_backbone, num_blocks, position_limit, read_leadkd_config, resolve_layers,
-                   resolve_model_path)
-from .colbert import options_from_folder
+from .base import (freeze_pooler, load_backbone, loading_options, num_blocks, options_from_folder, position_limit,
+                   read_leadkd_config, resolve_layers, resolve_model_path)
 from .loading import write_leadkd_config
 
 logger = logging.getLogger(__name__)
@@ -55,6 +54,20 @@ class CrossEncoderOptions:
                               f"got {self.use_token_type_ids!r}")
 
 
+@dataclass
+class GroupScores:
+    """A cross-encoder's view of a batch: its scores ``[L', Q, G]`` of each query's own group, already
+    final; there is nothing to gather (no query is scored against another process's passages)."""
+
+    values: torch.Tensor
+
+    def gathered(self, with_grad: bool) -> "GroupScores":
+        return self
+
+    def scores(self) -> torch.Tensor:
+        return self.values
+
+
 class CrossEncoder(nn.Module):
     """A reranker over any Hugging Face encoder, exposing the shared head's score at every layer.
 
@@ -63,6 +76,7 @@ class CrossEncoder(nn.Module):
     """
 
     kind = KIND
+    scores_whole_batch = False
 
     def __init__(self, tokenizer, backbone: nn.Module, options: CrossEncoderOptions = CrossEncoderOptions(),
                  head: nn.Linear | None = None):
@@ -116,6 +130,13 @@ class CrossEncoder(nn.Module):
             logger.info("%s: no cross-encoder head (%s); starting a fresh one (N(0, 0.02), seed %d)",
                         location, HEAD_FILE, HEAD_SEED)
         return cls(tokenizer, backbone, options, head).eval()
+
+    @classmethod
+    def from_config(cls, config, path: str | None = None) -> "CrossEncoder":
+        """From a :class:`~leadkd.config.ModelConfig`: the pair's length is ``max_passage_length``."""
+        length = {"max_length": config.max_passage_length} if config.max_passage_length else {}
+        segments = {} if config.token_type_ids is None else {"use_token_type_ids": config.token_type_ids}
+        return cls.from_pretrained(path or config.path, **length, **segments, **loading_options(config))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write backbone (safetensors), tokenizer, head and settings; the folder appears whole or not at all."""
@@ -202,6 +223,12 @@ class CrossEncoder(nn.Module):
     def forward(self, queries: Sequence[str], passages: Sequence[str],
                 layers: Sequence[int] | None = None) -> torch.Tensor:
         return self.layer_scores(queries, passages, layers)
+
+    def encode_batch(self, queries: Sequence[str], passages: Sequence[str], layers: Sequence[int],
+                     final: bool = False, raw_last_layer: bool = True) -> GroupScores:
+        """The training view: the head's scores at ``layers`` (then the last layer, the score, with
+        ``final``) of each query's own group, query-major as :meth:`layer_scores` takes them."""
+        return GroupScores(self.layer_scores(queries, passages, list(layers) + ([self.num_layers - 1] if final else [])))
 
     def score(self, queries: Sequence[str], passages: Sequence[str]) -> torch.Tensor:
         """The ordinary cross-encoder score (last layer) of each query's own group: ``[Q, G]``."""

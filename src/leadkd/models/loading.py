@@ -8,7 +8,6 @@ that every model kind reads and writes the same files the same way.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import warnings
@@ -16,16 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..kinds import DEFAULT_KIND, MODEL_KINDS, model_class
 from ..errors import LeadkdError
 from ..fileio import atomic_write
 from .base import LEADKD_CONFIG, read_leadkd_config, resolve_model_path
-
-#: Model kind -> "module:Class"; imported only when a folder of that kind is opened.
-MODEL_KINDS: dict[str, str] = {
-    "dual_encoder": "leadkd.models.dual_encoder:DualEncoder",
-    "colbert": "leadkd.models.colbert:ColBERT",
-    "cross_encoder": "leadkd.models.cross_encoder:CrossEncoder",
-}
 
 #: Pooling modes named by sentence-transformers' legacy boolean keys, in ST's own order.
 _ST_LEGACY_POOLING = {
@@ -38,13 +31,9 @@ _ST_LEGACY_POOLING = {
 }
 
 
-def model_class(kind: str) -> type:
-    """The class registered for ``kind``, imported on first use."""
-    target = MODEL_KINDS.get(kind)
-    if target is None:
-        raise LeadkdError(f"unknown model kind {kind!r}; known kinds: {', '.join(sorted(MODEL_KINDS))}")
-    module_name, class_name = target.split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+def build_model(config, path: str | None = None):
+    """The model a :class:`~leadkd.config.ModelConfig` describes, from ``path`` (default ``config.path``)."""
+    return model_class(config.kind).from_config(config, path)
 
 
 def load_model(path: str | os.PathLike, **overrides: Any):
@@ -58,7 +47,7 @@ def load_model(path: str | os.PathLike, **overrides: Any):
     resolved = resolve_model_path(path)
     config = read_leadkd_config(resolved) if os.path.isdir(resolved) else None
     if config is None:
-        kind = "dual_encoder"
+        kind = DEFAULT_KIND
     else:
         file = Path(resolved) / LEADKD_CONFIG
         kind = config.get("kind") if isinstance(config, dict) else None

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..accel import cpu
 from ..data.groups import GroupsBuilder, TrainingGroups
 from ..errors import ConfigError, LeadkdError
 from .pipeline import Embeddings, encode_corpus
@@ -147,8 +148,8 @@ def mine_hard_negatives(model, dataset, depth: int = 200, rank_range: tuple[int,
     builder = GroupsBuilder(corpus, queries)
     if todo:
         doc_vectors = _corpus_vectors(model, corpus, corpus_embeddings, batch_size, show_progress)
-        query_vectors = model.encode_queries([queries.text(r) for _, r, _ in todo], batch_size=batch_size,
-                                             show_progress=show_progress)
+        query_vectors = cpu.encode_queries(model, [queries.text(r) for _, r, _ in todo], batch_size=batch_size,
+                                           show_progress=show_progress)
         if query_vectors.shape[1] != doc_vectors.shape[1]:
             raise LeadkdError(f"query vectors have {query_vectors.shape[1]} dimensions but passage vectors "
                               f"{doc_vectors.shape[1]}: not the same model?")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leadkd.models.cpu_dropout import ATTENTION, CpuDropout, attention, dropout, keep_mask, use_cpu_dropout
+from leadkd.accel.cpu_dropout import ATTENTION, CpuDropout, attention, dropout, keep_mask, use_cpu_dropout
 
 from conftest import make_tiny_bert_folder
 
@@ -116,7 +116,7 @@ def test_a_patched_bert_trains_as_torchs_dropout_would_with_these_masks(bert_fol
     ids, mask = _inputs()
 
     # Mask i of either model is drawn right after torch.manual_seed(1000 + i).
-    from leadkd.models import cpu_dropout
+    from leadkd.accel import cpu_dropout
 
     draws, real_keep = iter(range(1000, 10**6)), cpu_dropout.keep_mask
 

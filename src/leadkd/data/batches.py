@@ -1,0 +1,189 @@
+"""Training groups sampled into batches of text: one step's queries, positives and negatives.
+
+Batches carry text, never token ids: teacher and student each tokenise their own view of the same
+passages, which is what makes the distillation "liberal". Every random choice is keyed by seed, epoch
+and item, so a resumed or multi-process run draws exactly what one uninterrupted process would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from ..errors import LeadkdError
+from .groups import TrainingGroups
+
+
+@dataclass
+class GroupSample:
+    """One group as sampled for a step: the query and ``1 + n`` passages, the positive first."""
+
+    query_id: str
+    query: str
+    passage_ids: list[str]
+    passages: list[str]
+    teacher_scores: np.ndarray | None = None
+    positive_ids: tuple[str, ...] = ()  # every judged positive of the query, not only the one sampled
+
+
+def sample_group(groups: TrainingGroups, g: int, negatives: int, rng: np.random.Generator,
+                 random_positive: bool = False) -> GroupSample:
+    """The paper's TraditionDataset item: first (or a random) positive, then ``negatives`` shuffled negatives.
+
+    The negatives are shuffled and the first ``negatives`` taken; a group with fewer cycles through its
+    shuffled list (each negative then appears ``floor`` or ``ceil`` of ``negatives / available`` times).
+    """
+    pos, neg = groups.positive_keys(g), groups.negative_keys(g)
+    p = int(rng.integers(len(pos))) if random_positive else 0
+    if negatives > 0:
+        if len(neg) == 0:
+            raise LeadkdError(f"group {g} (query {groups.query_id(g)!r}) has no negatives to sample")
+        order = np.resize(rng.permutation(len(neg)), negatives)
+    else:
+        order = np.zeros(0, dtype=np.int64)
+    keys = [int(pos[p])] + [int(neg[j]) for j in order]
+    scores = groups.teacher_scores(g)
+    if scores is not None:
+        scores = np.concatenate([scores[p:p + 1], scores[len(pos) + order]]).astype(np.float32)
+    return GroupSample(groups.query_id(g), groups.query_text(g), [groups.passage_id(k) for k in keys],
+                       [groups.passage(k) for k in keys], scores, tuple(groups.passage_id(k) for k in pos))
+
+
+class GroupDataset(Dataset):
+    """Groups as a map-style dataset whose items are :class:`GroupSample` of ``1 + negatives`` passages.
+
+    An item's randomness depends only on ``(seed, epoch, group)``, never on worker or visit order, so a
+    resumed run (or any number of DataLoader workers) draws the same negatives. Pass the epoch either by
+    :meth:`set_epoch` or, robust to persistent workers, as keys ``(epoch, index)`` from :class:`EpochSampler`.
+    Groups without negatives are left out when ``negatives > 0``, as in the paper (``skipped`` counts them).
+    """
+
+    def __init__(self, groups: TrainingGroups, negatives: int, seed: int = 0, random_positive: bool = False):
+        if negatives < 0:
+            raise LeadkdError(f"negatives must be >= 0, got {negatives}")
+        if seed < 0:
+            raise LeadkdError(f"seed must be >= 0, got {seed}")
+        self.groups = groups
+        self.negatives = negatives
+        self.seed = seed
+        self.random_positive = random_positive
+        self.epoch = 0
+        counts = groups.num_negatives()
+        self._rows = np.flatnonzero(counts > 0) if negatives > 0 else np.arange(len(groups))
+        self.skipped = len(groups) - len(self._rows)
+        if len(self._rows) == 0:
+            raise LeadkdError(f"none of the {len(groups)} training groups has a negative to sample")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> GroupSample:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        g = int(self._rows[index])
+        rng = np.random.default_rng([self.seed, int(epoch), g])
+        return sample_group(self.groups, g, self.negatives, rng, self.random_positive)
+
+
+@dataclass
+class GroupBatch:
+    """B groups flattened query-major: passages ``[i*(1+n) : (i+1)*(1+n)]`` are query i's positive then negatives.
+
+    ``labels[i] = i * group_size`` is query i's positive among all ``B * group_size`` passages (whole-batch
+    candidates); for own-group scoring (cross-encoder) the positive is column 0. ``positive_ids[i]``: every
+    judged positive of query i, so a positive of i that sits in another group is not taken for a negative.
+    """
+
+    query_ids: list[str]
+    queries: list[str]
+    passage_ids: list[str]
+    passages: list[str]
+    labels: torch.Tensor
+    group_size: int
+    teacher_scores: torch.Tensor | None = None
+    positive_ids: list[tuple[str, ...]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    @property
+    def negatives(self) -> int:
+        return self.group_size - 1
+
+    def to(self, device: str | torch.device) -> "GroupBatch":
+        teacher = None if self.teacher_scores is None else self.teacher_scores.to(device)
+        return GroupBatch(self.query_ids, self.queries, self.passage_ids, self.passages, self.labels.to(device),
+                          self.group_size, teacher, self.positive_ids)
+
+
+def collate_groups(samples: Sequence[GroupSample]) -> GroupBatch:
+    """``DataLoader`` ``collate_fn``: samples of equal size into one :class:`GroupBatch`."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    size = len(samples[0].passages)
+    if any(len(s.passages) != size for s in samples):
+        raise ValueError("all groups of a batch must have the same number of passages")
+    with_scores = [s.teacher_scores is not None for s in samples]
+    if any(with_scores) and not all(with_scores):
+        raise ValueError("teacher scores are present for some groups of the batch but not all")
+    teacher = torch.from_numpy(np.stack([s.teacher_scores for s in samples])) if all(with_scores) else None
+    return GroupBatch(
+        query_ids=[s.query_id for s in samples],
+        queries=[s.query for s in samples],
+        passage_ids=[p for s in samples for p in s.passage_ids],
+        passages=[p for s in samples for p in s.passages],
+        labels=torch.arange(len(samples), dtype=torch.long) * size,
+        group_size=size,
+        teacher_scores=teacher,
+        positive_ids=[s.positive_ids or (s.passage_ids[0],) for s in samples],
+    )
+
+
+class EpochSampler(Sampler):
+    """Wraps a sampler (e.g. ``DistributedSampler``) to yield ``(epoch, index)`` keys for :class:`GroupDataset`.
+
+    ``set_epoch`` reaches both the wrapped sampler's order and the dataset's negative draws; because the
+    epoch travels with each key, it also reaches DataLoader workers that keep a stale dataset copy.
+    """
+
+    def __init__(self, sampler: Sampler, epoch: int = 0):
+        self.sampler = sampler
+        self.epoch = epoch
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        for index in self.sampler:
+            yield epoch, int(index)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+
+def group_loader(dataset: GroupDataset, batch_size: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = True, num_workers: int = 0) -> DataLoader:
+    """A DataLoader of :class:`GroupBatch`: this rank's shard of a seeded shuffle, re-drawn per epoch.
+
+    Call ``loader.sampler.set_epoch(epoch)`` before each epoch. Batches are a function of
+    ``(seed, epoch, rank, world_size)`` only, so a resumed run can skip to its step and see the same data.
+    """
+    if batch_size < 1:
+        raise LeadkdError(f"batch size must be >= 1, got {batch_size}")
+    base = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                              drop_last=drop_last)
+    # Its own generator: a DataLoader iterator otherwise draws a seed from torch's global RNG, which would
+    # shift dropout masks between a straight run and a resumed one.
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(base), collate_fn=collate_groups,
+                      drop_last=drop_last, num_workers=num_workers, generator=torch.Generator().manual_seed(seed))

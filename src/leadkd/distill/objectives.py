@@ -1,0 +1,166 @@
+"""The two objectives a run can have: ground truth alone (`leadkd train`) and distillation (`leadkd distill`).
+
+Each is a small object the trainer calls once per micro-batch, ``objective(batch, pairs) -> terms``
+(``terms["loss"]`` is what is backpropagated; the other 0-d terms are logged). Both lay candidates out
+the same way (spec §2.3): a model that scores the whole batch sees every passage of the batch, and under
+torchrun of every process, unless in-batch negatives are off; one that scores only its own group (a
+cross-encoder) sees its own group. The losses themselves are the pure functions of
+:mod:`leadkd.distill.losses`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .. import distributed as dist
+from .build import Trained
+from .losses import (contrastive_loss, duplicate_positive_mask, group_labels, lead_total_loss, mask_candidates,
+                     own_group_scores)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one batch's candidates come from: ``gathered`` (every process's passages, the local queries'
+    labels starting at ``offset``) and ``own_group`` (scores cut to each query's own group)."""
+
+    gathered: bool
+    offset: int
+    own_group: bool
+
+    @classmethod
+    def of(cls, scores_whole_batch: bool, in_batch: bool, cross_process: bool, queries: int) -> "Layout":
+        gathered = scores_whole_batch and cross_process and dist.is_distributed()
+        return cls(gathered, dist.get_rank() * queries if gathered else 0, not (scores_whole_batch and in_batch))
+
+    def labels(self, batch) -> torch.Tensor:
+        return group_labels(len(batch.queries), batch.group_size, in_batch=not self.own_group,
+                            query_offset=self.offset)
+
+    def cut(self, scores: torch.Tensor, scores_whole_batch: bool, group_size: int) -> torch.Tensor:
+        """Scores of a whole-batch model cut to each query's own group where the layout asks for it."""
+        return own_group_scores(scores, group_size, self.offset) if self.own_group and scores_whole_batch else scores
+
+
+def duplicate_positives(batch, layout: Layout) -> torch.Tensor | None:
+    """``[B, C]`` mask of the copies of each local query's judged positives among its candidates, on the CPU,
+    or None when there are none (see :func:`~leadkd.distill.losses.duplicate_positive_mask`). With gathered
+    candidates, their ids (plain strings, no gradient) are gathered here too."""
+    ids = list(batch.passage_ids)
+    if layout.gathered:
+        ids = [pid for part in dist.all_gather_object(ids) for pid in part]
+    labels = group_labels(len(batch.queries), batch.group_size, query_offset=layout.offset)
+    mask = duplicate_positive_mask(batch.positive_ids, ids, labels)
+    if layout.own_group:
+        mask = own_group_scores(mask, batch.group_size, layout.offset)
+    return mask if bool(mask.any()) else None
+
+
+class _Objective:
+    def __init__(self, loss_config, device: torch.device):
+        self.loss = loss_config
+        self.device = device
+
+    def _layout(self, model, batch) -> Layout:
+        return Layout.of(model.scores_whole_batch, self.loss.in_batch_negatives, self.loss.cross_process_negatives,
+                         len(batch.queries))
+
+    def _duplicates(self, batch, layout: Layout) -> torch.Tensor | None:
+        if not self.loss.mask_duplicate_positives:
+            return None
+        mask = duplicate_positives(batch, layout)
+        return None if mask is None else mask.to(self.device)
+
+
+class GroundTruth(_Objective):
+    """One model, contrastive over its candidates: the warm-up of the paper's recipe."""
+
+    def __init__(self, model: Trained, loss_config, device: torch.device):
+        super().__init__(loss_config, device)
+        self.model = model
+        self.models = {"model": model}
+        self.evaluated = model
+
+    def __call__(self, batch, pairs=()) -> dict[str, torch.Tensor]:
+        model = self.model.model
+        encoded = self.model.forward(batch.queries, batch.passages, [], final=True)
+        layout = self._layout(model, batch)
+        if layout.gathered:
+            encoded = encoded.gathered(with_grad=True)
+        scores = layout.cut(encoded.scores()[-1], model.scores_whole_batch, batch.group_size)
+        duplicates = self._duplicates(batch, layout)
+        if duplicates is not None:
+            scores = mask_candidates(scores, duplicates)
+        loss = contrastive_loss(scores, layout.labels(batch).to(scores.device))
+        return {"loss": loss, "ce": loss}
+
+
+class Distillation(_Objective):
+    """LEAD and its baselines: the student's and (when it trains) the teacher's ground-truth terms, the
+    response term and the layer term over the drawn pairs, from one candidate set both models score.
+
+    ``teacher_cache`` serves a frozen teacher's vectors instead of running it; ``hidden_mse`` is the
+    classical hidden-state baseline's projections (it then replaces the layer-score term's pairs)."""
+
+    def __init__(self, student: Trained, teacher: Trained, loss_config, device: torch.device,
+                 teacher_cache=None, hidden_mse=None):
+        super().__init__(loss_config, device)
+        self.student, self.teacher = student, teacher
+        self.models = {"student": student, "teacher": teacher}
+        self.evaluated = student
+        self.teacher_cache = teacher_cache
+        self.hidden_mse = hidden_mse
+
+    @staticmethod
+    def _layers_for(pairs) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+        """Student and teacher layers the pairs need (each encode appends its final score slice after
+        them), and the pairs as positions into those lists."""
+        s_layers, t_layers = sorted({s for s, _ in pairs}), sorted({t for _, t in pairs})
+        return s_layers, t_layers, [(s_layers.index(s), t_layers.index(t)) for s, t in pairs]
+
+    def _encode_teacher(self, batch, layers: list[int], with_states: bool):
+        if self.teacher_cache is not None:
+            return self.teacher_cache.encode(batch.query_ids, batch.queries, batch.passage_ids, batch.passages,
+                                             layers, final=True)
+        options = {"with_states": True} if with_states else {}
+        with contextlib.nullcontext() if self.teacher.trains else torch.no_grad():
+            return self.teacher.forward(batch.queries, batch.passages, layers, final=True, **options)
+
+    def _scores(self, student_enc, teacher_enc, batch):
+        """Both models' scores over one candidate set, the labels, and the duplicate-positive mask."""
+        student, teacher = self.student.model, self.teacher.model
+        layout = Layout.of(teacher.scores_whole_batch and student.scores_whole_batch, self.loss.in_batch_negatives,
+                           self.loss.cross_process_negatives, len(batch.queries))
+        if layout.gathered:
+            student_enc = student_enc.gathered(with_grad=True)
+            teacher_enc = teacher_enc.gathered(with_grad=self.teacher.trains)
+        size = batch.group_size
+        student_scores = layout.cut(student_enc.scores(), student.scores_whole_batch, size)
+        teacher_scores = layout.cut(teacher_enc.scores(), teacher.scores_whole_batch, size)
+        return student_scores, teacher_scores, layout.labels(batch), self._duplicates(batch, layout)
+
+    def __call__(self, batch, pairs) -> dict[str, torch.Tensor]:
+        cfg = self.loss
+        hidden = self.hidden_mse is not None
+        s_layers, t_layers, positions = self._layers_for([] if hidden else pairs)
+        options = {"with_states": True} if hidden else {}
+        student_enc = self.student.forward(batch.queries, batch.passages, s_layers, final=True, **options)
+        teacher_enc = self._encode_teacher(batch, t_layers, hidden)
+        student_scores, teacher_scores, labels, duplicates = self._scores(student_enc, teacher_enc, batch)
+        reduce = dist.all_reduce_mean if dist.is_distributed() else None
+        terms = lead_total_loss(
+            teacher_scores, student_scores, labels.to(student_scores.device), positions,
+            train_teacher=self.teacher.trains, response=cfg.response, temperature=cfg.temperature,
+            layer_temperature=cfg.layer_temperature, reweight=cfg.reweight, student_weight=cfg.student_ce,
+            teacher_weight=cfg.teacher_ce, response_weight=cfg.response_weight, layer_weight=cfg.layer_weight,
+            detach_teacher_targets=cfg.detach_teacher_targets, reduce_layer_ce=reduce, candidate_mask=duplicates)
+        if hidden:  # the classical baseline: projected student token states regress the teacher's
+            (sq, sq_mask, sp, sp_mask), (tq, tq_mask, tp, tp_mask) = student_enc.states, teacher_enc.states
+            detach = cfg.detach_teacher_targets
+            feature = (self.hidden_mse(sq, tq, pairs, sq_mask, tq_mask, detach_teacher_targets=detach)
+                       + self.hidden_mse(sp, tp, pairs, sp_mask, tp_mask, detach_teacher_targets=detach))
+            terms["hidden_mse"] = feature
+            terms["loss"] = terms["loss"] + cfg.layer_weight * feature
+        return terms
