@@ -254,9 +254,9 @@ def learning_curve(path: Path = RESULTS / "learning-curve.png") -> Path | None:
 
     from leadkd.compare import load_ledger
     from leadkd.compare_report import paired_comparison, variant_values
-    from leadkd.report import _figure, _save_png
+    from leadkd.plots import new_figure, save_png
 
-    figure = _figure(9.5, 3.8)
+    figure = new_figure(9.5, 3.8)
     left, right = figure.subplots(1, 2)
     drawn, ticks = False, set()
     for (label, cells), (style, marker, shade) in zip(CURVES, (("-", "o", "#d62728"), ("--", "s", "#9467bd"))):
@@ -301,7 +301,7 @@ def learning_curve(path: Path = RESULTS / "learning-curve.png") -> Path | None:
     right.legend(fontsize="x-small")
     figure.suptitle("Budget: LEAD against response-KD, MiniLM teacher → 3-layer student (bars: min..max over "
                     "seeds; Δ: 95% CI over seeds; p: per-query randomization test)", fontsize="small")
-    _save_png(figure, path)
+    save_png(figure, path)
     return path
 
 

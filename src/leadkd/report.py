@@ -28,8 +28,6 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import LeadkdError
 from .fileio import atomic_write
-# _figure and _save_png stay importable from here for benchmarks/study.py, until it imports leadkd.plots.
-from .plots import new_figure as _figure, save_png as _save_png  # noqa: F401
 from .plots import plot_layer_weights, plot_per_layer, plot_training, run_colors
 from .results import RESULTS_NAME, Model, RunResults, finite_number, read_results
 from .stage_logs import StageLog, read_stage_logs
