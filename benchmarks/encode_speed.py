@@ -93,7 +93,7 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     import leadkd
-    from leadkd.accel import cpu
+    from leadkd.accel import cpu as accel
     from leadkd.models import DualEncoder
     from leadkd.models.base import resolve_model_path
 
@@ -112,10 +112,10 @@ def main() -> None:
         encode_kwargs["max_batch_tokens"] = args.max_batch_tokens
     st_sizes = [int(x) for x in args.st_batch_sizes.split(",")]
     reference = f"sentence_transformers_bs{st_sizes[0]}"
-    runs = {"leadkd": lambda texts: cpu.encode_passages(ours, texts, **encode_kwargs)}
+    runs = {"leadkd": lambda texts: accel.encode_passages(ours, texts, **encode_kwargs)}
     if args.ablations:
         def variant(fuse: bool, **kwargs):
-            return lambda texts: cpu.encode_passages(ours, texts, fuse=fuse, **kwargs)
+            return lambda texts: accel.encode_passages(ours, texts, fuse=fuse, **kwargs)
 
         runs["leadkd_no_fusion"] = variant(False, **encode_kwargs)
         runs["leadkd_bs32"] = variant(True, batch_size=32, max_batch_tokens=0)

@@ -161,7 +161,7 @@ def main() -> None:
         step()
     for _ in range(len(variants["lead_frozen_cached"].loader)):  # one epoch: every text's teacher vectors cached
         steps["lead_frozen_cached"]()
-    cache_fill = variants["lead_frozen_cached"].teacher_cache.filled()
+    cache_fill = variants["lead_frozen_cached"].objective.teacher_cache.filled()
     times: dict[str, list[float]] = {name: [] for name in steps}
     cpu: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
