@@ -34,15 +34,16 @@ MODEL_KINDS: dict[str, Kind] = {
 #: student built from a teacher's blocks by a settings object that names none.
 DEFAULT_KIND = "dual_encoder"
 
-#: What the trainer calls on every model (see :class:`~leadkd.models.base.Retriever`).
-PROTOCOL = ("kind", "num_layers", "scores_whole_batch", "from_config", "from_pretrained", "encode_batch",
-            "save_pretrained", "settings")
+#: What the trainer asks of every model class (see :class:`~leadkd.models.base.Retriever`; ``num_layers``
+#: and ``backbone`` are per instance, so a class cannot be checked for them).
+PROTOCOL = ("kind", "scores_whole_batch", "from_config", "from_pretrained", "encode_batch", "save_pretrained",
+            "settings")
 
 
 def register(cls: type, options: tuple[str, ...] = ()) -> type:
     """Make ``cls`` the model of kind ``cls.kind`` everywhere; ``options``: the ModelConfig fields only it
     reads. Nothing else needs to change for a new kind to train as teacher or student."""
-    missing = [name for name in PROTOCOL if not hasattr(cls, name) and name != "num_layers"]
+    missing = [name for name in PROTOCOL if not hasattr(cls, name)]
     if missing:
         raise TypeError(f"{cls.__name__} is not a leadkd model kind: it lacks {', '.join(missing)}")
     MODEL_KINDS[cls.kind] = Kind(cls, tuple(options))
