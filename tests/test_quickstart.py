@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -72,17 +73,40 @@ def test_quickstart_without_data_says_what_to_pass(tmp_path, monkeypatch, capsys
     assert len(err) == 1 and "LEADKD_DATA_DIR" in err[0] and "scifact" in err[0]
 
 
-def test_an_irds_dataset_is_exported_with_the_local_copys_dev_split(data_dir, tmp_path, monkeypatch):
-    """``--data irds:beir/scifact``: ir_datasets has SciFact's train and test only; the quickstart exports
-    them into its run folder and derives the very dev split ``$LEADKD_DATA_DIR``'s copy holds."""
+def test_without_data_and_without_ir_datasets_one_line_says_both_ways(tmp_path, monkeypatch, capsys):
     import sys
 
-    from conftest import Doc, FakeIrds, Judgment, Query, fake_module
-    from leadkd.data import load_dataset, read_beir_qrels
-    from leadkd.errors import LeadkdError
-    from leadkd.quickstart import QuickstartPlan, choose_splits, run_quickstart
+    monkeypatch.delenv("LEADKD_DATA_DIR", raising=False)
+    monkeypatch.setitem(sys.modules, "ir_datasets", None)  # import raises ImportError
+    monkeypatch.chdir(tmp_path)
+    assert main(["quickstart", "--fast"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "$LEADKD_DATA_DIR" in err[0] and "leadkd[irds]" in err[0]
+    assert "irds:beir/scifact" in err[0] and "not installed" in err[0]
 
-    local = data_dir / "scifact"
+
+def test_without_data_an_unreachable_ir_datasets_says_both_ways(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    def offline(name):
+        raise ConnectionError(f"cannot download {name}: network is unreachable")
+
+    monkeypatch.delenv("LEADKD_DATA_DIR", raising=False)
+    monkeypatch.setitem(sys.modules, "ir_datasets", types.SimpleNamespace(load=offline))
+    monkeypatch.chdir(tmp_path)
+    assert main(["quickstart", "--fast", "--output", str(tmp_path / "qs")]) == 2
+    *progress, error = capsys.readouterr().err.strip().splitlines()  # progress: "using irds:...", "exporting ..."
+    assert all("irds:beir/scifact" in line for line in progress)
+    assert "network is unreachable" in error and "$LEADKD_DATA_DIR" in error and "leadkd[irds]" in error
+    assert not (tmp_path / "qs" / "irds-data").exists()
+
+
+def _fake_irds_scifact(local: Path):
+    """ir_datasets as it serves SciFact: train and test only, the local copy's texts and judgments."""
+    from conftest import Doc, FakeIrds, Judgment, Query, fake_module
+    from leadkd.data import read_beir_qrels
+
     rows = [json.loads(line) for line in (local / "corpus.jsonl").read_text().splitlines()]
     docs = [Doc(r["_id"], r["text"], r.get("title", "")) for r in rows]
     queries = [Query(r["_id"], r["text"]) for r in map(json.loads, (local / "queries.jsonl").read_text().splitlines())]
@@ -90,7 +114,38 @@ def test_an_irds_dataset_is_exported_with_the_local_copys_dev_split(data_dir, tm
                                               read_beir_qrels(local / "qrels" / f"{split}.tsv").items()
                                               for d, s in judged.items()])
               for split in ("train", "test")}
-    monkeypatch.setitem(sys.modules, "ir_datasets", fake_module({f"beir/scifact/{s}": ds for s, ds in splits.items()}))
+    return fake_module({f"beir/scifact/{s}": ds for s, ds in splits.items()})
+
+
+def test_a_name_missing_locally_falls_back_to_ir_datasets(data_dir, tmp_path, monkeypatch):
+    """``leadkd quickstart`` with no $LEADKD_DATA_DIR: SciFact comes through ir_datasets instead."""
+    import sys
+
+    from leadkd.errors import LeadkdError
+    from leadkd.quickstart import QuickstartPlan, choose_splits, run_quickstart
+
+    monkeypatch.setitem(sys.modules, "ir_datasets", _fake_irds_scifact(data_dir / "scifact"))
+    monkeypatch.delenv("LEADKD_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    said = []
+    with pytest.raises(LeadkdError, match="no/such/teacher"):  # stops after the data, before any model work
+        run_quickstart("scifact", tmp_path / "qs", QuickstartPlan(teacher=str(tmp_path / "no/such/teacher")),
+                       log=said.append)
+    assert any("irds:beir/scifact" in line for line in said)
+    assert choose_splits(tmp_path / "qs" / "irds-data") == {"train": "train-nodev", "dev": "dev", "test": "test"}
+
+
+def test_an_irds_dataset_is_exported_with_the_local_copys_dev_split(data_dir, tmp_path, monkeypatch):
+    """``--data irds:beir/scifact``: ir_datasets has SciFact's train and test only; the quickstart exports
+    them into its run folder and derives the very dev split ``$LEADKD_DATA_DIR``'s copy holds."""
+    import sys
+
+    from leadkd.data import load_dataset, read_beir_qrels
+    from leadkd.errors import LeadkdError
+    from leadkd.quickstart import QuickstartPlan, choose_splits, run_quickstart
+
+    local = data_dir / "scifact"
+    monkeypatch.setitem(sys.modules, "ir_datasets", _fake_irds_scifact(local))
     output = tmp_path / "qs"
     with pytest.raises(LeadkdError, match="no/such/teacher"):  # stops after the data, before any model work
         run_quickstart("irds:beir/scifact/test", output, QuickstartPlan(teacher=str(tmp_path / "no/such/teacher")),

@@ -93,9 +93,10 @@ def derive_dev(folder: Path, held_out: int = 100) -> None:
     write_beir_qrels(folder / "qrels" / "dev.tsv", {q: d for q, d in train.items() if q in dev})
 
 
-def irds_folder(dataset_id: str, target: Path, log: Log = print) -> Path:
+def irds_folder(dataset_id: str, target: Path, log: Log = print, named: str | None = None) -> Path:
     """An ir_datasets dataset (``beir/scifact``, or one of its splits) as a BEIR folder inside the run,
-    exported once, with a dev split derived from train where the dataset has none."""
+    exported once, with a dev split derived from train where the dataset has none. ``named``: the plain
+    name the user gave, when ir_datasets is only the fallback; a failed download then says both ways."""
     from .data.datasets import available_splits, export_irds
 
     base, _, last = dataset_id.rpartition("/")
@@ -103,11 +104,45 @@ def irds_folder(dataset_id: str, target: Path, log: Log = print) -> Path:
         base = dataset_id
     if not (target / "corpus.jsonl").is_file():
         log(f"exporting irds:{base} ({', '.join(IRDS_SPLITS)} where they exist) to {target}")
-        export_irds(base, target, IRDS_SPLITS)
+        try:
+            export_irds(base, target, IRDS_SPLITS)
+        except Exception as failed:  # noqa: BLE001 - offline, a blocked mirror, an unknown id: one line
+            if named is None:
+                raise
+            raise _neither_way(named, base, str(failed).splitlines()[0] if str(failed) else type(failed).__name__
+                               ) from None
     splits = available_splits(target)
     if "dev" not in splits and "train" in splits:
         derive_dev(target)
     return target
+
+
+def _neither_way(named: str, irds_id: str, why: str) -> LeadkdError:
+    from .data.datasets import DATA_DIR_ENV
+
+    return LeadkdError(f"dataset {named!r} is neither a folder nor under ${DATA_DIR_ENV}, and irds:{irds_id} could "
+                       f"not be fetched ({why}): set ${DATA_DIR_ENV} to a folder holding {named}/ in BEIR layout, "
+                       "or run with the network and the irds extra (pip install 'leadkd[irds]')")
+
+
+def quickstart_source(data: str, log: Log = print) -> str | Path:
+    """What ``--data`` names: a folder (or one under ``$LEADKD_DATA_DIR``), else the same dataset through
+    ir_datasets (``beir/<name>``), so ``pip install leadkd[irds] && leadkd quickstart`` works wherever the
+    network does. Without either, one line says both ways."""
+    from .data.datasets import DATA_DIR_ENV, resolve_dataset
+
+    try:
+        return resolve_dataset(data)
+    except LeadkdError as missing:
+        if str(data).startswith("irds:") or "/" in str(data) or "\\" in str(data):
+            raise
+        fallback = f"beir/{data}"
+        try:
+            import ir_datasets  # noqa: F401
+        except ImportError:
+            raise _neither_way(str(data), fallback, "ir_datasets is not installed") from missing
+        log(f"{data!r} is not under ${DATA_DIR_ENV}; using irds:{fallback} through ir_datasets")
+        return fallback
 
 
 def write_slice(source: Path, target: Path, splits: dict[str, str | None], queries_per_split: int,
@@ -189,7 +224,7 @@ def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart"
                    log: Log = print) -> Path:
     """Run (or continue) every stage; returns the report's path."""
     from .config import config_from_dict
-    from .data.datasets import load_dataset, resolve_dataset
+    from .data.datasets import load_dataset
     from .data.groups import write_training_groups
     from .accel import cpu
     from .distill.build import student_from_teacher
@@ -202,10 +237,10 @@ def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart"
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    source = resolve_dataset(data)
+    source = quickstart_source(data, log)
     name = f"irds:{source}" if isinstance(source, str) else Path(source).name
     if isinstance(source, str):
-        source = irds_folder(source, output / "irds-data", log)
+        source = irds_folder(source, output / "irds-data", log, named=str(data))
     splits = choose_splits(source)
     folder = source
     if plan.slice_queries:
