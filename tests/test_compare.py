@@ -91,6 +91,9 @@ def test_rows_run_once_resume_after_an_interruption_and_render(setup, tmp_path, 
     assert sorted(per_query) == sorted(f"q{i}" for i in range(6, 12))
     assert row["splits"]["test"]["aggregate"]["nDCG@10"] == pytest.approx(
         statistics.fmean(q["nDCG@10"] for q in per_query.values()))
+    card = (Path(row["model"]) / "README.md").read_text()  # the row's model card has the comparison's figures
+    assert f"{row['splits']['test']['aggregate']['nDCG@10']:.4f}" in next(
+        line for line in card.splitlines() if line.startswith("| test: "))
 
     assert run_compare(spec, log=lines.append) == ledger and len(trained) == 5  # nothing left to do
     assert load_ledger(str(spec.ledger)) == ledger  # a path given as text works too

@@ -30,6 +30,9 @@ def test_quickstart_fast_writes_a_report_people_can_read(data_dir, tmp_path, mon
     assert len(results.model("teacher").layers["nDCG@10"]) == 6 and len(results.model("student_lead").layers["R@100"]) == 3
     assert results.splits == {"train": "train-nodev", "dev": "dev", "test": "test"}
     assert results.dataset == "scifact" and "- Dataset: scifact" in report  # not the last model's name
+    lead_card = output / "stages" / "distill" / "best" / "README.md"
+    score = results.model("student_lead").metrics["test"]["nDCG@10"]
+    assert f"| test | {score:.4f} |" in lead_card.read_text()  # the model card got the test figures
     paired = results.lead_vs_response_kd
     lead, base = paired.per_query["student_lead"], paired.per_query["student_response_kd"]
     assert paired.queries == len(lead) == len(base) > 0 and 0.0 < paired.p <= 1.0

@@ -41,6 +41,7 @@ from typing import Any, Callable, Mapping
 from .config import config_from_dict, config_to_dict, load_config, read_config_file, todays_spelling
 from .errors import ConfigError, InputError, LeadkdError
 from .fileio import atomic_write
+from .model_card import add_figures
 from .results import read_json_object
 from .stage_logs import load_metrics
 
@@ -330,6 +331,9 @@ def run_compare(spec: CompareSpec, log: Log = print, max_rows: int | None = None
             corpus, trained = job.data.corpus, {"dev_metric": job.eval.metric, "dev": dev_curve(run_dir)}
         scores = {name: score_model(model_dir, target, corpus, spec.measures, spec.k)
                   for name, target in spec.evaluate.items()}
+        if variant.job != "evaluate":  # the trained row's model card gets the figures of the comparison
+            for name, target in spec.evaluate.items():
+                add_figures(model_dir, f"{name}: {target.data or corpus} {target.split}", scores[name]["aggregate"])
         row = {"variant": variant.name, "seed": seed, "job": variant.job, "config": config, "model": str(model_dir),
                "cpu_seconds": round(time.process_time() - cpu, 1), "wall_seconds": round(time.perf_counter() - wall, 1),
                **trained, "splits": scores, "code": code_version()}

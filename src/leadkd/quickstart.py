@@ -329,6 +329,7 @@ def _evaluated(results: RunResults, paths: dict[str, Path], test, teacher_corpus
                log: Log) -> RunResults:
     """``results`` with every model scored on the test split, per layer, and LEAD's paired difference to
     response-KD over the test queries."""
+    from .model_card import add_figures
     from .models.dual_encoder import DualEncoder
     from .retrieval.pipeline import evaluate_layers
 
@@ -339,6 +340,7 @@ def _evaluated(results: RunResults, paths: dict[str, Path], test, teacher_corpus
         with timings(f"test_{model.name}"):
             rows = evaluate_layers(DualEncoder.from_pretrained(paths[model.name]), test, measures=measures,
                                    per_query=True, corpus_vectors=teacher_corpus if model.role == "teacher" else None)
+        add_figures(paths[model.name], results.test_split, {m: rows[-1][m] for m in measures})
         models.append(replace(model, metrics={results.test_split: {m: rows[-1][m] for m in measures}},
                               layers={m: [row[m] for row in rows] for m in measures}))
         per_query[model.name] = {qid: values[measures[0]] for qid, values in rows[-1]["per_query"].items()}

@@ -27,6 +27,7 @@ from ..data.batches import GroupDataset, group_loader
 from ..data.groups import read_training_groups
 from ..errors import LeadkdError
 from ..fileio import atomic_write
+from ..model_card import write_model_card
 from ..models.base import DenseRetriever
 from ..models.loading import build_model
 from ..retrieval.pipeline import evaluate_retriever
@@ -74,6 +75,10 @@ class Trainer:
         self._build(resumed)
 
     # ------------------------------------------------------------------ building
+    @property
+    def _job(self) -> str:
+        return "distill" if isinstance(self.config, DistillConfig) else "train"
+
     def _say(self, message: str) -> None:
         if self.ctx.is_main:
             self.log(message)
@@ -283,13 +288,13 @@ class Trainer:
         if self.show_progress:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=self.total_steps, initial=self.step, desc="distill" if isinstance(self.config, DistillConfig) else "train",
+            progress = tqdm(total=self.total_steps, initial=self.step, desc=self._job,
                             unit="step")
         with progress:  # closed before an error is printed, so the error stays the last line
             self._steps(progress if self.show_progress else None, log_file)
         final = self._eval_and_keep_best(log_file)
         self.save()
-        self._save_final()
+        self._save_final(final)
         return {"final": final, "best": self.best}
 
     def _steps(self, progress, log_file: Path) -> None:
@@ -325,15 +330,23 @@ class Trainer:
         if not self.best or result[metric] > self.best["value"]:
             self.best = {"step": self.step, "value": result[metric], "metric": metric}
             self.evaluated.model.save_pretrained(self.output / "best")
+            write_model_card(self.output / "best", self.config, self.evaluated.model,
+                             {f"{self.config.eval.split} (step {self.step})": result},
+                             f"the checkpoint of a {self._job} run best on {self.config.eval.split} {metric} "
+                             f"(step {self.step} of {self.total_steps})")
         return result
 
-    def _save_final(self) -> None:
+    def _save_final(self, figures: dict[str, float] | None) -> None:
         if not self.ctx.is_main:
             return
         for name, trained in self.models.items():
             if trained.trains:
                 final = "final" if trained is self.evaluated else f"final-{name}"
                 trained.model.save_pretrained(self.output / final)
+                scored = trained is self.evaluated and figures
+                write_model_card(self.output / final, self.config, trained.model,
+                                 {f"{self.config.eval.split} (step {self.step})": figures} if scored else {},
+                                 f"the final {name} of a {self._job} run (step {self.step})")
         self._say(f"wrote {self.output / 'final'}" + (f"; best dev step {self.best['step']} in {self.output / 'best'}"
                                                       if self.best else ""))
 
