@@ -48,13 +48,15 @@ QUERIES = [
 ]
 
 
-def naive_tokens(text: str) -> list[str]:
-    return [w for w in re.findall(r"\w\w+", text.lower()) if w not in STOP]
+def naive_tokens(text: str, stem=None) -> list[str]:
+    words = [w for w in re.findall(r"\w\w+", text.lower()) if w not in STOP]
+    return [stem(w) for w in words] if stem else words
 
 
-def naive_bm25(docs: list[str], query: str, k1: float, b: float) -> list[float]:
-    """Lucene's BM25 (Kamphuis et al. 2020): idf log(1 + (N - df + .5) / (df + .5)), tf / (tf + k1 (1 - b + b dl/avgdl))."""
-    tokens = [naive_tokens(d) for d in docs]
+def naive_bm25(docs: list[str], query: str, k1: float, b: float, stem=None) -> list[float]:
+    """Lucene's BM25 (Kamphuis et al. 2020): idf = log(1 + (N - df + .5) / (df + .5)) times
+    tf / (tf + k1 (1 - b + b dl / avgdl)), summed over the query's words, repeats included."""
+    tokens = [naive_tokens(d, stem) for d in docs]
     n = len(tokens)
     avgdl = sum(len(t) for t in tokens) / n
     df: dict[str, int] = {}
@@ -65,7 +67,7 @@ def naive_bm25(docs: list[str], query: str, k1: float, b: float) -> list[float]:
     for t in tokens:
         tf = Counter(t)
         total = 0.0
-        for word in naive_tokens(query):
+        for word in naive_tokens(query, stem):
             if tf[word]:
                 idf = math.log(1 + (n - df[word] + 0.5) / (df[word] + 0.5))
                 total += idf * tf[word] / (tf[word] + k1 * (1 - b + b * len(t) / avgdl))
@@ -94,6 +96,19 @@ def test_scores_equal_a_naive_lucene_bm25(k1, b):
     assert got[1, 2] == got[1, 4] > 0  # the duplicate passages tie exactly
     assert not got[4].any()  # a query of unknown words scores nothing
     assert got[0, 1] > 0  # the title "Heart" is indexed with the text
+
+
+def strip_plural(words: list[str]) -> list[str]:
+    return [w[:-1] if w.endswith("s") else w for w in words]
+
+
+def test_a_stemmer_is_applied_to_passages_and_queries_alike():
+    ranker = BM25Ranker(corpus(), stemmer=strip_plural)
+    queries = ["cell", "pump hearts"]
+    want = [naive_bm25(passages(), q, bm25.K1, bm25.B, stem=lambda w: strip_plural([w])[0]) for q in queries]
+    np.testing.assert_allclose(ranker.scores(queries), np.array(want), rtol=1e-5, atol=1e-6)
+    assert ranker.scores(["cell"])[0, 2] > 0  # "cells" in the passage met "cell" in the query
+    assert ranker.settings()["bm25"]["tokenizer"]["stemmer"] == "strip_plural"
 
 
 def test_rankings_equal_the_naive_ranking():

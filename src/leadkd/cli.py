@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negatives", type=_positive("--negatives"), default=30, help="negatives kept per query")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retriever", choices=["dense", "bm25"], default="dense",
-                   help="dense: --model's exact search (default); bm25: bm25s, no model (pip install leadkd[bm25])")
+                   help="dense: --model's exact search (default); bm25: bm25s, no model (leadkd[bm25])")
     p.add_argument("--bm25-k1", type=float, default=1.2, help="BM25 k1 (default %(default)s, BEIR's baseline)")
     p.add_argument("--bm25-b", type=float, default=0.75, help="BM25 b (default %(default)s, BEIR's baseline)")
     p.add_argument("--output", required=True, help="training-groups jsonl to write")

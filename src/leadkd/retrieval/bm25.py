@@ -63,11 +63,12 @@ class BM25Ranker:
         self._index = None
 
     def settings(self) -> dict[str, Any]:
+        tokenizer = {"lower": True, "token_pattern": r"(?u)\b\w\w+\b", "stopwords": STOPWORDS,
+                     "stemmer": None if self.stemmer is None else _name(self.stemmer)}
         return {"retriever": "bm25", "bm25": {
-            "k1": self.k1, "b": self.b, "method": METHOD, "idf_method": METHOD,
-            "tokenizer": {"lower": True, "token_pattern": r"(?u)\b\w\w+\b", "stopwords": STOPWORDS,
-                          "stemmer": None if self.stemmer is None else _name(self.stemmer)},
-            "passage": "title + text", "zero_score_passages": "not candidates", "bm25s_version": getattr(self.bm25s, "__version__", None)}}
+            "k1": self.k1, "b": self.b, "method": METHOD, "idf_method": METHOD, "tokenizer": tokenizer,
+            "passage": "title + text", "zero_score_passages": "not candidates",
+            "bm25s_version": getattr(self.bm25s, "__version__", None)}}
 
     def tokenize(self, texts: list[str], return_ids: bool):
         return self.bm25s.tokenize(texts, lower=True, stopwords=STOPWORDS, stemmer=self.stemmer,
