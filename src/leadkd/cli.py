@@ -227,11 +227,31 @@ def cmd_mine(args) -> None:
         rank_range = (int(start), int(end))
     except ValueError:
         raise LeadkdError(f"--range must look like 10:100, got {args.range!r}") from None
+    if args.retriever == "bm25":  # BM25 ranks by words: no model is loaded
+        return _mine_bm25(args, rank_range)
     dataset = _load_data(args)
     model = _load_model(args)
     groups, report = mine_hard_negatives(model, dataset, depth=args.depth, rank_range=rank_range,
                                          negatives=args.negatives, seed=args.seed, batch_size=args.batch_size,
                                          show_progress=True)
+    write_training_groups(groups, args.output)
+    with atomic_write(Path(str(args.output) + ".report.json")) as handle:
+        handle.write(json.dumps(report.as_dict(), indent=2))
+    _say(report.summary())
+    _say(f"wrote {args.output} ({len(groups)} groups)")
+
+
+def _mine_bm25(args, rank_range) -> None:
+    from .data.groups import write_training_groups
+    from .fileio import atomic_write
+    from .retrieval.bm25 import BM25Ranker, import_bm25s
+    from .retrieval.mine import mine_with_ranker
+
+    import_bm25s()  # a missing package is told before a large corpus is read
+    dataset = _load_data(args)
+    ranker = BM25Ranker(dataset.corpus, k1=args.bm25_k1, b=args.bm25_b, show_progress=True)
+    groups, report = mine_with_ranker(ranker, dataset, depth=args.depth, rank_range=rank_range,
+                                      negatives=args.negatives, seed=args.seed)
     write_training_groups(groups, args.output)
     with atomic_write(Path(str(args.output) + ".report.json")) as handle:
         handle.write(json.dumps(report.as_dict(), indent=2))
@@ -346,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--range", default="10:100", help="ranks to sample negatives from, start:end (1-based, end excluded)")
     p.add_argument("--negatives", type=_positive("--negatives"), default=30, help="negatives kept per query")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retriever", choices=["dense", "bm25"], default="dense",
+                   help="dense: --model's exact search (default); bm25: bm25s, no model (leadkd[bm25])")
+    p.add_argument("--bm25-k1", type=float, default=1.2, help="BM25 k1 (default %(default)s, BEIR's baseline)")
+    p.add_argument("--bm25-b", type=float, default=0.75, help="BM25 b (default %(default)s, BEIR's baseline)")
     p.add_argument("--output", required=True, help="training-groups jsonl to write")
     p.set_defaults(func=cmd_mine)
 

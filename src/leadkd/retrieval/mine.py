@@ -8,13 +8,17 @@ search, by corpus row, after ids were matched as strings; a second check on the 
 Ranks are counted after that exclusion: rank 1 is the best-scoring passage that is neither a positive
 nor the query itself. ``rank_range=(start, end)`` keeps ranks ``start <= r < end`` (1-based), so the
 default ``(10, 100)`` skips the top 9 — the likeliest unjudged relevant passages — and offers 90.
+
+What ranks is pluggable (:class:`Ranker`): :class:`DenseRanker` (a dual encoder's exact search, the
+default) or :class:`leadkd.retrieval.bm25.BM25Ranker`; the choice of queries, the exclusion, ranks,
+sampling and the report are shared (:func:`mine_with_ranker`).
 """
 
 from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -104,6 +108,44 @@ def _pick(candidates: np.ndarray, negatives: int, seed: int, query_id: str) -> n
     return candidates[np.sort(rng.choice(len(candidates), size=negatives, replace=False))]
 
 
+class Ranker(Protocol):
+    """The pluggable step of mining: a retriever that ranks corpus rows for query texts.
+
+    ``rank`` returns, per query, at most ``depth`` corpus rows best first, none of them in that query's
+    ``exclude`` set (positives and the query's own row), so that ranks count after the exclusion.
+    ``settings`` says what ranked, for the mining report.
+    """
+
+    def settings(self) -> dict[str, Any]: ...
+
+    def rank(self, query_texts: list[str], exclude: list[set[int]], depth: int) -> list[np.ndarray]: ...
+
+
+class DenseRanker:
+    """A dual encoder's exact inner-product top-``depth`` search, the corpus encoded once on first use."""
+
+    def __init__(self, model, corpus, corpus_embeddings: Embeddings | np.ndarray | None = None,
+                 batch_size: int = 64, show_progress: bool = False):
+        self.model, self.corpus, self.corpus_embeddings = model, corpus, corpus_embeddings
+        self.batch_size, self.show_progress = batch_size, show_progress
+        self._doc_vectors: np.ndarray | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return {"retriever": "dense"}
+
+    def rank(self, query_texts: list[str], exclude: list[set[int]], depth: int) -> list[np.ndarray]:
+        if self._doc_vectors is None:
+            self._doc_vectors = _corpus_vectors(self.model, self.corpus, self.corpus_embeddings, self.batch_size,
+                                                self.show_progress)
+        query_vectors = cpu.encode_queries(self.model, query_texts, batch_size=self.batch_size,
+                                           show_progress=self.show_progress)
+        if query_vectors.shape[1] != self._doc_vectors.shape[1]:
+            raise LeadkdError(f"query vectors have {query_vectors.shape[1]} dimensions but passage vectors "
+                              f"{self._doc_vectors.shape[1]}: not the same model?")
+        _, ranked = exact_search(query_vectors, self._doc_vectors, depth, exclude=exclude)
+        return [row[row >= 0] for row in ranked]
+
+
 def mine_hard_negatives(model, dataset, depth: int = 200, rank_range: tuple[int, int] = (10, 100),
                         negatives: int = 30, seed: int = 0, min_rel: int = 1, batch_size: int = 64,
                         corpus_embeddings: Embeddings | np.ndarray | None = None, show_progress: bool = False,
@@ -115,6 +157,17 @@ def mine_hard_negatives(model, dataset, depth: int = 200, rank_range: tuple[int,
     :class:`Embeddings` of this corpus or an array in corpus row order — is given). Negatives are sampled
     from ranks ``rank_range`` of an exact top-``depth`` search with positives and the query's own id removed.
     """
+    ranker = DenseRanker(model, dataset.corpus, corpus_embeddings, batch_size=batch_size,
+                         show_progress=show_progress)
+    return mine_with_ranker(ranker, dataset, depth=depth, rank_range=rank_range, negatives=negatives, seed=seed,
+                            min_rel=min_rel, search_chunk=search_chunk)
+
+
+def mine_with_ranker(ranker: Ranker, dataset, depth: int = 200, rank_range: tuple[int, int] = (10, 100),
+                     negatives: int = 30, seed: int = 0, min_rel: int = 1,
+                     search_chunk: int = SEARCH_CHUNK) -> tuple[TrainingGroups, MiningReport]:
+    """:func:`mine_hard_negatives` with any :class:`Ranker` (dense, BM25): the choice of queries, the
+    exclusion of positives, ranks, sampling and the report are the same whatever ranked."""
     corpus, queries, qrels = dataset.corpus, dataset.queries, dataset.qrels
     seed = int(seed)
     if seed < 0:
@@ -123,8 +176,8 @@ def mine_hard_negatives(model, dataset, depth: int = 200, rank_range: tuple[int,
     if search_chunk < 1:
         raise ConfigError(f"search_chunk must be >= 1, got {search_chunk}")
     start, end = rank_range
-    report = MiningReport(settings={"depth": depth, "rank_range": [start, end], "negatives": negatives,
-                                    "seed": seed, "min_rel": min_rel})
+    report = MiningReport(settings={**ranker.settings(), "depth": depth, "rank_range": [start, end],
+                                    "negatives": negatives, "seed": seed, "min_rel": min_rel})
 
     # Which queries can be mined: judged, with text, with at least one positive the corpus holds.
     judged = list(qrels.items())
@@ -146,32 +199,28 @@ def mine_hard_negatives(model, dataset, depth: int = 200, rank_range: tuple[int,
         todo.append((qid, qrow, positives))
 
     builder = GroupsBuilder(corpus, queries)
-    if todo:
-        doc_vectors = _corpus_vectors(model, corpus, corpus_embeddings, batch_size, show_progress)
-        query_vectors = cpu.encode_queries(model, [queries.text(r) for _, r, _ in todo], batch_size=batch_size,
-                                           show_progress=show_progress)
-        if query_vectors.shape[1] != doc_vectors.shape[1]:
-            raise LeadkdError(f"query vectors have {query_vectors.shape[1]} dimensions but passage vectors "
-                              f"{doc_vectors.shape[1]}: not the same model?")
-        self_rows = corpus.lookup([qid for qid, _, _ in todo]).tolist()
-        for lo in range(0, len(todo), search_chunk):
-            chunk = todo[lo:lo + search_chunk]
-            exclude = []
-            for (_, _, positives), own in zip(chunk, self_rows[lo:lo + search_chunk]):
-                banned = set(positives)
-                report.positives_excluded += len(banned)
-                if own >= 0:
-                    banned.add(own)
-                    report.self_excluded += 1
-                exclude.append(banned)
-            _, ranked = exact_search(query_vectors[lo:lo + len(chunk)], doc_vectors, depth, exclude=exclude)
-            for (qid, qrow, positives), banned, row in zip(chunk, exclude, ranked):
-                ranked_ok = row[row >= 0]
-                if banned.intersection(ranked_ok.tolist()):  # exact_search promises this never happens
-                    raise LeadkdError(f"internal error: an excluded passage was returned for query {qid!r}")
-                chosen = _pick(ranked_ok[start - 1:end - 1], negatives, seed, qid)
-                builder.add(qid, positives, chosen.tolist(), query_row=qrow)
-                _count_short(report, qid, len(chosen), negatives)
+    self_rows = corpus.lookup([qid for qid, _, _ in todo]).tolist() if todo else []
+    for lo in range(0, len(todo), search_chunk):
+        chunk = todo[lo:lo + search_chunk]
+        exclude = []
+        for (_, _, positives), own in zip(chunk, self_rows[lo:lo + search_chunk]):
+            banned = set(positives)
+            report.positives_excluded += len(banned)
+            if own >= 0:
+                banned.add(own)
+                report.self_excluded += 1
+            exclude.append(banned)
+        ranked = ranker.rank([queries.text(r) for _, r, _ in chunk], exclude, depth)
+        if len(ranked) != len(chunk):
+            raise LeadkdError(f"internal error: the ranker returned {len(ranked)} lists for {len(chunk)} queries")
+        for (qid, qrow, positives), banned, rows in zip(chunk, exclude, ranked):
+            rows = np.asarray(rows, dtype=np.int64)
+            if len(rows) > depth or banned.intersection(rows.tolist()):  # rankers promise neither happens
+                raise LeadkdError(f"internal error: the ranker returned an excluded passage or more than "
+                                  f"{depth} for query {qid!r}")
+            chosen = _pick(rows[start - 1:end - 1], negatives, seed, qid)
+            builder.add(qid, positives, chosen.tolist(), query_row=qrow)
+            _count_short(report, qid, len(chosen), negatives)
     report.processed = len(builder)
     if not len(builder):
         raise LeadkdError(f"no query could be mined: {report.summary()}")
