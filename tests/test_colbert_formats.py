@@ -241,6 +241,19 @@ def test_a_projection_colbert_does_not_have_is_refused_in_one_line(dense, field,
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("file, change, field", [
+    ("sentence_bert_config.json", {"do_lower_case": True}, "do_lower_case"),
+    ("config_sentence_transformers.json", {"prompts": {"query": "q: "}, "default_prompt_name": "query"},
+     "default_prompt_name"),
+])
+def test_pylate_text_preprocessing_leadkd_cannot_mirror_is_refused(file, change, field, tmp_path):
+    path = make_pylate_folder(tmp_path / "pre")
+    settings = {**json.loads((path / file).read_text()), **change}
+    _write_json(path / file, settings)
+    with pytest.raises(LeadkdError, match=rf"{file}: field '{field}'"):
+        ColBERT.from_pretrained(path)
+
+
 def test_l2_colbertv2_is_refused_in_one_line(tmp_path):
     path = make_colbertv2_folder(tmp_path / "l2", similarity="l2")
     with pytest.raises(LeadkdError, match=r"artifact.metadata: field 'similarity': 'l2' is not supported"):

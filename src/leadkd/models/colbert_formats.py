@@ -191,6 +191,14 @@ def read_pylate(path: str | os.PathLike, use_safetensors: bool = True) -> Foreig
     for name, prefix in (("query_prefix", query_prefix), ("document_prefix", document_prefix)):
         if not isinstance(prefix, str) or not prefix:
             raise LeadkdError(f"{st_file}: field {name!r}: an empty or missing prefix token is not supported")
+    default_prompt = (st_config.get("prompts") or {}).get(st_config.get("default_prompt_name") or "")
+    if default_prompt:
+        raise LeadkdError(f"{st_file}: field 'default_prompt_name': a prompt prepended to every text is not "
+                          "supported")
+    bert_file = root / str(transformers[0].get("path", "")) / "sentence_bert_config.json"
+    if bert_file.is_file() and _json(bert_file).get("do_lower_case"):
+        raise LeadkdError(f"{bert_file}: field 'do_lower_case': lower-casing texts before the tokenizer is not "
+                          "supported (use a lower-casing tokenizer)")
     expansion = bool(st_config.get("do_query_expansion", True))
     skiplist = st_config.get("skiplist_words")
     if skiplist is None:
