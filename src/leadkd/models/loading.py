@@ -42,7 +42,8 @@ def load_model(path: str | os.PathLike, **overrides: Any):
     A folder without ``leadkd_config.json`` opens as a ColBERT if it is a PyLate or ColBERTv2 checkpoint,
     else (a plain HF or sentence-transformers encoder, or a hub name) as a dual encoder. Loading is strict
     for every kind: missing, unexpected or mis-shaped encoder weights are refused unless
-    ``allow_partial=True``, and pickled-only weights unless ``use_safetensors=False`` (both go to ``from_pretrained``; see :func:`~leadkd.models.base.load_backbone`).
+    ``allow_partial=True``, and pickled-only weights unless ``use_safetensors=False`` (both go to
+    ``from_pretrained``; see :func:`~leadkd.models.base.load_backbone`).
     """
     resolved = resolve_model_path(path)
     config = read_leadkd_config(resolved) if os.path.isdir(resolved) else None
