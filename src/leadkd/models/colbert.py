@@ -12,6 +12,13 @@ other (``raw_last``, what the paper's code does), and only the response term use
 Truncation to the maximum lengths keeps the closing [SEP] (the paper's code could cut it off a long
 query).
 
+Checkpoints of other ColBERT libraries open with their own conventions, read from the folder
+(:mod:`~leadkd.models.colbert_formats`: PyLate, ColBERTv2): the marker inserted after [CLS] rather than
+replacing it (``marker_position``), [MASK] expansion seen by the query tokens or not (``attend_expansion``),
+no expansion at all (``query_expansion``), and token ids dropped from the passage side of MaxSim
+(``skiplist``, e.g. punctuation). Their trained bias-free projection becomes ``projection``; saving writes
+leadkd's format, which reopens with the same scores.
+
 The padding mask of the passages is returned *with* their states and MaxSim takes it as an argument,
 so a trainer that gathers states across processes gathers the masks too (the fix for spec §7.4-1,
 where the local mask was applied to gathered states).
@@ -35,6 +42,7 @@ from ..fileio import atomic_directory
 from .. import distributed as dist
 from .base import (block_outputs, freeze_pooler, load_backbone, loading_options, num_blocks, options_from_folder,
                    position_limit, read_leadkd_config, resolve_layers, resolve_model_path)
+from .colbert_formats import read_foreign, skiplist_ids
 from .loading import write_leadkd_config
 
 logger = logging.getLogger(__name__)
@@ -47,6 +55,10 @@ PROJECTION_FILE = "colbert_projection.safetensors"
 PROJECTION_SEED = 0
 #: Upper bound on the elements of one query-by-passage similarity block inside :func:`maxsim_scores`.
 MAXSIM_BLOCK_ELEMENTS = 1 << 25
+#: Where the query/document marker goes: in place of [CLS] (the LEAD paper's code) or right after it.
+MARKER_REPLACES_CLS = "replace_cls"
+MARKER_AFTER_CLS = "after_cls"
+MARKER_POSITIONS = (MARKER_REPLACES_CLS, MARKER_AFTER_CLS)
 
 
 @dataclass(frozen=True)
@@ -58,8 +70,36 @@ class ColBERTOptions:
     doc_marker: str = "[unused2]"
     max_query_length: int = 32
     max_passage_length: int = 256
+    #: ``"replace_cls"``: the marker takes [CLS]'s place (the paper's code); ``"after_cls"``: it is inserted
+    #: right after [CLS] (ColBERTv2, PyLate).
+    marker_position: str = MARKER_REPLACES_CLS
+    #: Whether the real query tokens attend to the [MASK] expansion (the paper's code: yes; ColBERTv2 and
+    #: PyLate by default: no, the [MASK]s attend to the query but not back). Either way they are scored.
+    attend_expansion: bool = True
+    #: Pad queries with [MASK] to ``max_query_length`` (query augmentation); off (PyLate's
+    #: ``do_query_expansion: false``), queries are padded with [PAD] and the padding is not scored.
+    query_expansion: bool = True
+    #: Token ids dropped from the passage side of MaxSim (still encoded): ColBERTv2's punctuation mask,
+    #: PyLate's skiplist. Applies to every layer, so raw and final scores see the same passage tokens.
+    skiplist: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.marker_position not in MARKER_POSITIONS:
+            raise ConfigError(f"ColBERT marker_position must be one of {', '.join(MARKER_POSITIONS)}, "
+                              f"got {self.marker_position!r}")
+        for name in ("attend_expansion", "query_expansion"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"ColBERT {name} must be true or false, got {getattr(self, name)!r}")
+        skiplist = self.skiplist
+        if isinstance(skiplist, (str, bytes)) or not hasattr(skiplist, "__iter__") or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in skiplist):
+            raise ConfigError(f"ColBERT skiplist must be a list of token ids, got {skiplist!r}")
+        object.__setattr__(self, "skiplist", tuple(sorted(set(skiplist))))
+        if self.marker_position == MARKER_AFTER_CLS:
+            for name in ("max_query_length", "max_passage_length"):
+                if getattr(self, name) < 3:
+                    raise ConfigError(f"ColBERT {name} must be >= 3 with the marker after [CLS], "
+                                      f"got {getattr(self, name)}")
         if self.dim is not None and (isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1):
             raise ConfigError(f"ColBERT dim must be a positive integer or null, got {self.dim!r}")
         for name in ("max_query_length", "max_passage_length"):
@@ -69,6 +109,11 @@ class ColBERTOptions:
         for name in ("query_marker", "doc_marker"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"ColBERT {name} must be a non-empty token string")
+
+
+#: The paper's input format; :meth:`ColBERT.settings` stores the format options only where they differ.
+DEFAULT_OPTIONS = ColBERTOptions()
+FORMAT_OPTIONS = ("marker_position", "attend_expansion", "query_expansion", "skiplist")
 
 
 def maxsim_scores(q_states: torch.Tensor, p_states: torch.Tensor, p_mask: torch.Tensor,
@@ -183,17 +228,23 @@ class ColBERT(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, trust_remote_code: bool = False, allow_partial: bool = False,
                         use_safetensors: bool = True, **overrides) -> "ColBERT":
-        """Load a leadkd ColBERT folder, or start one from any HF encoder (folder or hub name).
+        """Load a leadkd ColBERT folder, a PyLate or ColBERTv2 checkpoint, or start one from any HF encoder.
 
         ``overrides`` are :class:`ColBERTOptions` fields (``dim``, ``query_marker``, ``doc_marker``,
-        ``max_query_length``, ``max_passage_length``); given ones win over the folder's saved options,
-        which win over the defaults. A folder without ``colbert_projection.safetensors`` gets a fresh
-        projection, initialised as ``nn.Linear`` does but from seed :data:`PROJECTION_SEED`; a saved
-        ColBERT with a projection that lost the file is refused unless ``allow_partial``. The backbone
-        loads strictly (see :func:`~leadkd.models.base.load_backbone` for ``allow_partial`` and
-        ``use_safetensors``).
+        ``max_query_length``, ``max_passage_length``, ``marker_position``, ``attend_expansion``,
+        ``query_expansion``, ``skiplist``); given ones win over the folder's saved options, which win over
+        the defaults. A PyLate or ColBERTv2 folder (see :mod:`~leadkd.models.colbert_formats`) gives its own
+        settings and trained projection instead of the defaults. A folder without
+        ``colbert_projection.safetensors`` (and of neither format) gets a fresh projection, initialised as
+        ``nn.Linear`` does but from seed :data:`PROJECTION_SEED`; a saved ColBERT with a projection that lost
+        the file is refused unless ``allow_partial``. The backbone loads strictly (see
+        :func:`~leadkd.models.base.load_backbone` for ``allow_partial`` and ``use_safetensors``).
         """
         location = resolve_model_path(path)
+        foreign = read_foreign(location, use_safetensors) if os.path.isdir(location) else None
+        if foreign is not None:
+            return cls._from_foreign(foreign, overrides, trust_remote_code=trust_remote_code,
+                                     allow_partial=allow_partial, use_safetensors=use_safetensors)
         options = options_from_folder(location, KIND, ColBERTOptions, overrides)
         tokenizer, backbone = load_backbone(location, trust_remote_code=trust_remote_code,
                                             allow_partial=allow_partial, use_safetensors=use_safetensors)
@@ -206,6 +257,32 @@ class ColBERT(nn.Module):
                 and saved.get("kind") == KIND and saved.get("dim") is not None):
             raise LeadkdError(f"{location}: a saved ColBERT without its projection ({PROJECTION_FILE}); restore the "
                               "file, or load with allow_partial=True for a fresh one")
+        return cls(tokenizer, backbone, options, projection).eval()
+
+    @classmethod
+    def _from_foreign(cls, foreign, overrides: dict, **loading) -> "ColBERT":
+        """A PyLate / ColBERTv2 checkpoint with its own settings (``overrides`` still win) and projection."""
+        names = [f.name for f in dataclasses.fields(ColBERTOptions)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown {KIND} option(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+        tokenizer, backbone = load_backbone(foreign.backbone_path, **loading)
+        hidden = backbone.config.hidden_size
+        if foreign.projection.shape[1] != hidden:
+            raise LeadkdError(f"{foreign.backbone_path}: the {foreign.format} projection takes width "
+                              f"{foreign.projection.shape[1]}, but the encoder's hidden size is {hidden}")
+        settings = {**foreign.options, "skiplist": skiplist_ids(foreign, tokenizer), **overrides}
+        options = ColBERTOptions(**settings)
+        projection = None
+        if options.dim is not None:
+            if options.dim != foreign.projection.shape[0]:
+                raise ConfigError(f"ColBERT dim={options.dim} differs from the {foreign.format} checkpoint's "
+                                  f"projection ({foreign.projection.shape[0]}); leave dim unset")
+            projection = nn.Linear(hidden, options.dim, bias=False)
+            with torch.no_grad():
+                projection.weight.copy_(foreign.projection)
+        logger.info("%s: a %s ColBERT (marker %s, query length %d, %d skiplist ids)", foreign.backbone_path,
+                    foreign.format, options.marker_position, options.max_query_length, len(options.skiplist))
         return cls(tokenizer, backbone, options, projection).eval()
 
     @classmethod
@@ -228,8 +305,17 @@ class ColBERT(nn.Module):
             write_leadkd_config(tmp, self.kind, self.settings())
 
     def settings(self) -> dict:
-        """The options that, with the weights, define this model (what ``leadkd_config.json`` stores)."""
-        return dataclasses.asdict(self.options)
+        """The options that, with the weights, define this model (what ``leadkd_config.json`` stores).
+
+        The input-format options (marker position, expansion attention, query expansion, skiplist) are
+        stored only where they differ from the paper's defaults, so a paper-style folder reads as before."""
+        settings = dataclasses.asdict(self.options)
+        for name in FORMAT_OPTIONS:
+            if settings[name] == getattr(DEFAULT_OPTIONS, name):
+                del settings[name]
+        if "skiplist" in settings:
+            settings["skiplist"] = list(settings["skiplist"])
+        return settings
 
     # ------------------------------------------------------------------ tokenisation
     @property
@@ -237,24 +323,36 @@ class ColBERT(nn.Module):
         return next(self.backbone.parameters()).device
 
     def _marked_ids(self, texts: Sequence[str], max_length: int, marker_id: int) -> list[list[int]]:
-        """Token ids with special tokens, truncated (keeping the final [SEP]), first token swapped for the marker."""
+        """Token ids with special tokens, truncated to ``max_length`` (keeping the final [SEP]), with the marker
+        in [CLS]'s place (``replace_cls``) or inserted right after it (``after_cls``, as ColBERTv2 and PyLate
+        do: they tokenise one position shorter, then insert)."""
         if isinstance(texts, str):
             raise TypeError("expected a sequence of texts, got a single string")
-        encoded = self.tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)
+        insert = self.options.marker_position == MARKER_AFTER_CLS
+        encoded = self.tokenizer(list(texts), add_special_tokens=True, truncation=True,
+                                 max_length=max_length - 1 if insert else max_length)
         rows = []
         for ids in encoded["input_ids"]:
             if not ids or ids[0] != self.tokenizer.cls_token_id:
                 raise LeadkdError("ColBERT needs a tokenizer whose sequences start with its [CLS] token")
-            rows.append([marker_id] + list(ids[1:]))
+            rows.append([ids[0], marker_id] + list(ids[1:]) if insert else [marker_id] + list(ids[1:]))
         return rows
 
     def tokenize_queries(self, queries: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(input_ids, attention_mask)``, ``[Q, max_query_length]``: [Q] marker, [MASK] padding, all attended."""
+        """``(input_ids, attention_mask)``, ``[Q, max_query_length]``: [Q] marker, [MASK] padding, attended
+        unless ``attend_expansion`` is off. Without ``query_expansion``: ``[Q, longest]``, [PAD] padding
+        masked out."""
         rows = self._marked_ids(queries, self.query_length, self.query_marker_id)
-        ids = torch.full((len(rows), self.query_length), self.mask_id, dtype=torch.long)
+        expand = self.options.query_expansion
+        width = self.query_length if expand else max((len(row) for row in rows), default=0)
+        ids = torch.full((len(rows), width), self.mask_id if expand else self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-        return ids.to(self.device), torch.ones_like(ids, device=self.device)
+            mask[i, :len(row)] = 1
+        if expand and self.options.attend_expansion:
+            mask.fill_(1)
+        return ids.to(self.device), mask.to(self.device)
 
     def tokenize_passages(self, passages: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)``, ``[P, longest]``: [D] marker, [PAD] padding masked out."""
@@ -266,6 +364,20 @@ class ColBERT(nn.Module):
             ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
             mask[i, :len(row)] = 1
         return ids.to(self.device), mask.to(self.device)
+
+    def _query_score_mask(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """Query positions that count in MaxSim: all of them with expansion ([MASK]s included, attended or
+        not), else only the real tokens."""
+        if self.options.query_expansion:
+            return torch.ones_like(ids)
+        return attention
+
+    def _passage_score_mask(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """Passage positions MaxSim may pick: the real tokens minus the skiplist's ids."""
+        if not self.options.skiplist:
+            return attention
+        skip = torch.isin(ids, torch.tensor(self.options.skiplist, dtype=ids.dtype, device=ids.device))
+        return attention * (~skip).to(attention.dtype)
 
     # ------------------------------------------------------------------ per-layer states and scores
     def _final_states(self, last_hidden: torch.Tensor) -> torch.Tensor:
@@ -293,18 +405,24 @@ class ColBERT(nn.Module):
     def query_layer_states(self, queries: Sequence[str], layers: Sequence[int] | None = None,
                            raw_last: bool = False, final: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One ``[Q, max_query_length, d_l]`` tensor per requested layer (a list: the final vectors' width is
-        ``dim``, the others' the hidden size), and the query mask (all ones: [MASK] pads count).
+        ``dim``, the others' the hidden size), and the query's score mask (all ones with
+        ``query_expansion``: [MASK] pads count; else the real tokens, whose padding states are zeroed).
         ``raw_last`` and ``final``: see :meth:`_layer_states`."""
-        ids, mask = self.tokenize_queries(queries)
-        return self._layer_states(ids, mask, layers, raw_last, final), mask
+        ids, attention = self.tokenize_queries(queries)
+        states = self._layer_states(ids, attention, layers, raw_last, final)
+        mask = self._query_score_mask(ids, attention)
+        if not self.options.query_expansion:  # zero vectors add exactly 0 to every MaxSim sum
+            states = [state * mask.unsqueeze(-1).to(state.dtype) for state in states]
+        return states, mask
 
     def passage_layer_states(self, passages: Sequence[str], layers: Sequence[int] | None = None,
                              raw_last: bool = False, final: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """One ``[P, Tp, d_l]`` tensor per requested layer, and the ``[P, Tp]`` padding mask.
+        """One ``[P, Tp, d_l]`` tensor per requested layer, and the ``[P, Tp]`` score mask (real tokens
+        not in the skiplist).
 
         Whoever moves the states (e.g. an all-gather across processes) must move the mask with them."""
-        ids, mask = self.tokenize_passages(passages)
-        return self._layer_states(ids, mask, layers, raw_last, final), mask
+        ids, attention = self.tokenize_passages(passages)
+        return self._layer_states(ids, attention, layers, raw_last, final), self._passage_score_mask(ids, attention)
 
     def layer_scores(self, queries: Sequence[str], passages: Sequence[str],
                      layers: Sequence[int] | None = None) -> torch.Tensor:
