@@ -200,6 +200,14 @@ def test_dense_that_does_not_fit_is_refused(bert, tmp_path):
     (folder / "2_Dense" / "config.json").write_text(json.dumps({**config, "out_features": 8}))
     with pytest.raises(LeadkdError, match="2_Dense.*do not match its config.json"):
         DualEncoder.from_pretrained(folder)
+    (folder / "2_Dense" / "config.json").write_text(json.dumps({**config, "in_features": 20}))
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "2_Dense" / "model.safetensors"))
+    save_file({**weights, "linear.weight": weights["linear.weight"][:, :20].contiguous()},
+              str(folder / "2_Dense" / "model.safetensors"))
+    with pytest.raises(LeadkdError, match="modules.json: Dense projection 0 takes 20 features but gets 32"):
+        DualEncoder.from_pretrained(folder)
     (folder / "2_Dense" / "config.json").write_text(json.dumps({**config, "activation_function": "os.system"}))
     with pytest.raises(LeadkdError, match="activation_function 'os.system' is not a torch.nn module"):
         DualEncoder.from_pretrained(folder)

@@ -169,6 +169,7 @@ class DualEncoder(nn.Module):
         tokenizer, backbone = load_backbone(path, trust_remote_code=trust_remote_code, allow_partial=allow_partial,
                                             use_safetensors=use_safetensors)
         dense = read_st_dense(path, use_safetensors=use_safetensors)
+        check_chain(dense, int(backbone.config.hidden_size), os.path.join(path, "modules.json"))
         explicit = {"pooling": pooling, "normalize": normalize, "query_prefix": query_prefix,
                     "passage_prefix": passage_prefix, "max_query_length": max_query_length,
                     "max_passage_length": max_passage_length, "similarity_scale": similarity_scale}

@@ -196,11 +196,12 @@ def save_dense(directory: str | os.PathLike, folder: str, layer: DenseLayer) -> 
     save_file(state, str(target / WEIGHT_FILE))
 
 
-def check_chain(layers: Sequence[DenseLayer], hidden_size: int) -> None:
+def check_chain(layers: Sequence[DenseLayer], hidden_size: int, where: str = "") -> None:
     """Each projection must take the width the one before gives (the first: the encoder's width)."""
     width = hidden_size
     for position, layer in enumerate(layers):
         if layer.in_features != width:
-            raise LeadkdError(f"Dense projection {position} takes {layer.in_features} features but gets {width} "
+            raise LeadkdError(f"{where + ': ' if where else ''}Dense projection {position} takes "
+                              f"{layer.in_features} features but gets {width} "
                               f"({'the encoder width' if position == 0 else 'the projection before'})")
         width = layer.out_features
