@@ -266,3 +266,22 @@ def test_distillation_with_a_projected_teacher_runs(distill_setup, tmp_path, mod
         teacher = loading.load_model(out / "final-teacher")
         assert [layer.out_features for layer in teacher.dense] == [48]
         assert_same_as_st(teacher, out / "final-teacher")
+
+
+def test_retrieval_with_a_narrowing_projection_uses_the_embedding_width(distill_setup, tmp_path):
+    """Indexes hold the final embedding's width; per-layer evaluation and mining with the quickstart's
+    precomputed per-layer corpus vectors run when the projection narrows (32 -> 16)."""
+    from leadkd.data.datasets import load_dataset
+    from leadkd.retrieval.mine import mine_hard_negatives
+    from leadkd.retrieval.pipeline import encode_corpus, evaluate_layers
+
+    base = make_tiny_bert_folder(tmp_path / "bert", layers=2, seed=2)
+    de = DualEncoder.from_pretrained(build_st(base, tmp_path / "st", TANH_32_16))
+    dataset = load_dataset(str(distill_setup["data"]), split="train")
+    assert encode_corpus(de, dataset.corpus, show_progress=False).vectors.shape == (len(dataset.corpus), 16)
+    layered = de.encode_passages(dataset.corpus.passages(range(len(dataset.corpus))), layers=[0, 1])
+    rows = evaluate_layers(de, dataset, corpus_vectors=layered)
+    assert len(rows) == 2 and rows[-1] == pytest.approx(evaluate_layers(de, dataset)[-1])
+    groups, _ = mine_hard_negatives(de, dataset, depth=10, rank_range=(1, 10), negatives=3,
+                                    corpus_embeddings=layered[-1][:, :de.embedding_size])
+    assert len(groups) > 0

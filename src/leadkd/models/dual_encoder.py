@@ -7,9 +7,11 @@ to its final embedding only, as ColBERT's projection does: the last layer's vect
 ``normalize(dense_k(...dense_1(pool(h_L))))``, the model's own score, while every other layer stays its
 pooled hidden states (normalised when the model normalises). When a projection changes the width, the
 per-layer tensors are zero-padded to one common width, :attr:`DualEncoder.layer_width`, which leaves every
-inner product and norm unchanged; ``encode`` without ``layers`` gives the final embedding at its own width. Training uses :meth:`DualEncoder.layer_scores` (with autograd);
-retrieval uses :meth:`DualEncoder.encode` (length-sorted, no autograd, NumPy out). The CPU speed-ups
-of inference and training live in :mod:`leadkd.accel.cpu`, applied by whoever runs the model.
+inner product and norm unchanged; ``encode`` without ``layers`` gives the final embedding at its own width.
+Training uses :meth:`DualEncoder.layer_scores` (with autograd); retrieval uses :meth:`DualEncoder.encode`
+(length-sorted, no autograd, NumPy out). The CPU speed-ups of inference and training live in
+:mod:`leadkd.accel.cpu`, applied by whoever runs the model. sentence-transformers folders:
+docs/sentence-transformers.md.
 """
 
 from __future__ import annotations
