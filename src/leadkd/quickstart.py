@@ -271,7 +271,8 @@ def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart"
                                                  layers=list(range(teacher.num_layers)), show_progress=True)
             groups, report = mine_hard_negatives(teacher, train, depth=plan.mine_depth, rank_range=plan.mine_range,
                                                  negatives=plan.mine_negatives, seed=plan.seed,
-                                                 corpus_embeddings=teacher_corpus[-1], show_progress=True)
+                                                 corpus_embeddings=teacher_corpus[-1][:, :teacher.embedding_size],
+                                                 show_progress=True)
         log(report.summary())
         write_training_groups(groups, groups_file)
     init_dir = output / "student-init"

@@ -136,7 +136,8 @@ class TeacherVectorCache:
         folder = Path(folder)
         self.model = model
         self.layers = sorted(set(resolve_layers(layers, model.num_layers)))
-        meta = {**fingerprint, "layers": self.layers, "dim": int(model.hidden_size), "passages": len(corpus),
+        width = getattr(model, "layer_width", model.hidden_size)  # a projected final layer may be wider
+        meta = {**fingerprint, "layers": self.layers, "dim": int(width), "passages": len(corpus),
                 "queries": len(queries) if queries is not None else 0}
         stored = json.loads((folder / META).read_text()) if (folder / META).is_file() else None
         if stored is not None and set(self.layers) <= set(stored.get("layers", ())) \

@@ -2,9 +2,16 @@
 
 This is the paper's student (and DE teacher, ``--share_weight``): layer ``l``'s representation is the
 pooled output of transformer block ``l`` ([CLS] by default, mean optional, L2-normalised optionally) and
-its score is the inner product. Training uses :meth:`DualEncoder.layer_scores` (with autograd);
-retrieval uses :meth:`DualEncoder.encode` (length-sorted, no autograd, NumPy out). The CPU speed-ups
-of inference and training live in :mod:`leadkd.accel.cpu`, applied by whoever runs the model.
+its score is the inner product. A sentence-transformers model's ``Dense`` projections (``dense``) belong
+to its final embedding only, as ColBERT's projection does: the last layer's vector is
+``normalize(dense_k(...dense_1(pool(h_L))))``, the model's own score, while every other layer stays its
+pooled hidden states (normalised when the model normalises). When a projection changes the width, the
+per-layer tensors are zero-padded to one common width, :attr:`DualEncoder.layer_width`, which leaves every
+inner product and norm unchanged; ``encode`` without ``layers`` gives the final embedding at its own width.
+Training uses :meth:`DualEncoder.layer_scores` (with autograd); retrieval uses :meth:`DualEncoder.encode`
+(length-sorted, no autograd, NumPy out). The CPU speed-ups of inference and training live in
+:mod:`leadkd.accel.cpu`, applied by whoever runs the model. sentence-transformers folders:
+docs/sentence-transformers.md.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from ..errors import LeadkdError
 from ..fileio import atomic_directory
 from .base import (block_outputs, freeze_pooler, load_backbone, loading_options, num_blocks, pool, read_leadkd_config,
                    resolve_layers, resolve_model_path)
-from .loading import read_st_settings, write_leadkd_config, write_st_metadata
+from .loading import read_st_dense, read_st_settings, write_leadkd_config, write_st_metadata
+from .st_modules import DenseLayer, check_chain
 
 Side = Literal["query", "passage"]
 
@@ -112,10 +120,12 @@ class DualEncoder(nn.Module):
     kind = "dual_encoder"
     scores_whole_batch = True
 
-    def __init__(self, backbone: nn.Module, tokenizer: Any, **options: Any):
-        """``options``: :class:`DualEncoderOptions` fields (the paper's DE where not given)."""
+    def __init__(self, backbone: nn.Module, tokenizer: Any, dense: Sequence[DenseLayer] = (), **options: Any):
+        """``options``: :class:`DualEncoderOptions` fields (the paper's DE where not given); ``dense``: the
+        sentence-transformers projections of the final embedding, in order (none: the paper's DE)."""
         super().__init__()
         self.options = DualEncoderOptions(**options)
+        check_chain(dense, int(backbone.config.hidden_size))
         positions = getattr(backbone.config, "max_position_embeddings", None)
         for name in ("max_query_length", "max_passage_length"):
             value = getattr(self.options, name)
@@ -126,6 +136,7 @@ class DualEncoder(nn.Module):
         tokenizer.padding_side = "right"  # [CLS] pooling and per-batch trimming both need padding at the end
         self.backbone = backbone
         self.tokenizer = tokenizer
+        self.dense = nn.ModuleList(dense)
         freeze_pooler(backbone)  # its tanh head never reaches a DE score
         self.train(backbone.training)  # HF's from_pretrained gives eval mode; keep it (and dropout off)
 
@@ -151,15 +162,20 @@ class DualEncoder(nn.Module):
         :class:`DualEncoderOptions` defaults.
 
         Loading is strict: missing, unexpected or mis-shaped encoder weights are refused unless
-        ``allow_partial``; pickled weights need ``use_safetensors=False`` (see :func:`load_backbone`).
+        ``allow_partial``; pickled weights need ``use_safetensors=False`` (see :func:`load_backbone`). The
+        ``Dense`` modules of a sentence-transformers folder are loaded too (:func:`read_st_dense`), and a
+        module leadkd cannot reproduce is refused in one line.
         """
         path = resolve_model_path(name_or_path)
+        st_settings = read_st_settings(path)  # first: an unusable modules.json fails before any weight loads
         tokenizer, backbone = load_backbone(path, trust_remote_code=trust_remote_code, allow_partial=allow_partial,
                                             use_safetensors=use_safetensors)
+        dense = read_st_dense(path, use_safetensors=use_safetensors)
+        check_chain(dense, int(backbone.config.hidden_size), os.path.join(path, "modules.json"))
         explicit = {"pooling": pooling, "normalize": normalize, "query_prefix": query_prefix,
                     "passage_prefix": passage_prefix, "max_query_length": max_query_length,
                     "max_passage_length": max_passage_length, "similarity_scale": similarity_scale}
-        settings = {**dataclasses.asdict(DualEncoderOptions()), **read_st_settings(path)}
+        settings = {**dataclasses.asdict(DualEncoderOptions()), **st_settings}
         saved = read_leadkd_config(path) if os.path.isdir(path) else None
         if saved and saved.get("kind") == cls.kind:  # another kind's settings do not describe a DE
             settings.update({key: saved[key] for key in OPTION_NAMES if key in saved})
@@ -171,7 +187,7 @@ class DualEncoder(nn.Module):
             if limit is not None and isinstance(settings[key], int):
                 settings[key] = min(settings[key], limit)
         settings.update({key: value for key, value in explicit.items() if value is not None})
-        return cls(backbone, tokenizer, **settings)
+        return cls(backbone, tokenizer, dense, **settings)
 
     @staticmethod
     def _config_overrides(config) -> dict[str, Any]:
@@ -184,15 +200,23 @@ class DualEncoder(nn.Module):
         return cls.from_pretrained(path or config.path, **cls._config_overrides(config), **loading_options(config))
 
     @classmethod
-    def from_blocks(cls, teacher: nn.Module, layers: Sequence[int], config) -> "DualEncoder":
+    def from_blocks(cls, teacher: nn.Module, layers: Sequence[int], config, keep_dense: bool = False) -> "DualEncoder":
         """A student made of a subset of ``teacher``'s blocks (DistilBERT/PROD-style init), whatever the
         teacher's kind: its backbone and tokenizer; a dual-encoder teacher's settings too, under the
-        config's."""
+        config's.
+
+        The student has no Dense projection, even when the teacher has one: the projection was trained on
+        the teacher's last block, which a cut student does not have, and the paper's student has none.
+        ``keep_dense=True`` copies the teacher's projections (e.g. when the teacher's last block is kept).
+        """
+        import copy
+
         from .surgery import keep_layers
 
         settings = teacher.settings() if isinstance(teacher, DualEncoder) else {}
         settings.update(cls._config_overrides(config))
-        return cls(keep_layers(teacher.backbone, layers), teacher.tokenizer, **settings)
+        dense = copy.deepcopy(list(teacher.dense)) if keep_dense and isinstance(teacher, DualEncoder) else ()
+        return cls(keep_layers(teacher.backbone, layers), teacher.tokenizer, dense, **settings)
 
     def settings(self) -> dict[str, Any]:
         """The options that, with the weights, define this model (what ``leadkd_config.json`` stores)."""
@@ -202,7 +226,7 @@ class DualEncoder(nn.Module):
         """Write weights (safetensors), tokenizer, leadkd config and ST metadata, atomically.
 
         ``SentenceTransformer(directory)`` then reproduces :meth:`encode` (ST applies the passage length
-        limit to queries too).
+        limit to queries too); Dense projections are written as ST's ``N_Dense`` modules.
         """
         with atomic_directory(directory) as tmp:
             self.backbone.save_pretrained(tmp)
@@ -210,7 +234,7 @@ class DualEncoder(nn.Module):
             write_leadkd_config(tmp, self.kind, self.settings())
             write_st_metadata(tmp, hidden_size=self.hidden_size, pooling=self.pooling, normalize=self.normalize,
                               max_seq_length=self.max_passage_length, query_prefix=self.query_prefix,
-                              passage_prefix=self.passage_prefix)
+                              passage_prefix=self.passage_prefix, dense=list(self.dense))
 
     # ------------------------------------------------------------------------------------------------
     # shape facts
@@ -223,8 +247,19 @@ class DualEncoder(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        """Width of every layer's vector (no projection)."""
+        """Width of the encoder's hidden states: token states and pooled vectors before any projection."""
         return int(self.backbone.config.hidden_size)
+
+    @property
+    def embedding_size(self) -> int:
+        """Width of the final embedding (what ``encode`` returns and an index holds): the last projection's."""
+        return self.dense[-1].out_features if len(self.dense) else self.hidden_size
+
+    @property
+    def layer_width(self) -> int:
+        """Width of the per-layer tensors (``layer_embeddings``, ``encode(layers=...)``, a teacher cache):
+        the wider of the hidden states and the final embedding, the narrower one zero-padded."""
+        return max(self.hidden_size, self.embedding_size)
 
     @property
     def device(self) -> torch.device:
@@ -254,18 +289,37 @@ class DualEncoder(nn.Module):
         return {"input_ids": batch["input_ids"].to(self.device),
                 "attention_mask": batch["attention_mask"].to(self.device)}
 
+    def _layer_vectors(self, states: Sequence[torch.Tensor], attention_mask: torch.Tensor,
+                       layer_ids: list[int] | None) -> torch.Tensor:
+        """``[L', N, d]`` from each requested layer's token states: pooled, the last layer through the Dense
+        projections, normalised if the model normalises; ``d`` is :attr:`layer_width` (zero-padded), or the
+        final embedding's own width when ``layer_ids`` is None (the final embedding alone)."""
+        last = self.num_layers - 1
+        vectors = []
+        for layer, hidden in zip([last] if layer_ids is None else layer_ids, states):
+            vector = pool(hidden, attention_mask, self.pooling)
+            if layer == last:
+                for projection in self.dense:
+                    vector = projection(vector)
+            if self.normalize:
+                vector = F.normalize(vector, p=2, dim=-1)
+            if layer_ids is not None and vector.shape[-1] < self.layer_width:
+                vector = F.pad(vector, (0, self.layer_width - vector.shape[-1]))
+            vectors.append(vector)
+        return torch.stack(vectors)
+
     def _pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 layer_ids: list[int] | None) -> torch.Tensor:
-        """``[L', N, d]`` pooled (and normalised) vectors of the requested layers; last layer when None."""
+        """``[L', N, d]`` vectors of the requested layers (see :meth:`_layer_vectors`); final embedding when None."""
         last_only = layer_ids is None or layer_ids == [self.num_layers - 1]
         hidden = block_outputs(self.backbone, input_ids, attention_mask, all_layers=not last_only)
         states = hidden if last_only else [hidden[i] for i in layer_ids]
-        vectors = torch.stack([pool(h, attention_mask, self.pooling) for h in states])
-        return F.normalize(vectors, p=2, dim=-1) if self.normalize else vectors
+        return self._layer_vectors(states, attention_mask, layer_ids)
 
     def layer_embeddings(self, texts: Sequence[str], side: Side,
                          layers: Sequence[int] | None = None) -> torch.Tensor:
-        """``[L', N, d]``: each requested layer's pooled vector (all layers when ``layers`` is None)."""
+        """``[L', N, layer_width]``: each requested layer's pooled vector (all layers when ``layers`` is None);
+        the last layer's is the final embedding (after any Dense projection)."""
         layer_ids = resolve_layers(layers, self.num_layers)
         batch = self.tokenize(texts, side)
         return self._pooled(batch["input_ids"], batch["attention_mask"], layer_ids)
@@ -279,9 +333,7 @@ class DualEncoder(nn.Module):
         layer_ids = resolve_layers(layers, self.num_layers)
         batch = self.tokenize(texts, side)
         hidden = block_outputs(self.backbone, batch["input_ids"], batch["attention_mask"], all_layers=True)
-        vectors = torch.stack([pool(hidden[i], batch["attention_mask"], self.pooling) for i in layer_ids])
-        if self.normalize:
-            vectors = F.normalize(vectors, p=2, dim=-1)
+        vectors = self._layer_vectors([hidden[i] for i in layer_ids], batch["attention_mask"], layer_ids)
         return vectors, hidden, batch["attention_mask"]
 
     def layer_scores(self, queries: Sequence[str], passages: Sequence[str],
@@ -333,7 +385,7 @@ class DualEncoder(nn.Module):
     def encode(self, texts: Sequence[str], side: Side = "passage", batch_size: int = 128,
                show_progress: bool = False, bf16: bool = False, layers: Sequence[int] | None = None,
                max_batch_tokens: int = 0, run_batches: BatchRunner | None = None) -> np.ndarray:
-        """Embeddings as float32 ``[N, d]`` (``[L', N, d]`` with ``layers``), in input order.
+        """Embeddings as float32 ``[N, embedding_size]`` (``[L', N, layer_width]`` with ``layers``), in input order.
 
         Texts are tokenised once per chunk and batched by descending *token* count, so each batch pads to
         its own longest text and little compute goes to padding. A batch holds at most ``batch_size`` texts
@@ -346,7 +398,8 @@ class DualEncoder(nn.Module):
         prepared, limit = self._prepare(texts, side)
         layer_ids = None if layers is None else resolve_layers(layers, self.num_layers)
         out_layers = 1 if layer_ids is None else len(layer_ids)
-        out = np.empty((out_layers, len(prepared), self.hidden_size), dtype=np.float32)
+        width = self.embedding_size if layer_ids is None else self.layer_width
+        out = np.empty((out_layers, len(prepared), width), dtype=np.float32)
         device = self.device
         was_training = self.training
         with contextlib.ExitStack() as stack:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .. import __version__
 from ..kinds import DEFAULT_KIND, MODEL_KINDS, model_class
 from ..errors import LeadkdError
 from ..fileio import atomic_write
 from .base import LEADKD_CONFIG, read_leadkd_config, resolve_model_path
+from .st_modules import DENSE_TYPE, check_pipeline, module_kind, read_dense_layers, save_dense
 
 #: Pooling modes named by sentence-transformers' legacy boolean keys, in ST's own order.
 _ST_LEGACY_POOLING = {
@@ -113,7 +113,9 @@ def read_st_settings(name_or_path: str) -> dict[str, Any]:
     """Dual-encoder settings implied by a sentence-transformers folder; empty for a plain HF folder.
 
     Keys (only those the metadata decides): ``pooling``, ``normalize``, ``query_prefix``,
-    ``passage_prefix``, ``max_query_length``, ``max_passage_length``.
+    ``passage_prefix``, ``max_query_length``, ``max_passage_length``. The ``Dense`` projections are weights,
+    not settings: :func:`read_st_dense` reads them. A module list leadkd cannot reproduce exactly (any module
+    but Transformer, Pooling, Dense, Normalize, or those out of order) is refused in one line.
     """
     root = str(name_or_path)
     modules = _read_json(root, "modules.json")
@@ -122,9 +124,10 @@ def read_st_settings(name_or_path: str) -> dict[str, Any]:
     where = os.path.join(root, "modules.json")
     if not isinstance(modules, list):
         raise LeadkdError(f"{where}: expected a list of modules")
+    check_pipeline(modules, where)  # a module leadkd would drop is refused, never ignored
     settings: dict[str, Any] = {"normalize": False}
     for module in modules:
-        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+        kind = module_kind(module)
         if kind == "Pooling":
             sub = os.path.join(module.get("path", ""), "config.json")
             config = _read_json(root, sub)
@@ -134,9 +137,6 @@ def read_st_settings(name_or_path: str) -> dict[str, Any]:
                 settings["pooling"] = "mean"
         elif kind == "Normalize":
             settings["normalize"] = True
-        elif kind != "Transformer":
-            warnings.warn(f"{where}: module {kind!r} is ignored; embeddings will differ from sentence-transformers'",
-                          stacklevel=3)
 
     bert_config = _read_json(root, "sentence_bert_config.json") or {}
     max_length = bert_config.get("max_seq_length")
@@ -165,21 +165,43 @@ def read_st_settings(name_or_path: str) -> dict[str, Any]:
     return settings
 
 
+def read_st_dense(name_or_path: str, *, use_safetensors: bool = True) -> list:
+    """The ``Dense`` projections of a sentence-transformers folder, in order (empty without any).
+
+    Pickled Dense weights (``pytorch_model.bin`` only) are refused unless ``use_safetensors=False``.
+    """
+    root = str(name_or_path)
+    modules = _read_json(root, "modules.json")
+    if not isinstance(modules, list):
+        return []  # no modules.json; a malformed one is refused by read_st_settings
+    check_pipeline(modules, os.path.join(root, "modules.json"))
+    return read_dense_layers(root, modules, use_safetensors=use_safetensors)
+
+
 def write_st_metadata(directory: str | os.PathLike, *, hidden_size: int, pooling: str, normalize: bool,
-                      max_seq_length: int, query_prefix: str = "", passage_prefix: str = "") -> None:
+                      max_seq_length: int, query_prefix: str = "", passage_prefix: str = "",
+                      dense: Sequence = ()) -> None:
     """Write the files that let ``SentenceTransformer(directory)`` rebuild a pooled encoder.
 
     The legacy module names and ``pooling_mode_*`` keys are used on purpose: every sentence-transformers
-    version from 2 to 6 reads them. ST has one length limit, so it gets the passage length.
+    version from 2 to 6 reads them. ST has one length limit, so it gets the passage length. ``dense``:
+    :class:`~leadkd.models.st_modules.DenseLayer` projections applied after pooling, written as ST's
+    ``N_Dense`` folders (weights in safetensors); Normalize comes after them.
     """
     directory = Path(directory)
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
     ]
+    for layer in dense:
+        index = len(modules)
+        modules.append({"idx": index, "name": str(index), "path": f"{index}_Dense", "type": DENSE_TYPE})
+        save_dense(directory, f"{index}_Dense", layer)
     if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-        (directory / "2_Normalize").mkdir(exist_ok=True)
+        index = len(modules)
+        modules.append({"idx": index, "name": str(index), "path": f"{index}_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+        (directory / f"{index}_Normalize").mkdir(exist_ok=True)
     pooling_config = {"word_embedding_dimension": hidden_size,
                       **{key: name == pooling for key, name in _ST_LEGACY_POOLING.items()}}
     versions = {"leadkd": __version__}
