@@ -253,7 +253,7 @@ def test_plain_encoder_with_sequence_classification_head_trains_and_saves_hf(tmp
     again = CrossEncoder.from_pretrained(plain, head="sequence_classification")
     classifier = model.classifier_model.classifier
     assert torch.equal(classifier.weight, again.classifier_model.classifier.weight)  # seeded
-    assert float(classifier.weight.std()) > 0.005
+    assert float(classifier.weight.detach().std()) > 0.005
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     torch.log_softmax(model(QUERIES, PASSAGES), dim=-1)[:, :, 0].sum().neg().backward()
@@ -290,3 +290,45 @@ def test_config_option_belongs_to_cross_encoders():
         ModelConfig(kind="dual_encoder", cross_encoder_head="linear")
     assert ModelConfig(kind="cross_encoder", cross_encoder_head="Sequence_Classification").cross_encoder_head == \
         "sequence_classification"
+
+
+def test_distill_from_a_sentence_transformers_reranker_teacher(st_folders, tmp_path):
+    from conftest import make_tiny_beir, make_tiny_groups
+    from leadkd.config import load_config
+    from leadkd.distill.trainer import run_job
+    from transformers import AutoModelForSequenceClassification
+
+    values = {
+        "teacher.path": str(st_folders[0]), "teacher.kind": "cross_encoder", "teacher.max_passage_length": 32,
+        "student.path": str(make_tiny_bert_folder(tmp_path / "student")), "student.max_query_length": 16,
+        "student.max_passage_length": 32, "data.corpus": str(make_tiny_beir(tmp_path / "data")),
+        "data.train_groups": str(make_tiny_groups(tmp_path / "groups.jsonl")), "data.num_negatives": 3,
+        "optim.steps": 2, "optim.batch_size": 4, "layers.k": 1, "eval.split": "null", "output_dir": str(tmp_path / "run"),
+    }
+    run_job(load_config(None, [f"{key}={value}" for key, value in values.items()], kind="distill"), log=lambda m: None)
+    teacher = load_model(tmp_path / "run" / "final-teacher")
+    assert isinstance(teacher, CrossEncoder) and teacher.options.head == "sequence_classification"
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "final-teacher")  # still an HF reranker
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in rows if "loss" in row)
+
+
+def test_train_job_writes_an_hf_reranker(tmp_path):
+    from conftest import make_tiny_beir, make_tiny_groups
+    from leadkd.config import load_config
+    from leadkd.distill.trainer import run_job
+    from sentence_transformers import CrossEncoder as STCrossEncoder
+
+    values = {
+        "model.path": str(make_tiny_bert_folder(tmp_path / "plain")), "model.kind": "cross_encoder",
+        "model.cross_encoder_head": "sequence_classification", "model.max_passage_length": 32,
+        "data.corpus": str(make_tiny_beir(tmp_path / "data")), "data.num_negatives": 3,
+        "data.train_groups": str(make_tiny_groups(tmp_path / "groups.jsonl")), "optim.steps": 2,
+        "optim.batch_size": 4, "eval.split": "null", "output_dir": str(tmp_path / "run"),
+    }
+    run_job(load_config(None, [f"{key}={value}" for key, value in values.items()], kind="train"), log=lambda m: None)
+    final = load_model(tmp_path / "run" / "final")
+    assert final.options.head == "sequence_classification"
+    ours = final.score_pairs(PAIR_QUERIES, PASSAGES, activation=True)
+    torch.testing.assert_close(torch.tensor(STCrossEncoder(str(tmp_path / "run" / "final")).predict(
+        list(zip(PAIR_QUERIES, PASSAGES))).astype("float32")), torch.tensor(ours), atol=1e-5, rtol=1e-5)

@@ -132,7 +132,7 @@ class CrossEncoder(nn.Module):
         self.options = options
         # The HF classifier, kept outside the module tree (its modules are the backbone and head below), so
         # that save_pretrained can write it whole without the model's parameters being registered twice.
-        self.__dict__["classifier_model"] = classifier
+        self.__dict__["_classifier_model"] = classifier
         if classifier is not None:
             if head is not None:
                 raise ConfigError("a cross-encoder with a sequence-classification head takes no separate head")
@@ -246,7 +246,7 @@ class CrossEncoder(nn.Module):
     @property
     def classifier_model(self) -> nn.Module | None:
         """The HF ``*ForSequenceClassification`` model of a sequence-classification head, else None."""
-        return self.__dict__["classifier_model"]
+        return self.__dict__["_classifier_model"]
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write weights (safetensors), tokenizer, head and settings; the folder appears whole or not at all.
