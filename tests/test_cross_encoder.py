@@ -112,7 +112,8 @@ def test_save_load_round_trip(cross_encoder, tmp_path):
     cross_encoder.save_pretrained(tmp_path / "ce")
     saved = json.loads((tmp_path / "ce" / "leadkd_config.json").read_text())
     assert saved.pop("leadkd_version")
-    assert saved == {"kind": "cross_encoder", "max_length": 32, "use_token_type_ids": True}
+    assert saved == {"kind": "cross_encoder", "max_length": 32, "use_token_type_ids": True, "head": "linear",
+                     "activation": "torch.nn.modules.activation.Sigmoid"}
     assert (tmp_path / "ce" / HEAD_FILE).is_file() and (tmp_path / "ce" / "model.safetensors").is_file()
     loaded = CrossEncoder.from_pretrained(tmp_path / "ce")
     assert loaded.options == cross_encoder.options

@@ -50,6 +50,7 @@ ModelKind = Annotated[str, BeforeValidator(_registered_kind)]
 Pooling = choice("cls", "mean")
 ResponseLoss = choice("kl", "margin_mse", "none")
 LayerLoss = choice("lead", "hidden_mse", "none")
+CrossEncoderHead = choice("linear", "sequence_classification")
 ColbertLastLayer = choice("raw", "final")  # what a ColBERT teacher's last layer is in the layer loss
 
 
@@ -74,6 +75,8 @@ class ModelConfig(_Section):
     #: colbert: projection width; 0 = none (the paper's); null = the folder's, else 128
     colbert_dim: NonNegativeInt | None = None
     token_type_ids: StrictBool | None = None    # cross_encoder: segment ids 0/1; false = all 0 (the paper's)
+    #: cross_encoder: "linear" (the paper's) or "sequence_classification" (HF head, HF folder); null = the folder's
+    cross_encoder_head: CrossEncoderHead | None = None
     trust_remote_code: StrictBool = False
     use_safetensors: StrictBool = True          # false: also accept pickled weights (pytorch_model.bin), tensors only
 

@@ -27,7 +27,7 @@ class Kind:
 MODEL_KINDS: dict[str, Kind] = {
     "dual_encoder": Kind("leadkd.models.dual_encoder:DualEncoder", ("pooling", "normalize", "similarity_scale")),
     "colbert": Kind("leadkd.models.colbert:ColBERT", ("colbert_dim",)),
-    "cross_encoder": Kind("leadkd.models.cross_encoder:CrossEncoder", ("token_type_ids",)),
+    "cross_encoder": Kind("leadkd.models.cross_encoder:CrossEncoder", ("token_type_ids", "cross_encoder_head")),
 }
 
 #: The kind of a plain Hugging Face / sentence-transformers folder, of a config that names none, and of a

@@ -144,7 +144,7 @@ def read_leadkd_config(path: str | os.PathLike) -> dict | None:
 
 
 def load_backbone(name_or_path: str, trust_remote_code: bool = False, *, allow_partial: bool = False,
-                  use_safetensors: bool = True):
+                  use_safetensors: bool = True, auto_class: str = "AutoModel"):
     """Tokenizer and encoder (``AutoModel``) of a local folder or hub name, with one-line errors.
 
     ``trust_remote_code`` stays off unless the user asks: a model folder must never run code it carries.
@@ -155,11 +155,13 @@ def load_backbone(name_or_path: str, trust_remote_code: bool = False, *, allow_p
     Loading is strict (see :func:`check_loading_info`): a weight of the encoder that the folder lacks, a
     weight inside the encoder it does not expect, or one of the wrong shape is refused with one line,
     instead of transformers' default of re-initialising it at random. ``allow_partial=True`` loads such
-    a folder on purpose (the defects are logged as a warning).
+    a folder on purpose (the defects are logged as a warning). ``auto_class`` names the transformers auto
+    class that builds the model (a cross-encoder loads a reranker with ``AutoModelForSequenceClassification``).
     """
     from pickle import UnpicklingError
 
-    from transformers import AutoModel, AutoTokenizer
+    import transformers
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # its per-load bars would break the one-line error contract on stderr
@@ -181,9 +183,9 @@ def load_backbone(name_or_path: str, trust_remote_code: bool = False, *, allow_p
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         # True: safetensors only; None: transformers' default, safetensors if present, else the pickle.
-        model, info = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                use_safetensors=True if use_safetensors else None,
-                                                output_loading_info=True, ignore_mismatched_sizes=True)
+        model, info = getattr(transformers, auto_class).from_pretrained(
+            path, trust_remote_code=trust_remote_code, use_safetensors=True if use_safetensors else None,
+            output_loading_info=True, ignore_mismatched_sizes=True)
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = ("; pass --allow-pickle (use_safetensors=False) to accept pickled weights"
