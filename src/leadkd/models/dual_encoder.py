@@ -11,7 +11,7 @@ inner product and norm unchanged; ``encode`` without ``layers`` gives the final 
 Training uses :meth:`DualEncoder.layer_scores` (with autograd); retrieval uses :meth:`DualEncoder.encode`
 (length-sorted, no autograd, NumPy out). The CPU speed-ups of inference and training live in
 :mod:`leadkd.accel.cpu`, applied by whoever runs the model. sentence-transformers folders:
-docs/sentence-transformers.md.
+docs/teachers.md.
 """
 
 from __future__ import annotations
