@@ -90,7 +90,8 @@ def _load_model(args):
             raise LeadkdError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     from .distributed import pick_device
 
-    device = pick_device(args.device)  # checked before the (slow) model load
+    context = getattr(args, "process_context", None)  # set by _in_process_group: cuda:LOCAL_RANK under torchrun
+    device = context.device if context is not None else pick_device(args.device)  # checked before the slow load
     return DualEncoder.from_pretrained(
         args.model, pooling=args.pooling, normalize=args.normalize, query_prefix=args.query_prefix,
         passage_prefix=args.passage_prefix, max_query_length=args.max_query_length,
@@ -108,44 +109,126 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _in_process_group(command):
+    """Run ``command`` in torchrun's process group when there is one (gloo on CPU, NCCL on CUDA; see
+    leadkd.distributed), else in the single local process: ``args.process_context`` says which."""
+    import functools
+
+    @functools.wraps(command)
+    def run(args) -> None:
+        from .distributed import init_distributed
+
+        args.process_context = init_distributed(device=args.device)
+        try:
+            command(args)
+        finally:
+            args.process_context.cleanup()
+    return run
+
+
+def _is_main(args) -> bool:
+    """Whether this process prints and writes: rank 0 under torchrun, always in one process."""
+    context = getattr(args, "process_context", None)
+    return context is None or context.is_main
+
+
+def _is_sharded(args) -> bool:
+    context = getattr(args, "process_context", None)
+    return context is not None and context.is_distributed
+
+
 # ---------------------------------------------------------------- commands
 
+@_in_process_group
 def cmd_retrieve(args) -> None:
-    """Encode the corpus and the split's queries, search exactly, write the run, evaluate."""
+    """Encode the corpus and the split's queries, search exactly, write the run, evaluate.
+
+    Under torchrun each process encodes and searches its share of the corpus; rank 0 merges and writes."""
     from .data.runs import write_run
     from .evaluate import evaluate, format_table, parse_measures, write_metrics, write_per_query
+    from .fileio import check_replaceable
     from .retrieval.pipeline import encode_corpus, encode_queries, search_run
 
     started = time.perf_counter()
     parse_measures(args.measures, rel=args.rel)  # a typo must fail before minutes of encoding
+    output = Path(args.output)
+    if args.save_embeddings:
+        check_replaceable(output / "corpus_embeddings")
     dataset = _load_data(args)
     model = _load_model(args)
-    _say(f"{dataset.name}/{dataset.split}: {len(dataset.corpus)} passages, {len(dataset.queries)} queries")
-    docs = encode_corpus(model, dataset.corpus, batch_size=args.batch_size)
-    queries = encode_queries(model, dataset.queries, batch_size=args.batch_size)
-    run = search_run(queries, docs, args.k, exclude_same_id=args.exclude_same_id)
-    output = Path(args.output)
+    if _is_main(args):
+        _say(f"{dataset.name}/{dataset.split}: {len(dataset.corpus)} passages, {len(dataset.queries)} queries")
+    if _is_sharded(args):
+        run = _retrieve_sharded(args, model, dataset, output)
+        if run is None:  # not rank 0
+            return
+        docs = None
+    else:
+        docs = encode_corpus(model, dataset.corpus, batch_size=args.batch_size)
+        queries = encode_queries(model, dataset.queries, batch_size=args.batch_size)
+        run = search_run(queries, docs, args.k, exclude_same_id=args.exclude_same_id)
     write_run(run, output / "run.trec", tag=args.tag)
     aggregate, per_query = evaluate(run, dataset.qrels, measures=args.measures, rel=args.rel)
     write_metrics(aggregate, output / "metrics.json")
     write_per_query(per_query, output / "per_query.jsonl")
-    if args.save_embeddings:
+    if args.save_embeddings and docs is not None:
         docs.save(output / "corpus_embeddings")
     print(format_table(aggregate))
     _say(f"wrote {output}/run.trec, metrics.json, per_query.jsonl in {time.perf_counter() - started:.0f} s")
 
 
-def cmd_encode(args) -> None:
-    """Encode a dataset's corpus (or queries) into an embeddings folder."""
-    from .retrieval.pipeline import encode_corpus, encode_queries
+def _retrieve_sharded(args, model, dataset, output: Path):
+    """`retrieve` under torchrun: this process's share of the corpus searched, the run merged on rank 0
+    (None elsewhere); with --save-embeddings the shares become one folder."""
+    from .retrieval.pipeline import encode_corpus_share, encode_queries, save_shards, search_shards
+    from .retrieval.search import to_run
 
-    dataset = _load_data(args)
-    model = _load_model(args)
+    corpus, main = dataset.corpus, _is_main(args)
+    rows, share = encode_corpus_share(model, corpus, batch_size=args.batch_size, show_progress=main)
+    queries = encode_queries(model, dataset.queries, batch_size=args.batch_size, show_progress=main)
+    exclude = None
+    if args.exclude_same_id:
+        exclude = [{row} if row >= 0 else set() for row in corpus.lookup(queries.ids).tolist()]
+    merged = search_shards(queries.vectors, share, rows, args.k, exclude=exclude)
+    if args.save_embeddings:
+        save_shards(output / "corpus_embeddings", corpus.ids, rows, share,
+                    {"what": "passages", "count": len(corpus), "dim": int(share.shape[-1])})
+    return None if merged is None else to_run(queries.ids, corpus.ids, *merged)
+
+
+@_in_process_group
+def cmd_encode(args) -> None:
+    """Encode a dataset's corpus (or queries) into an embeddings folder.
+
+    Reads only what it encodes: the corpus, or the split's queries (the judged ones when the split has
+    qrels, else all); no judgments are needed. Under torchrun each process encodes its share and rank 0
+    writes the folder."""
+    from .data.datasets import load_corpus, load_split_queries
+    from .fileio import check_replaceable
+    from .retrieval.pipeline import (encode_corpus, encode_corpus_share, encode_queries, encode_queries_share,
+                                     save_shards)
+
+    check_replaceable(Path(args.output))  # before minutes of encoding
     if args.queries:
-        embeddings = encode_queries(model, dataset.queries, batch_size=args.batch_size)
+        texts = load_split_queries(args.data, split=args.split, lenient=args.lenient)
     else:
-        embeddings = encode_corpus(model, dataset.corpus, batch_size=args.batch_size)
-    embeddings.meta.update(model=str(args.model), data=str(args.data))
+        texts = load_corpus(args.data)
+    model = _load_model(args)
+    extra = {"model": str(args.model), "data": str(args.data)}
+    if _is_sharded(args):
+        share_encoder = encode_queries_share if args.queries else encode_corpus_share
+        rows, vectors = share_encoder(model, texts, batch_size=args.batch_size, show_progress=_is_main(args))
+        what = "queries" if args.queries else "passages"
+        dim = int(vectors.shape[-1])
+        save_shards(args.output, texts.ids, rows, vectors, {"what": what, "count": len(texts), "dim": dim, **extra})
+        if _is_main(args):
+            _say(f"wrote {len(texts)} vectors of {dim} dims to {args.output}")
+        return
+    if args.queries:
+        embeddings = encode_queries(model, texts, batch_size=args.batch_size)
+    else:
+        embeddings = encode_corpus(model, texts, batch_size=args.batch_size)
+    embeddings.meta.update(extra)
     embeddings.save(args.output)
     _say(f"wrote {len(embeddings.ids)} vectors of {embeddings.vectors.shape[1]} dims to {args.output}")
 
@@ -216,6 +299,7 @@ def cmd_distill(args) -> None:
     _run_training(args, "distill")
 
 
+@_in_process_group
 def cmd_mine(args) -> None:
     """Mine hard negatives with a retriever; write a training-groups file."""
     from .data.groups import write_training_groups
@@ -231,7 +315,9 @@ def cmd_mine(args) -> None:
     model = _load_model(args)
     groups, report = mine_hard_negatives(model, dataset, depth=args.depth, rank_range=rank_range,
                                          negatives=args.negatives, seed=args.seed, batch_size=args.batch_size,
-                                         show_progress=True)
+                                         show_progress=_is_main(args))
+    if groups is None:  # under torchrun, not rank 0: rank 0 merged the shares' results and writes
+        return
     write_training_groups(groups, args.output)
     with atomic_write(Path(str(args.output) + ".report.json")) as handle:
         handle.write(json.dumps(report.as_dict(), indent=2))

@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed as dist
 from ..accel import cpu
 from ..data.groups import GroupsBuilder, TrainingGroups
 from ..errors import ConfigError, LeadkdError
-from .pipeline import Embeddings, encode_corpus
+from .pipeline import Embeddings, encode_corpus, search_shards, share_of
 from .search import exact_search
 
 #: Queries searched per pass over the corpus vectors: bounds the [Q, depth] results, not the passes' cost.
@@ -77,8 +78,13 @@ def _check_settings(depth: int, rank_range: tuple[int, int], negatives: int, num
 
 
 def _corpus_vectors(model, corpus, corpus_embeddings: Embeddings | np.ndarray | None, batch_size: int,
-                    show_progress: bool) -> np.ndarray:
-    """The corpus vectors in corpus row order, encoding only when none were given."""
+                    show_progress: bool, rows: range | None = None) -> np.ndarray:
+    """The corpus vectors in corpus row order, encoding only when none were given; with ``rows`` (this
+    process's share under torchrun) only those rows' vectors."""
+    if rows is not None:
+        if corpus_embeddings is None:
+            return cpu.encode_passages(model, corpus.passages(rows), batch_size=batch_size, show_progress=show_progress)
+        return _corpus_vectors(model, corpus, corpus_embeddings, batch_size, show_progress)[rows.start:rows.stop]
     if corpus_embeddings is None:
         return encode_corpus(model, corpus, batch_size=batch_size, show_progress=show_progress).vectors
     if isinstance(corpus_embeddings, Embeddings):
@@ -107,13 +113,17 @@ def _pick(candidates: np.ndarray, negatives: int, seed: int, query_id: str) -> n
 def mine_hard_negatives(model, dataset, depth: int = 200, rank_range: tuple[int, int] = (10, 100),
                         negatives: int = 30, seed: int = 0, min_rel: int = 1, batch_size: int = 64,
                         corpus_embeddings: Embeddings | np.ndarray | None = None, show_progress: bool = False,
-                        search_chunk: int = SEARCH_CHUNK) -> tuple[TrainingGroups, MiningReport]:
+                        search_chunk: int = SEARCH_CHUNK) -> tuple[TrainingGroups | None, MiningReport]:
     """Groups of (query, judged positives, sampled hard negatives) for every judged query of ``dataset``.
 
     ``dataset`` has ``corpus``, ``queries`` and ``qrels``; the split's queries are those with judgments.
     ``model`` needs ``encode_queries`` (and ``encode_passages`` unless ``corpus_embeddings`` — a saved
     :class:`Embeddings` of this corpus or an array in corpus row order — is given). Negatives are sampled
     from ranks ``rank_range`` of an exact top-``depth`` search with positives and the query's own id removed.
+
+    Under torchrun every process encodes (or takes from ``corpus_embeddings``) and searches its share of
+    the corpus, rank 0 merges the shares' top-``depth`` lists, exactly as one process would rank them, and
+    builds the groups; the other ranks get ``(None, report)``. Every process encodes all the queries.
     """
     corpus, queries, qrels = dataset.corpus, dataset.queries, dataset.qrels
     seed = int(seed)
@@ -146,8 +156,10 @@ def mine_hard_negatives(model, dataset, depth: int = 200, rank_range: tuple[int,
         todo.append((qid, qrow, positives))
 
     builder = GroupsBuilder(corpus, queries)
+    sharded = dist.is_distributed()
     if todo:
-        doc_vectors = _corpus_vectors(model, corpus, corpus_embeddings, batch_size, show_progress)
+        share = share_of(len(corpus)) if sharded else None
+        doc_vectors = _corpus_vectors(model, corpus, corpus_embeddings, batch_size, show_progress, share)
         query_vectors = cpu.encode_queries(model, [queries.text(r) for _, r, _ in todo], batch_size=batch_size,
                                            show_progress=show_progress)
         if query_vectors.shape[1] != doc_vectors.shape[1]:
@@ -164,7 +176,13 @@ def mine_hard_negatives(model, dataset, depth: int = 200, rank_range: tuple[int,
                     banned.add(own)
                     report.self_excluded += 1
                 exclude.append(banned)
-            _, ranked = exact_search(query_vectors[lo:lo + len(chunk)], doc_vectors, depth, exclude=exclude)
+            if share is None:
+                _, ranked = exact_search(query_vectors[lo:lo + len(chunk)], doc_vectors, depth, exclude=exclude)
+            else:
+                merged = search_shards(query_vectors[lo:lo + len(chunk)], doc_vectors, share, depth, exclude=exclude)
+                if merged is None:  # not rank 0: it builds the groups
+                    continue
+                ranked = merged[1]
             for (qid, qrow, positives), banned, row in zip(chunk, exclude, ranked):
                 ranked_ok = row[row >= 0]
                 if banned.intersection(ranked_ok.tolist()):  # exact_search promises this never happens
@@ -172,6 +190,8 @@ def mine_hard_negatives(model, dataset, depth: int = 200, rank_range: tuple[int,
                 chosen = _pick(ranked_ok[start - 1:end - 1], negatives, seed, qid)
                 builder.add(qid, positives, chosen.tolist(), query_row=qrow)
                 _count_short(report, qid, len(chosen), negatives)
+    if sharded and todo and not dist.is_main_process():
+        return None, report
     report.processed = len(builder)
     if not len(builder):
         raise LeadkdError(f"no query could be mined: {report.summary()}")
