@@ -82,6 +82,8 @@ def _commands(tiny_bert: Path, data: Path, out: Path) -> list[list[str]]:
          "--measures", "nDCG@10", "R@5", "--output", str(out / "retrieve")],
         ["mine", *model, "--data", str(data), "--split", "train", "--depth", "12", "--range", "2:10",
          "--negatives", "4", "--output", str(out / "groups.jsonl")],
+        ["mine", *model, "--data", str(data), "--split", "train", "--depth", "12", "--range", "2:10",
+         "--negatives", "4", "--corpus-embeddings", str(out / "emb"), "--output", str(out / "groups-reused.jsonl")],
     ]
 
 
@@ -166,6 +168,8 @@ def test_two_processes_mine_the_groups_of_one(outputs):
     groups = [json.loads(line) for line in (one / "groups.jsonl").read_text().splitlines()]
     assert len(groups) == QUERIES and all(len(g["negatives"]) == 4 for g in groups)
     assert all(f"d{g['query_id'][1:]}" not in g["negatives"] for g in groups)  # the positive is never a negative
+    for folder in (one, two):  # the corpus vectors of `encode`, reused, give the same groups
+        assert (folder / "groups-reused.jsonl").read_text() == (one / "groups.jsonl").read_text()
     report1 = json.loads((one / "groups.jsonl.report.json").read_text())
     report2 = json.loads((two / "groups.jsonl.report.json").read_text())
     assert report2 == report1
@@ -215,7 +219,7 @@ def test_encode_a_corpus_without_queries_or_judgments(tmp_path, spread_bert, lay
     np.testing.assert_allclose(vectors, expected, rtol=0, atol=1e-5)
 
 
-def test_encode_queries_reads_judged_queries_or_all_without_qrels(tmp_path, tiny_bert):
+def test_encode_queries_reads_judged_queries_or_all_without_qrels(tmp_path, tiny_bert, capsys):
     from leadkd.cli import main
 
     data = make_tiny_beir(tmp_path / "beir", docs=10, queries=6)
@@ -223,6 +227,9 @@ def test_encode_queries_reads_judged_queries_or_all_without_qrels(tmp_path, tiny
     assert main(["encode", *model, "--data", str(data), "--split", "dev", "--queries", "--output",
                  str(tmp_path / "dev")]) == 0
     assert _embeddings(tmp_path / "dev")[0] == ["q0", "q1", "q2"]  # the 3 judged in dev
+    code = main(["mine", *model, "--data", str(data), "--corpus-embeddings", str(tmp_path / "dev"), "--output",
+                 str(tmp_path / "g.jsonl")])
+    assert code == 2 and "holds queries vectors, not passages" in capsys.readouterr().err
     for split in ("train", "dev"):
         (data / "qrels" / f"{split}.tsv").unlink()
     assert main(["encode", *model, "--data", str(data), "--queries", "--output", str(tmp_path / "all")]) == 0
@@ -238,6 +245,9 @@ def test_what_evaluates_still_needs_judgments(tmp_path, tiny_bert, capsys):
     code = main(["encode", *_model_args(tiny_bert), "--data", str(folder), "--queries", "--output",
                  str(tmp_path / "q")])
     assert code == 2 and "no queries.jsonl" in capsys.readouterr().err
+    assert main(["encode", *_model_args(tiny_bert), "--data", str(folder), "--output", str(tmp_path / "p")]) == 0
+    code = main(["mine", *_model_args(tiny_bert), "--data", str(folder), "--output", str(tmp_path / "g.jsonl")])
+    assert code == 2 and "no qrels for split 'train'" in capsys.readouterr().err
 
 
 def test_cli_module_runs_as_a_torchrun_target():

@@ -299,6 +299,16 @@ def cmd_distill(args) -> None:
     _run_training(args, "distill")
 
 
+def _corpus_embeddings(folder: str):
+    """A `leadkd encode` folder of passage vectors, memory-mapped (mining checks it is this corpus's)."""
+    from .retrieval.pipeline import Embeddings
+
+    embeddings = Embeddings.load(folder)
+    if embeddings.meta.get("what", "passages") != "passages":
+        raise LeadkdError(f"{folder}: holds {embeddings.meta['what']} vectors, not passages (encode without --queries)")
+    return embeddings
+
+
 @_in_process_group
 def cmd_mine(args) -> None:
     """Mine hard negatives with a retriever; write a training-groups file."""
@@ -313,9 +323,10 @@ def cmd_mine(args) -> None:
         raise LeadkdError(f"--range must look like 10:100, got {args.range!r}") from None
     dataset = _load_data(args)
     model = _load_model(args)
+    corpus_embeddings = _corpus_embeddings(args.corpus_embeddings) if args.corpus_embeddings else None
     groups, report = mine_hard_negatives(model, dataset, depth=args.depth, rank_range=rank_range,
                                          negatives=args.negatives, seed=args.seed, batch_size=args.batch_size,
-                                         show_progress=_is_main(args))
+                                         corpus_embeddings=corpus_embeddings, show_progress=_is_main(args))
     if groups is None:  # under torchrun, not rank 0: rank 0 merged the shares' results and writes
         return
     write_training_groups(groups, args.output)
@@ -433,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negatives", type=_positive("--negatives"), default=30, help="negatives kept per query")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True, help="training-groups jsonl to write")
+    p.add_argument("--corpus-embeddings", default=None, metavar="FOLDER",
+                   help="passage vectors written by `leadkd encode` with the same model, used instead of "
+                        "encoding the corpus again")
     p.set_defaults(func=cmd_mine)
 
     p = commands.add_parser("quickstart", help="LEAD end to end on real data: mine, warm up, distil, evaluate, report")
