@@ -238,11 +238,12 @@ def save_shards(folder: str | os.PathLike, ids: Sequence[str], rows: range, vect
         return folder
     shares = [np.load(parts / f"rank{r}.npy", mmap_mode="r", allow_pickle=False) for r in range(world)]
     expected = [len(share_of(len(ids), r, world)) for r in range(world)]
-    if [len(s) for s in shares] != expected or len({s.shape[1:] for s in shares}) != 1:
+    filled = [s for s in shares if len(s)] or shares  # more processes than rows leaves some shares empty
+    if [len(s) for s in shares] != expected or len({s.shape[1:] for s in filled}) != 1:
         raise LeadkdError(f"{parts}: the shares hold {[s.shape for s in shares]} vectors, expected {expected} rows")
     with atomic_directory(folder) as tmp:
-        out = open_memmap(tmp / EMBEDDINGS_FILE, mode="w+", dtype=shares[0].dtype,
-                          shape=(len(ids),) + shares[0].shape[1:])
+        out = open_memmap(tmp / EMBEDDINGS_FILE, mode="w+", dtype=filled[0].dtype,
+                          shape=(len(ids),) + filled[0].shape[1:])
         start = 0
         for share in shares:
             for lo in range(0, len(share), 65536):  # bounded copies: a share may be many GB
