@@ -52,9 +52,15 @@ class Case:
 
 
 def _enc(*extra: str) -> list[str]:
-    """`leadkd encode` on {D}: it loads corpus, queries and qrels before the model."""
+    """`leadkd encode` on {D}: it loads the corpus (only: it needs no queries or judgments) before the model."""
     return ["encode", "--model", "{model}", "--max-query-length", "16", "--max-passage-length", "32",
             "--data", "{D}", "--output", "{T}/emb", *extra]
+
+
+def _all(*extra: str) -> list[str]:
+    """`leadkd retrieve` on {D}: it loads corpus, queries and qrels (checked against both) before the model."""
+    return ["retrieve", "--model", "{model}", "--max-query-length", "16", "--max-passage-length", "32",
+            "--data", "{D}", "--output", "{T}/ret", *extra]
 
 
 def _eval(run: str, qrels: str = "{D}/qrels/test.tsv") -> list[str]:
@@ -141,23 +147,23 @@ CASES: list[Case] = [
          {"corpus.jsonl": "corpus_missing_id.jsonl"}),
     Case("corpus-duplicate-id", _enc(), ["{D}/corpus.jsonl:3: field '_id': duplicate id 'doc-1' (first on line 1)"],
          {"corpus.jsonl": "corpus_duplicate_id.jsonl"}),
-    Case("queries-duplicate-id", _enc(), ["{D}/queries.jsonl:3: field '_id': duplicate id 'q2' (first on line 2)"],
+    Case("queries-duplicate-id", _all(), ["{D}/queries.jsonl:3: field '_id': duplicate id 'q2' (first on line 2)"],
          {"queries.jsonl": "queries_duplicate_id.jsonl"}),
-    Case("queries-missing-text", _enc(), ["{D}/queries.jsonl:2: field 'text': missing"],
+    Case("queries-missing-text", _all(), ["{D}/queries.jsonl:2: field 'text': missing"],
          {"queries.jsonl": "queries_missing_text.jsonl"}),
     # -- qrels header --------------------------------------------------------------------------------------
-    Case("qrels-wrong-header", _enc(), ["{D}/qrels/test.tsv:1: expected the header 'query-id<TAB>corpus-id<TAB>score'"],
+    Case("qrels-wrong-header", _all(), ["{D}/qrels/test.tsv:1: expected the header 'query-id<TAB>corpus-id<TAB>score'"],
          {"qrels/test.tsv": "qrels_bad_header.tsv"}),
-    Case("qrels-missing-header", _enc(), ["{D}/qrels/test.tsv:1: expected the header", "q1<TAB>doc-1<TAB>1"],
+    Case("qrels-missing-header", _all(), ["{D}/qrels/test.tsv:1: expected the header", "q1<TAB>doc-1<TAB>1"],
          {"qrels/test.tsv": "qrels_no_header.tsv"}),
     Case("qrels-mixed-columns", _eval("{B}/run_ties_ok.trec", "{B}/qrels_mixed.trec"),
          ["{B}/qrels_mixed.trec:2: expected 4 columns (qid iter docid rel) as on line 1, found 2"]),
     # -- scores ----------------------------------------------------------------------------------------------
-    Case("qrels-non-numeric-score", _enc(), ["{D}/qrels/test.tsv:3: field 'score': 'high' is not a number"],
+    Case("qrels-non-numeric-score", _all(), ["{D}/qrels/test.tsv:3: field 'score': 'high' is not a number"],
          {"qrels/test.tsv": "qrels_nonnumeric.tsv"}),
     # relevance -1 (trec_eval >= 8.1: pooled but unjudged) is legal and not relevant: q1's doc-3 ranks first
     # but doc-1 third (RR 1/3, nDCG 1/log2(4)), q2's doc-2 first; a -1 gain or a -1 counted relevant would differ.
-    Case("qrels-negative-score-ok", _enc(), files={"qrels/test.tsv": "qrels_negative_ok.tsv"}, ok=True),
+    Case("qrels-negative-score-ok", _all(), files={"qrels/test.tsv": "qrels_negative_ok.tsv"}, ok=True),
     Case("qrels-negative-score-evaluate-ok", _eval("{B}/run_ties_ok.trec", "{B}/qrels_negative_ok.tsv"), ok=True,
          stdout=["nDCG@10  0.7500", "RR@10    0.6667"]),
     Case("qrels-minus-one-ok", _eval("{B}/run_ties_ok.trec", "{B}/qrels_minus_one_ok.trec"), ok=True,
@@ -168,16 +174,16 @@ CASES: list[Case] = [
     Case("groups-non-numeric-teacher-score", _train("data.train_groups={B}/groups_negative_score.jsonl"),
          ["{B}/groups_negative_score.jsonl:1: field 'teacher_scores': scores must be finite numbers, got 'high'"]),
     # -- qrels naming unknown ids ------------------------------------------------------------------------
-    Case("qrels-unknown-document", _enc(),
+    Case("qrels-unknown-document", _all(),
          ["{D}/qrels/test.tsv:3: field 'corpus-id': document id 'doc-9' is not in the passage collection"],
          {"qrels/test.tsv": "qrels_unknown_doc.tsv"}),
-    Case("qrels-unknown-query", _enc(),
+    Case("qrels-unknown-query", _all(),
          ["{D}/qrels/test.tsv:3: field 'query-id': query id 'q7' is not in the query collection"],
          {"qrels/test.tsv": "qrels_unknown_query.tsv"}),
     Case("groups-unknown-passage", _train("data.train_groups={B}/groups_unknown_passage.jsonl"),
          ["{B}/groups_unknown_passage.jsonl:2: field 'negatives[0]': passage 'doc-404' is not in the corpus"]),
     # -- empty texts, empty corpus ------------------------------------------------------------------------
-    Case("queries-empty-text", _enc(), ["{D}/queries.jsonl:2: field 'text': empty"],
+    Case("queries-empty-text", _all(), ["{D}/queries.jsonl:2: field 'text': empty"],
          {"queries.jsonl": "queries_empty_text.jsonl"}),
     Case("corpus-empty-text", _enc(), ["{D}/corpus.jsonl:2: field 'text': empty (and no title)"],
          {"corpus.jsonl": "corpus_empty_text.jsonl"}),
@@ -194,7 +200,7 @@ CASES: list[Case] = [
     Case("corpus-50MB-valid-line-ok", _enc(), files={"corpus.jsonl": "{T}/big_ok.jsonl"}, make=_big_valid_line, ok=True,
          slow=True),  # ~65 s: the tokenizer splits all 10M words before truncating to 32 tokens
     # -- BOM and CRLF: accepted ------------------------------------------------------------------------------
-    Case("bom-crlf-dataset-ok", _enc(), ok=True,
+    Case("bom-crlf-dataset-ok", _all(), ok=True,
          files={"corpus.jsonl": "corpus_bom_crlf_ok.jsonl", "queries.jsonl": "queries_bom_crlf_ok.jsonl",
                 "qrels/test.tsv": "qrels_bom_crlf_ok.tsv"}),
     Case("bom-crlf-run-and-qrels-ok", _eval("{B}/run_bom_crlf_ok.trec", "{B}/qrels_bom_crlf_ok.tsv"), ok=True,
@@ -205,7 +211,7 @@ CASES: list[Case] = [
     # -- invalid UTF-8 -----------------------------------------------------------------------------------
     Case("corpus-invalid-utf8", _enc(), ["{D}/corpus.jsonl:2: invalid UTF-8: byte 0xe9"],
          {"corpus.jsonl": "corpus_latin1.jsonl"}),
-    Case("qrels-invalid-utf8", _enc(), ["{D}/qrels/test.tsv:3: invalid UTF-8: byte 0xe9"],
+    Case("qrels-invalid-utf8", _all(), ["{D}/qrels/test.tsv:3: invalid UTF-8: byte 0xe9"],
          {"qrels/test.tsv": "qrels_latin1.tsv"}),
     Case("run-invalid-utf8", _eval("{B}/run_latin1.trec"), ["{B}/run_latin1.trec", "not UTF-8 text"]),
     # -- run files: duplicates are errors, ties are fine ---------------------------------------------------

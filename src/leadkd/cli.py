@@ -90,7 +90,8 @@ def _load_model(args):
             raise LeadkdError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     from .distributed import pick_device
 
-    device = pick_device(args.device)  # checked before the (slow) model load
+    context = getattr(args, "process_context", None)  # set by _in_process_group: cuda:LOCAL_RANK under torchrun
+    device = context.device if context is not None else pick_device(args.device)  # checked before the slow load
     return DualEncoder.from_pretrained(
         args.model, pooling=args.pooling, normalize=args.normalize, query_prefix=args.query_prefix,
         passage_prefix=args.passage_prefix, max_query_length=args.max_query_length,
@@ -108,44 +109,126 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _in_process_group(command):
+    """Run ``command`` in torchrun's process group when there is one (gloo on CPU, NCCL on CUDA; see
+    leadkd.distributed), else in the single local process: ``args.process_context`` says which."""
+    import functools
+
+    @functools.wraps(command)
+    def run(args) -> None:
+        from .distributed import init_distributed
+
+        args.process_context = init_distributed(device=args.device)
+        try:
+            command(args)
+        finally:
+            args.process_context.cleanup()
+    return run
+
+
+def _is_main(args) -> bool:
+    """Whether this process prints and writes: rank 0 under torchrun, always in one process."""
+    context = getattr(args, "process_context", None)
+    return context is None or context.is_main
+
+
+def _is_sharded(args) -> bool:
+    context = getattr(args, "process_context", None)
+    return context is not None and context.is_distributed
+
+
 # ---------------------------------------------------------------- commands
 
+@_in_process_group
 def cmd_retrieve(args) -> None:
-    """Encode the corpus and the split's queries, search exactly, write the run, evaluate."""
+    """Encode the corpus and the split's queries, search exactly, write the run, evaluate.
+
+    Under torchrun each process encodes and searches its share of the corpus; rank 0 merges and writes."""
     from .data.runs import write_run
     from .evaluate import evaluate, format_table, parse_measures, write_metrics, write_per_query
+    from .fileio import check_replaceable
     from .retrieval.pipeline import encode_corpus, encode_queries, search_run
 
     started = time.perf_counter()
     parse_measures(args.measures, rel=args.rel)  # a typo must fail before minutes of encoding
+    output = Path(args.output)
+    if args.save_embeddings:
+        check_replaceable(output / "corpus_embeddings")
     dataset = _load_data(args)
     model = _load_model(args)
-    _say(f"{dataset.name}/{dataset.split}: {len(dataset.corpus)} passages, {len(dataset.queries)} queries")
-    docs = encode_corpus(model, dataset.corpus, batch_size=args.batch_size)
-    queries = encode_queries(model, dataset.queries, batch_size=args.batch_size)
-    run = search_run(queries, docs, args.k, exclude_same_id=args.exclude_same_id)
-    output = Path(args.output)
+    if _is_main(args):
+        _say(f"{dataset.name}/{dataset.split}: {len(dataset.corpus)} passages, {len(dataset.queries)} queries")
+    if _is_sharded(args):
+        run = _retrieve_sharded(args, model, dataset, output)
+        if run is None:  # not rank 0
+            return
+        docs = None
+    else:
+        docs = encode_corpus(model, dataset.corpus, batch_size=args.batch_size)
+        queries = encode_queries(model, dataset.queries, batch_size=args.batch_size)
+        run = search_run(queries, docs, args.k, exclude_same_id=args.exclude_same_id)
     write_run(run, output / "run.trec", tag=args.tag)
     aggregate, per_query = evaluate(run, dataset.qrels, measures=args.measures, rel=args.rel)
     write_metrics(aggregate, output / "metrics.json")
     write_per_query(per_query, output / "per_query.jsonl")
-    if args.save_embeddings:
+    if args.save_embeddings and docs is not None:
         docs.save(output / "corpus_embeddings")
     print(format_table(aggregate))
     _say(f"wrote {output}/run.trec, metrics.json, per_query.jsonl in {time.perf_counter() - started:.0f} s")
 
 
-def cmd_encode(args) -> None:
-    """Encode a dataset's corpus (or queries) into an embeddings folder."""
-    from .retrieval.pipeline import encode_corpus, encode_queries
+def _retrieve_sharded(args, model, dataset, output: Path):
+    """`retrieve` under torchrun: this process's share of the corpus searched, the run merged on rank 0
+    (None elsewhere); with --save-embeddings the shares become one folder."""
+    from .retrieval.pipeline import encode_corpus_share, encode_queries, save_shards, search_shards
+    from .retrieval.search import to_run
 
-    dataset = _load_data(args)
-    model = _load_model(args)
+    corpus, main = dataset.corpus, _is_main(args)
+    rows, share = encode_corpus_share(model, corpus, batch_size=args.batch_size, show_progress=main)
+    queries = encode_queries(model, dataset.queries, batch_size=args.batch_size, show_progress=main)
+    exclude = None
+    if args.exclude_same_id:
+        exclude = [{row} if row >= 0 else set() for row in corpus.lookup(queries.ids).tolist()]
+    merged = search_shards(queries.vectors, share, rows, args.k, exclude=exclude)
+    if args.save_embeddings:
+        save_shards(output / "corpus_embeddings", corpus.ids, rows, share,
+                    {"what": "passages", "count": len(corpus), "dim": int(share.shape[-1])})
+    return None if merged is None else to_run(queries.ids, corpus.ids, *merged)
+
+
+@_in_process_group
+def cmd_encode(args) -> None:
+    """Encode a dataset's corpus (or queries) into an embeddings folder.
+
+    Reads only what it encodes: the corpus, or the split's queries (the judged ones when the split has
+    qrels, else all); no judgments are needed. Under torchrun each process encodes its share and rank 0
+    writes the folder."""
+    from .data.datasets import load_corpus, load_split_queries
+    from .fileio import check_replaceable
+    from .retrieval.pipeline import (encode_corpus, encode_corpus_share, encode_queries, encode_queries_share,
+                                     save_shards)
+
+    check_replaceable(Path(args.output))  # before minutes of encoding
     if args.queries:
-        embeddings = encode_queries(model, dataset.queries, batch_size=args.batch_size)
+        texts = load_split_queries(args.data, split=args.split, lenient=args.lenient)
     else:
-        embeddings = encode_corpus(model, dataset.corpus, batch_size=args.batch_size)
-    embeddings.meta.update(model=str(args.model), data=str(args.data))
+        texts = load_corpus(args.data)
+    model = _load_model(args)
+    extra = {"model": str(args.model), "data": str(args.data)}
+    if _is_sharded(args):
+        share_encoder = encode_queries_share if args.queries else encode_corpus_share
+        rows, vectors = share_encoder(model, texts, batch_size=args.batch_size, show_progress=_is_main(args))
+        what = "queries" if args.queries else "passages"
+        dim = int(vectors.shape[-1])
+        save_shards(args.output, texts.ids, rows, vectors, {"what": what, "count": len(texts), "dim": dim, **extra})
+        if _is_main(args):
+            _say(f"wrote {len(texts)} vectors of {dim} dims to {args.output}")
+        return
+    if args.queries:
+        embeddings = encode_queries(model, texts, batch_size=args.batch_size)
+    else:
+        embeddings = encode_corpus(model, texts, batch_size=args.batch_size)
+    embeddings.meta.update(extra)
     embeddings.save(args.output)
     _say(f"wrote {len(embeddings.ids)} vectors of {embeddings.vectors.shape[1]} dims to {args.output}")
 
@@ -216,42 +299,44 @@ def cmd_distill(args) -> None:
     _run_training(args, "distill")
 
 
+def _corpus_embeddings(folder: str):
+    """A `leadkd encode` folder of passage vectors, memory-mapped (mining checks it is this corpus's)."""
+    from .retrieval.pipeline import Embeddings
+
+    embeddings = Embeddings.load(folder)
+    if embeddings.meta.get("what", "passages") != "passages":
+        raise LeadkdError(f"{folder}: holds {embeddings.meta['what']} vectors, not passages (encode without --queries)")
+    return embeddings
+
+
+@_in_process_group
 def cmd_mine(args) -> None:
-    """Mine hard negatives with a retriever; write a training-groups file."""
+    """Mine hard negatives with a retriever (dense: --model; bm25: no model); write a training-groups file."""
     from .data.groups import write_training_groups
     from .fileio import atomic_write
-    from .retrieval.mine import mine_hard_negatives
+    from .retrieval.mine import mine_hard_negatives, mine_with_ranker
 
     start, _, end = args.range.partition(":")
     try:
         rank_range = (int(start), int(end))
     except ValueError:
         raise LeadkdError(f"--range must look like 10:100, got {args.range!r}") from None
+    settings = {"depth": args.depth, "rank_range": rank_range, "negatives": args.negatives, "seed": args.seed}
     if args.retriever == "bm25":  # BM25 ranks by words: no model is loaded
-        return _mine_bm25(args, rank_range)
-    dataset = _load_data(args)
-    model = _load_model(args)
-    groups, report = mine_hard_negatives(model, dataset, depth=args.depth, rank_range=rank_range,
-                                         negatives=args.negatives, seed=args.seed, batch_size=args.batch_size,
-                                         show_progress=True)
-    write_training_groups(groups, args.output)
-    with atomic_write(Path(str(args.output) + ".report.json")) as handle:
-        handle.write(json.dumps(report.as_dict(), indent=2))
-    _say(report.summary())
-    _say(f"wrote {args.output} ({len(groups)} groups)")
+        from .retrieval.bm25 import BM25Ranker, import_bm25s
 
-
-def _mine_bm25(args, rank_range) -> None:
-    from .data.groups import write_training_groups
-    from .fileio import atomic_write
-    from .retrieval.bm25 import BM25Ranker, import_bm25s
-    from .retrieval.mine import mine_with_ranker
-
-    import_bm25s()  # a missing package is told before a large corpus is read
-    dataset = _load_data(args)
-    ranker = BM25Ranker(dataset.corpus, k1=args.bm25_k1, b=args.bm25_b, show_progress=True)
-    groups, report = mine_with_ranker(ranker, dataset, depth=args.depth, rank_range=rank_range,
-                                      negatives=args.negatives, seed=args.seed)
+        import_bm25s()  # a missing package is told before a large corpus is read
+        dataset = _load_data(args)
+        ranker = BM25Ranker(dataset.corpus, k1=args.bm25_k1, b=args.bm25_b, show_progress=_is_main(args))
+        groups, report = mine_with_ranker(ranker, dataset, **settings)
+    else:
+        dataset = _load_data(args)
+        model = _load_model(args)
+        corpus_embeddings = _corpus_embeddings(args.corpus_embeddings) if args.corpus_embeddings else None
+        groups, report = mine_hard_negatives(model, dataset, **settings, batch_size=args.batch_size,
+                                             corpus_embeddings=corpus_embeddings, show_progress=_is_main(args))
+    if groups is None:  # under torchrun, not rank 0: rank 0 merged the shares' results and writes
+        return
     write_training_groups(groups, args.output)
     with atomic_write(Path(str(args.output) + ".report.json")) as handle:
         handle.write(json.dumps(report.as_dict(), indent=2))
@@ -371,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bm25-k1", type=float, default=1.2, help="BM25 k1 (default %(default)s, BEIR's baseline)")
     p.add_argument("--bm25-b", type=float, default=0.75, help="BM25 b (default %(default)s, BEIR's baseline)")
     p.add_argument("--output", required=True, help="training-groups jsonl to write")
+    p.add_argument("--corpus-embeddings", default=None, metavar="FOLDER",
+                   help="passage vectors written by `leadkd encode` with the same model, used instead of "
+                        "encoding the corpus again")
     p.set_defaults(func=cmd_mine)
 
     p = commands.add_parser("quickstart", help="LEAD end to end on real data: mine, warm up, distil, evaluate, report")

@@ -22,8 +22,8 @@ from leadkd.data.formats import (check_qrels, read_collection_tsv, read_corpus, 
                                  read_queries_jsonl, read_queries_tsv)
 from leadkd.errors import InputError, LeadkdError
 
-__all__ = ["Dataset", "load_dataset", "load_corpus", "resolve_dataset", "available_splits", "export_irds",
-           "DATA_DIR_ENV"]
+__all__ = ["Dataset", "load_dataset", "load_corpus", "load_split_queries", "resolve_dataset", "available_splits",
+           "export_irds", "DATA_DIR_ENV"]
 
 DATA_DIR_ENV = "LEADKD_DATA_DIR"
 _QRELS_SUFFIXES = (".tsv", ".trec", ".txt")
@@ -195,6 +195,34 @@ def load_queries(spec: str | os.PathLike, data_dir: str | os.PathLike | None = N
     return read_queries_jsonl(path) if path else None
 
 
+def load_split_queries(spec: str | os.PathLike, split: str = "test", lenient: bool = False,
+                       data_dir: str | os.PathLike | None = None) -> Queries:
+    """The queries of one split, without reading the corpus (encoding queries needs no passages).
+
+    With qrels for ``split``, the queries judged in it (as :func:`load_dataset` gives them; judgments
+    naming unknown queries raise, or with ``lenient`` are dropped); without, every query of the split's
+    query file (BEIR: ``queries.jsonl``; MS MARCO: ``queries.<split>.tsv``). Judgments are not checked
+    against the corpus here: nothing is evaluated.
+    """
+    target = resolve_dataset(spec, data_dir)
+    if isinstance(target, str):
+        return _irds_queries(target, lenient)
+    if not target.is_dir():
+        raise LeadkdError(f"{target}: a dataset is a folder, not a file; pass {_LAYOUTS}")
+    layout = _layout(target)
+    if layout is None:
+        raise _no_layout(target)
+    name = "queries.jsonl" if layout == "beir" else f"queries.{split}.tsv"
+    path = _existing(target, name)
+    if path is None:
+        raise LeadkdError(f"{target}: no {name}: encoding queries needs the split's queries")
+    queries = read_queries_jsonl(path) if layout == "beir" else read_queries_tsv(path)
+    if split not in available_splits(target):
+        return queries
+    qrels = read_qrels(_qrels_file(target, layout, split), queries=queries, lenient=lenient)
+    return _judged(queries, qrels)
+
+
 def _judged(queries: Queries, qrels: Qrels) -> Queries:
     rows = queries.lookup(list(qrels))
     rows.sort()
@@ -246,18 +274,37 @@ def _irds_judged(ds, dataset_id: str, corpus: Corpus, lenient: bool) -> tuple[Qu
     """The queries judged in one ir_datasets split, and their checked qrels."""
     source = f"irds:{dataset_id}"
     _require_judgments(ds, dataset_id)
+    queries = _irds_query_collection(ds, source)
+    raw: dict[str, dict[str, int]] = {}
+    for j in ds.qrels_iter():
+        raw.setdefault(j.query_id, {})[j.doc_id] = int(j.relevance)
+    qrels = check_qrels(raw, corpus=corpus, queries=queries, lenient=lenient, source=source)
+    return _judged(queries, qrels), qrels  # type: ignore[arg-type]
+
+
+def _irds_query_collection(ds, source: str) -> Queries:
     qb = Queries.builder(source=source)
     for q in ds.queries_iter():
         text = _text_of(q)
         if not text.strip():
             raise InputError(source, f"query {q.query_id!r} is empty", field="text")
         qb.add(q.query_id, text)
-    queries = qb.build()
+    return qb.build()  # type: ignore[return-value]
+
+
+def _irds_queries(dataset_id: str, lenient: bool) -> Queries:
+    """An ir_datasets id's queries (judged ones, when it has qrels), without iterating its documents."""
+    source = f"irds:{dataset_id}"
+    ds = _irds(dataset_id)
+    if not ds.has_queries():
+        raise LeadkdError(f"{source}: this ir_datasets id has no queries; name a split, e.g. irds:beir/scifact/test")
+    queries = _irds_query_collection(ds, source)
+    if not ds.has_qrels():
+        return queries
     raw: dict[str, dict[str, int]] = {}
     for j in ds.qrels_iter():
         raw.setdefault(j.query_id, {})[j.doc_id] = int(j.relevance)
-    qrels = check_qrels(raw, corpus=corpus, queries=queries, lenient=lenient, source=source)
-    return _judged(queries, qrels), qrels  # type: ignore[arg-type]
+    return _judged(queries, check_qrels(raw, queries=queries, lenient=lenient, source=source))  # type: ignore[arg-type]
 
 
 def _require_judgments(ds, dataset_id: str) -> None:

@@ -22,10 +22,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .. import distributed as dist
 from ..accel import cpu
 from ..data.groups import GroupsBuilder, TrainingGroups
 from ..errors import ConfigError, LeadkdError
-from .pipeline import Embeddings, encode_corpus
+from .pipeline import Embeddings, encode_corpus, search_shards, share_of
 from .search import exact_search
 
 #: Queries searched per pass over the corpus vectors: bounds the [Q, depth] results, not the passes' cost.
@@ -81,8 +82,13 @@ def _check_settings(depth: int, rank_range: tuple[int, int], negatives: int, num
 
 
 def _corpus_vectors(model, corpus, corpus_embeddings: Embeddings | np.ndarray | None, batch_size: int,
-                    show_progress: bool) -> np.ndarray:
-    """The corpus vectors in corpus row order, encoding only when none were given."""
+                    show_progress: bool, rows: range | None = None) -> np.ndarray:
+    """The corpus vectors in corpus row order, encoding only when none were given; with ``rows`` (this
+    process's share under torchrun) only those rows' vectors."""
+    if rows is not None:
+        if corpus_embeddings is None:
+            return cpu.encode_passages(model, corpus.passages(rows), batch_size=batch_size, show_progress=show_progress)
+        return _corpus_vectors(model, corpus, corpus_embeddings, batch_size, show_progress)[rows.start:rows.stop]
     if corpus_embeddings is None:
         return encode_corpus(model, corpus, batch_size=batch_size, show_progress=show_progress).vectors
     if isinstance(corpus_embeddings, Embeddings):
@@ -133,29 +139,42 @@ class DenseRanker:
     def settings(self) -> dict[str, Any]:
         return {"retriever": "dense"}
 
-    def rank(self, query_texts: list[str], exclude: list[set[int]], depth: int) -> list[np.ndarray]:
+    def rank(self, query_texts: list[str], exclude: list[set[int]], depth: int) -> list[np.ndarray] | None:
+        """Under torchrun every process holds and searches its share of the corpus and rank 0 merges the
+        shares' lists, exactly as one process ranks them; the other ranks get None."""
+        share = share_of(len(self.corpus)) if dist.is_distributed() else None
         if self._doc_vectors is None:
             self._doc_vectors = _corpus_vectors(self.model, self.corpus, self.corpus_embeddings, self.batch_size,
-                                                self.show_progress)
+                                                self.show_progress, share)
         query_vectors = cpu.encode_queries(self.model, query_texts, batch_size=self.batch_size,
                                            show_progress=self.show_progress)
         if query_vectors.shape[1] != self._doc_vectors.shape[1]:
             raise LeadkdError(f"query vectors have {query_vectors.shape[1]} dimensions but passage vectors "
                               f"{self._doc_vectors.shape[1]}: not the same model?")
-        _, ranked = exact_search(query_vectors, self._doc_vectors, depth, exclude=exclude)
+        if share is None:
+            _, ranked = exact_search(query_vectors, self._doc_vectors, depth, exclude=exclude)
+        else:
+            merged = search_shards(query_vectors, self._doc_vectors, share, depth, exclude=exclude)
+            if merged is None:
+                return None
+            ranked = merged[1]
         return [row[row >= 0] for row in ranked]
 
 
 def mine_hard_negatives(model, dataset, depth: int = 200, rank_range: tuple[int, int] = (10, 100),
                         negatives: int = 30, seed: int = 0, min_rel: int = 1, batch_size: int = 64,
                         corpus_embeddings: Embeddings | np.ndarray | None = None, show_progress: bool = False,
-                        search_chunk: int = SEARCH_CHUNK) -> tuple[TrainingGroups, MiningReport]:
+                        search_chunk: int = SEARCH_CHUNK) -> tuple[TrainingGroups | None, MiningReport]:
     """Groups of (query, judged positives, sampled hard negatives) for every judged query of ``dataset``.
 
     ``dataset`` has ``corpus``, ``queries`` and ``qrels``; the split's queries are those with judgments.
     ``model`` needs ``encode_queries`` (and ``encode_passages`` unless ``corpus_embeddings`` — a saved
     :class:`Embeddings` of this corpus or an array in corpus row order — is given). Negatives are sampled
     from ranks ``rank_range`` of an exact top-``depth`` search with positives and the query's own id removed.
+
+    Under torchrun every process encodes (or takes from ``corpus_embeddings``) and searches its share of
+    the corpus, rank 0 merges the shares' top-``depth`` lists, exactly as one process would rank them, and
+    builds the groups; the other ranks get ``(None, report)``. Every process encodes all the queries.
     """
     ranker = DenseRanker(model, dataset.corpus, corpus_embeddings, batch_size=batch_size,
                          show_progress=show_progress)
@@ -211,6 +230,8 @@ def mine_with_ranker(ranker: Ranker, dataset, depth: int = 200, rank_range: tupl
                 report.self_excluded += 1
             exclude.append(banned)
         ranked = ranker.rank([queries.text(r) for _, r, _ in chunk], exclude, depth)
+        if ranked is None:  # under torchrun, not rank 0: rank 0 builds the groups
+            continue
         if len(ranked) != len(chunk):
             raise LeadkdError(f"internal error: the ranker returned {len(ranked)} lists for {len(chunk)} queries")
         for (qid, qrow, positives), banned, rows in zip(chunk, exclude, ranked):
@@ -221,6 +242,8 @@ def mine_with_ranker(ranker: Ranker, dataset, depth: int = 200, rank_range: tupl
             chosen = _pick(rows[start - 1:end - 1], negatives, seed, qid)
             builder.add(qid, positives, chosen.tolist(), query_row=qrow)
             _count_short(report, qid, len(chosen), negatives)
+    if dist.is_distributed() and not dist.is_main_process():
+        return None, report
     report.processed = len(builder)
     if not len(builder):
         raise LeadkdError(f"no query could be mined: {report.summary()}")

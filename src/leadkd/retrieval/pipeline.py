@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
 import numpy as np
 
 from .. import distributed as dist
@@ -133,7 +135,7 @@ def evaluate_retriever(model, corpus_spec: str, split: str, metric: str = "nDCG@
     """
     from ..data.datasets import load_dataset
     from ..evaluate import evaluate
-    from .search import exact_search, merge_top_k, to_run
+    from .search import to_run
 
     dataset = load_dataset(corpus_spec, split=split, corpus=corpus)
     queries, qrels, corpus = dataset.queries, dataset.qrels, dataset.corpus
@@ -141,15 +143,117 @@ def evaluate_retriever(model, corpus_spec: str, split: str, metric: str = "nDCG@
         queries = queries.subset(range(max_queries))
         keep = {queries.id_at(i) for i in range(len(queries))}
         qrels = type(qrels)({q: d for q, d in qrels.items() if q in keep})
-    rank, world = dist.get_rank(), dist.get_world_size()
-    lo, hi = rank * len(corpus) // world, (rank + 1) * len(corpus) // world
+    rows = share_of(len(corpus))
     query_embeddings = encode_queries(model, queries, show_progress=False)
-    share = cpu.encode_passages(model, corpus.passages(range(lo, hi)), batch_size=32)
-    scores, indices = exact_search(query_embeddings.vectors, share, k)  # [Q, 0] for an empty share
-    parts = dist.gather_object((scores, np.where(indices >= 0, indices + lo, -1)))
-    if parts is None:
+    share = cpu.encode_passages(model, corpus.passages(rows), batch_size=32)
+    merged = search_shards(query_embeddings.vectors, share, rows, k)
+    if merged is None:
         return None
-    run = to_run(query_embeddings.ids, corpus.ids, *merge_top_k(parts, k))
+    run = to_run(query_embeddings.ids, corpus.ids, *merged)
     measures = [metric] + [m for m in ("R@100",) if m != metric]
     aggregate, _ = evaluate(run, qrels, measures=measures)
     return aggregate
+
+
+# --------------------------------------------------------------------------- one share per process
+# Under torchrun every process encodes and searches a contiguous share of the corpus; rank 0 merges the
+# shares' top-k lists (exact: the shards are disjoint and both sides break ties by the global row) and
+# assembles the shares' vectors into one embeddings folder. In one process the share is everything.
+
+SHARDS_SUFFIX = ".shards"
+
+
+def share_of(count: int, rank: int | None = None, world: int | None = None) -> range:
+    """This process's contiguous rows of ``count`` items: process r of W gets ``[r*count//W, (r+1)*count//W)``.
+
+    Contiguous (not strided) so that the shares, concatenated in rank order, are the corpus in its order."""
+    rank = dist.get_rank() if rank is None else rank
+    world = dist.get_world_size() if world is None else world
+    return range(rank * count // world, (rank + 1) * count // world)
+
+
+def encode_corpus_share(model, corpus, batch_size: int = 32, show_progress: bool = True) -> tuple[range, np.ndarray]:
+    """This process's rows of the corpus and their passage vectors (length-sorted batches within the share)."""
+    rows = share_of(len(corpus))
+    return rows, cpu.encode_passages(model, corpus.passages(rows), batch_size=batch_size, show_progress=show_progress)
+
+
+def encode_queries_share(model, queries, batch_size: int = 64, show_progress: bool = True) -> tuple[range, np.ndarray]:
+    """This process's rows of the queries and their vectors."""
+    rows = share_of(len(queries))
+    vectors = cpu.encode_queries(model, [queries.text(i) for i in rows], batch_size=batch_size,
+                                 show_progress=show_progress)
+    return rows, vectors
+
+
+def search_shards(query_vectors, share_vectors, rows: range, k: int,
+                  exclude: Sequence[set[int]] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Exact top-``k`` of every query over the whole corpus, each process searching its share ``rows``.
+
+    ``exclude[i]``: *global* corpus rows query ``i`` must never get. Returns ``(scores, global indices)``
+    on rank 0 - the same as :func:`~leadkd.retrieval.search.exact_search` over the concatenated shares -
+    and None on the other ranks. Every process must call it with the same queries.
+    """
+    from .search import exact_search, merge_top_k
+
+    local = None
+    if exclude is not None:
+        local = [{row - rows.start for row in banned if rows.start <= row < rows.stop} for banned in exclude]
+    scores, indices = exact_search(query_vectors, share_vectors, k, exclude=local)  # [Q, 0] for an empty share
+    parts = dist.gather_object((scores, np.where(indices >= 0, indices + rows.start, -1)))
+    if parts is None:
+        return None
+    return merge_top_k(parts, k)
+
+
+def shards_folder(folder: str | os.PathLike) -> Path:
+    """Where the processes leave their shares of ``folder`` for rank 0 (beside it, hidden)."""
+    folder = Path(folder)
+    return folder.with_name(f".{folder.name}{SHARDS_SUFFIX}")
+
+
+def save_shards(folder: str | os.PathLike, ids: Sequence[str], rows: range, vectors: np.ndarray, meta: dict) -> Path:
+    """Every process's share of the vectors into one embeddings folder, written by rank 0 (collective).
+
+    Each process writes its share beside ``folder`` (a file system every process sees: one machine, or a
+    shared one across nodes); rank 0 then copies them in rank order into ``embeddings.npy`` through a
+    memory map, so no process ever holds more than its own share, and the folder appears whole
+    (:func:`~leadkd.fileio.atomic_directory`). ``ids`` are all the rows' ids, in order.
+    """
+    from numpy.lib.format import open_memmap
+
+    from ..fileio import check_replaceable
+
+    folder = Path(folder)
+    check_replaceable(folder)
+    parts = shards_folder(folder)
+    parts.mkdir(parents=True, exist_ok=True)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = parts / f"rank{rank}.npy"
+    with open(parts / f".rank{rank}.tmp.npy", "wb") as handle:
+        np.save(handle, np.ascontiguousarray(vectors), allow_pickle=False)
+    os.replace(parts / f".rank{rank}.tmp.npy", mine)
+    dist.barrier()
+    if not dist.is_main_process():
+        return folder
+    shares = [np.load(parts / f"rank{r}.npy", mmap_mode="r", allow_pickle=False) for r in range(world)]
+    expected = [len(share_of(len(ids), r, world)) for r in range(world)]
+    filled = [s for s in shares if len(s)] or shares  # more processes than rows leaves some shares empty
+    if [len(s) for s in shares] != expected or len({s.shape[1:] for s in filled}) != 1:
+        raise LeadkdError(f"{parts}: the shares hold {[s.shape for s in shares]} vectors, expected {expected} rows")
+    with atomic_directory(folder) as tmp:
+        out = open_memmap(tmp / EMBEDDINGS_FILE, mode="w+", dtype=filled[0].dtype,
+                          shape=(len(ids),) + filled[0].shape[1:])
+        start = 0
+        for share in shares:
+            for lo in range(0, len(share), 65536):  # bounded copies: a share may be many GB
+                block = share[lo:lo + 65536]
+                out[start + lo:start + lo + len(block)] = block
+            start += len(share)
+        out.flush()
+        del out
+        (tmp / IDS_FILE).write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    del shares
+    shutil.rmtree(parts, ignore_errors=True)
+    return folder
