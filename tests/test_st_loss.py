@@ -166,3 +166,174 @@ def test_importing_the_integration_leaves_the_trainer_and_config_alone():
             "bad = [n for n in ('leadkd.distill.trainer', 'leadkd.config', 'leadkd.distill.objectives') "
             "if n in sys.modules]; print(bad); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- a real run through ST's trainer
+
+TRAIN_QUERIES, DEV_QUERIES, SLICE_PASSAGES = 64, 50, 300
+
+
+def scifact_slice(source, target):
+    """A BEIR folder: the passages judged for the first train and dev queries, then unjudged fillers."""
+    import json
+
+    def qrels(split, count):
+        rows = {}
+        for line in (source / "qrels" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()[1:]:
+            qid, doc_id, rel = line.split("\t")
+            rows.setdefault(qid, {})[doc_id] = int(rel)
+        return {qid: rows[qid] for qid in list(rows)[:count]}
+
+    train, dev = qrels("train-nodev", TRAIN_QUERIES), qrels("dev", DEV_QUERIES)
+    judged = {doc for split in (train, dev) for docs in split.values() for doc in docs}
+    kept, fillers = [], []
+    for line in (source / "corpus.jsonl").read_text(encoding="utf-8").splitlines(keepends=True):
+        doc_id = json.loads(line)["_id"]
+        if doc_id in judged:
+            kept.append(line)
+        elif len(fillers) < SLICE_PASSAGES:
+            fillers.append(line)
+    target.mkdir(parents=True)
+    (target / "corpus.jsonl").write_text("".join(kept + fillers[:max(0, SLICE_PASSAGES - len(kept))]))
+    lines = {json.loads(line)["_id"]: line for line in (source / "queries.jsonl").read_text().splitlines(True)}
+    (target / "queries.jsonl").write_text("".join(lines[qid] for qid in [*train, *dev]))
+    (target / "qrels").mkdir()
+    for split, judgments in (("train", train), ("dev", dev)):
+        rows = "".join(f"{q}\t{d}\t{r}\n" for q, docs in judgments.items() for d, r in docs.items())
+        (target / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + rows)
+    return target
+
+
+def hard_negative_rows(miner, folder):
+    """(query, positive, negative_1) rows: each train query's first positive and the ``miner``'s best-ranked
+    passage that is not judged for it (no BM25 needed)."""
+    import numpy as np
+
+    from leadkd.data.datasets import load_dataset
+
+    dataset = load_dataset(folder, split="train")
+    corpus, queries = dataset.corpus, dataset.queries
+    passages = corpus.passages(range(len(corpus)))
+    query_texts = queries.texts(range(len(queries)))
+    scores = miner.encode_queries(query_texts) @ miner.encode_passages(passages).T
+    rows = {"query": [], "positive": [], "negative_1": []}
+    for i, scores_i in enumerate(scores):
+        judged = dataset.qrels[queries.id_at(i)]
+        negative = next(j for j in np.argsort(-scores_i) if corpus.id_at(int(j)) not in judged)
+        rows["query"].append(query_texts[i])
+        rows["positive"].append(corpus.passage(corpus.index(next(iter(judged)))))
+        rows["negative_1"].append(passages[int(negative)])
+    return rows
+
+
+def cut_minilm_student(teacher, folder):
+    """A 2-block student (blocks 0 and 5 of the teacher), saved by leadkd as a dual-encoder / ST folder."""
+    from leadkd.models import DualEncoder
+    from leadkd.models.surgery import keep_layers
+
+    DualEncoder(keep_layers(teacher.backbone, [0, 5]), teacher.tokenizer,
+                **{**teacher.settings(), "max_query_length": 96}).save_pretrained(folder)
+    return folder
+
+
+def dev_ndcg(folder, data):
+    from leadkd.models import DualEncoder
+    from leadkd.retrieval.pipeline import evaluate_retriever
+
+    return evaluate_retriever(DualEncoder.from_pretrained(folder), str(data), "dev")["nDCG@10"]
+
+
+def check_saved_st_folder(student, saved):
+    """(c): the saved model is a plain sentence-transformers folder that encodes as the trained model."""
+    from sentence_transformers import SentenceTransformer
+
+    reloaded = SentenceTransformer(str(saved), device="cpu")
+    vectors = reloaded.encode(["a query about cells"], convert_to_tensor=True)
+    assert vectors.shape == (1, 384)
+    assert torch.allclose(vectors, student.encode(["a query about cells"], convert_to_tensor=True), atol=1e-5)
+
+
+STEPS, BATCH, LR = 20, 8, 1e-4
+
+
+@pytest.mark.slow
+def test_twenty_steps_of_the_trainers_compute_loss_improve_dev_ndcg(data_dir, tmp_path):
+    """The trainer's own per-step path - text_collator, then SentenceTransformerTrainer.compute_loss (which runs
+    collect_features and the loss) - for 20 AdamW steps; runs without the trainer's `datasets`/`accelerate`."""
+    import random
+    import types
+
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers.base.trainer import BaseTrainer
+
+    from leadkd.integrations.sentence_transformers import LEADLoss, text_collator
+    from leadkd.models import DualEncoder
+    from leadkd.models.base import DEFAULT_MODEL
+
+    torch.manual_seed(0)
+    data = scifact_slice(data_dir / "scifact", tmp_path / "slice")
+    teacher = DualEncoder.from_pretrained(DEFAULT_MODEL, max_passage_length=96, similarity_scale=20.0)
+    start = cut_minilm_student(teacher, tmp_path / "student-start")
+    before = dev_ndcg(start, data)
+
+    student = SentenceTransformer(str(start), device="cpu")
+    columns = hard_negative_rows(DualEncoder.from_pretrained(start), data)  # cheaper than the teacher
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    loss = LEADLoss(student, teacher, k=2, similarity_scale=20.0)
+    trainer = types.SimpleNamespace(loss=loss, model=student, model_wrapped=student,
+                                    collect_features=lambda inputs: BaseTrainer.collect_features(None, inputs))
+    collate = text_collator(student)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=LR)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 2) * (1 - step / STEPS))
+    order = random.Random(0).sample(range(len(rows)), len(rows))
+    student.train()
+    for step in range(STEPS):
+        at = step * BATCH % (len(rows) - BATCH + 1)
+        inputs = collate([rows[i] for i in order[at:at + BATCH]])
+        value = SentenceTransformerTrainer.compute_loss(trainer, student, inputs)
+        value.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    assert loss.calls == STEPS and loss.schedule._draw_index == (STEPS - 1) // 10
+    student.eval()
+    saved = tmp_path / "student-trained"
+    student.save_pretrained(str(saved))
+    after = dev_ndcg(saved, data)
+    assert after > before + 0.01, (before, after)
+    check_saved_st_folder(student, saved)
+
+
+@pytest.mark.slow
+def test_twenty_sentence_transformer_trainer_steps_improve_dev_ndcg(data_dir, tmp_path):
+    """The same through SentenceTransformerTrainer itself (needs its `datasets` and `accelerate` extras)."""
+    pytest.importorskip("datasets")
+    pytest.importorskip("accelerate")
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    from leadkd.integrations.sentence_transformers import LEADLoss, text_collator
+    from leadkd.models import DualEncoder
+    from leadkd.models.base import DEFAULT_MODEL
+
+    data = scifact_slice(data_dir / "scifact", tmp_path / "slice")
+    teacher = DualEncoder.from_pretrained(DEFAULT_MODEL, max_passage_length=96, similarity_scale=20.0)
+    start = cut_minilm_student(teacher, tmp_path / "student-start")
+    before = dev_ndcg(start, data)
+
+    student = SentenceTransformer(str(start), device="cpu")
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=STEPS, per_device_train_batch_size=BATCH, learning_rate=LR,
+        warmup_steps=2, eval_strategy="no", save_strategy="no", report_to="none", use_cpu=True, seed=0,
+        dataloader_drop_last=True)
+    loss = LEADLoss(student, teacher, k=2, similarity_scale=20.0)
+    train = Dataset.from_dict(hard_negative_rows(DualEncoder.from_pretrained(start), data))
+    trainer = SentenceTransformerTrainer(model=student, args=args, train_dataset=train, loss=loss,
+                                         data_collator=text_collator(student, args))
+    trainer.train()
+    saved = tmp_path / "student-trained"
+    student.save_pretrained(str(saved))
+    after = dev_ndcg(saved, data)
+    assert after > before + 0.01, (before, after)
+    check_saved_st_folder(student, saved)
