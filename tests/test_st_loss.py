@@ -66,10 +66,12 @@ def leadkd_loss(student, teacher, train_teacher, pairs, **loss_settings):
                        passage_ids=[ids[text] for text in passages], passages=passages,
                        labels=torch.arange(len(QUERIES)) * group, group_size=group,
                        positive_ids=[(ids[text],) for text in POSITIVES])
+    config = LossConfig(**loss_settings)
     dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)  # only marks "trains"
-    objective = Distillation(Trained("student", student, EncodeForward(student), dummy),
-                             Trained("teacher", teacher, EncodeForward(teacher), dummy if train_teacher else None),
-                             LossConfig(**loss_settings), torch.device("cpu"))
+    raw = config.raw_last_layer
+    objective = Distillation(Trained("student", student, EncodeForward(student, raw), dummy),
+                             Trained("teacher", teacher, EncodeForward(teacher, raw), dummy if train_teacher else None),
+                             config, torch.device("cpu"))
     return objective(batch, pairs)
 
 
@@ -114,17 +116,23 @@ def test_loss_equals_leadkd_trainers_loss_with_a_dual_encoder_teacher(folders, c
     assert torch.allclose(ours_grad, theirs_grad, atol=1e-5)
 
 
-def test_loss_equals_leadkd_trainers_loss_with_a_cross_encoder_teacher(folders):
+@pytest.mark.parametrize("kind,settings", [("CrossEncoder", {}), ("ColBERT", {}),
+                                           ("ColBERT", {"colbert_last_layer": "final", "in_batch_negatives": False})])
+def test_loss_equals_leadkd_trainers_loss_with_other_teacher_kinds(folders, kind, settings):
+    """A cross-encoder teacher scores each query's own group (the student's scores are cut to it); a ColBERT
+    teacher the whole batch, its last layer raw or final."""
+    import leadkd.models
     from leadkd.integrations.sentence_transformers import LEADLoss
-    from leadkd.models import CrossEncoder, DualEncoder
+    from leadkd.models import DualEncoder
 
     student_folder, teacher_folder = folders
-    teacher = CrossEncoder.from_pretrained(teacher_folder)
+    teacher = getattr(leadkd.models, kind).from_pretrained(teacher_folder)
     student = st_student(student_folder)
-    loss = LEADLoss(student, teacher, strategy="map", pairs=[(0, 1), (2, 3)], train_teacher=True)
+    pairs = [(0, 1), (2, 3)]
+    loss = LEADLoss(student, teacher, strategy="map", pairs=pairs, train_teacher=True, **settings)
     features, labels = st_features(student, [QUERIES, POSITIVES, *map(list, zip(*NEGATIVES))])
     ours = loss(features, labels)
-    theirs = leadkd_loss(DualEncoder.from_pretrained(student_folder, pooling="cls"), teacher, True, [(0, 1), (2, 3)])
+    theirs = leadkd_loss(DualEncoder.from_pretrained(student_folder, pooling="cls"), teacher, True, pairs, **settings)
     assert torch.allclose(ours, theirs["loss"], atol=1e-5), (float(ours), float(theirs["loss"]))
 
 
