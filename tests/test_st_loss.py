@@ -345,3 +345,59 @@ def test_twenty_sentence_transformer_trainer_steps_improve_dev_ndcg(data_dir, tm
     after = dev_ndcg(saved, data)
     assert after > before + 0.01, (before, after)
     check_saved_st_folder(student, saved)
+
+
+def documented_example() -> str:
+    """The Python block of docs/sentence-transformers.md's example, as written there."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "sentence-transformers.md").read_text(encoding="utf-8")
+    block = text.split("## Example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(block.strip().splitlines()) <= 15
+    return block
+
+
+@pytest.mark.slow
+def test_the_documented_example_runs(tiny_bert, tmp_path, monkeypatch):
+    """The docs' example as is, but for the student's path and a 2-step run (needs the trainer's extras)."""
+    pytest.importorskip("datasets")
+    pytest.importorskip("accelerate")
+    from sentence_transformers import SentenceTransformer
+
+    code = documented_example()
+    for old, new in (('"path/to/small-student"', repr(str(tiny_bert))), ("max_steps=100", "max_steps=2"),
+                     ("per_device_train_batch_size=16", "per_device_train_batch_size=1, use_cpu=True, "
+                                                        "report_to='none'")):
+        assert old in code, old
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/sentence-transformers.md", "exec"), {})
+    assert SentenceTransformer(str(tmp_path / "out" / "student"), device="cpu").encode(["cells"]).shape[0] == 1
+
+
+def test_the_documented_example_fits_the_api():
+    """Where the trainer's extras are missing, at least the example's leadkd names exist and it is short."""
+    import ast
+
+    from leadkd.integrations import sentence_transformers as integration
+
+    tree = ast.parse(documented_example())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+             and node.module == "leadkd.integrations.sentence_transformers" for alias in node.names}
+    assert names == {"LEADLoss", "text_collator"} and all(hasattr(integration, name) for name in names)
+
+
+def test_the_step_callback_sets_the_layer_step_from_the_trainers(folders):
+    import types
+
+    from leadkd.distill.layers import LayerSchedule
+    from leadkd.integrations.sentence_transformers import LEADLoss
+    from leadkd.models import DualEncoder
+
+    student_folder, teacher_folder = folders
+    loss = LEADLoss(st_student(student_folder), DualEncoder.from_pretrained(teacher_folder), k=2, seed=3,
+                    resample_every=2, gradient_accumulation_steps=4)
+    loss.step_callback().on_step_begin(None, types.SimpleNamespace(global_step=7), None)
+    assert loss.current_pairs(training=True) == LayerSchedule("random", 3, 4, k=2, seed=3,
+                                                              resample_interval=2).pairs_for_step(7)
+    assert loss.calls == 29

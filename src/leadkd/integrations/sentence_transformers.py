@@ -20,7 +20,6 @@ import os
 from typing import Any, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distill.layers import LayerSchedule
@@ -267,6 +266,19 @@ class LEADLoss(nn.Module):
         if self.train_teacher:
             params += [p for p in self.teacher.parameters() if p.requires_grad]
         return params
+
+    def step_callback(self):
+        """A ``TrainerCallback`` that sets the layer schedule's step from the trainer's ``global_step`` at each
+        optimizer step, so a resumed run continues the same draws (``callbacks=[loss.step_callback()]``)."""
+        from transformers import TrainerCallback
+
+        loss = self
+
+        class LayerStepCallback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                loss.calls = state.global_step * loss.gradient_accumulation_steps
+
+        return LayerStepCallback()
 
     def get_config_dict(self) -> dict[str, Any]:
         return {key: value for key, value in self.settings.items() if key != "pairs" or value is not None}
