@@ -308,6 +308,7 @@ def test_twenty_steps_of_the_trainers_compute_loss_improve_dev_ndcg(data_dir, tm
     saved = tmp_path / "student-trained"
     student.save_pretrained(str(saved))
     after = dev_ndcg(saved, data)
+    print(f"dev nDCG@10 {before:.4f} -> {after:.4f}")
     assert after > before + 0.01, (before, after)
     check_saved_st_folder(student, saved)
 
@@ -401,3 +402,17 @@ def test_the_step_callback_sets_the_layer_step_from_the_trainers(folders):
     assert loss.current_pairs(training=True) == LayerSchedule("random", 3, 4, k=2, seed=3,
                                                               resample_interval=2).pairs_for_step(7)
     assert loss.calls == 29
+
+
+def test_the_collator_keeps_raw_texts_without_prompts_or_labels(folders):
+    import types
+
+    from leadkd.integrations.sentence_transformers import text_collator
+
+    student = st_student(folders[0])
+    rows = [{"query": q, "positive": p, "label": 1.0} for q, p in zip(QUERIES, POSITIVES)]
+    plain = text_collator(student)(rows)
+    prompted = text_collator(student, types.SimpleNamespace(prompts={"query": "the a "}, router_mapping={}))(rows)
+    assert plain["query_text"] == prompted["query_text"] == QUERIES and plain["positive_text"] == POSITIVES
+    assert "label_text" not in plain and plain["label"].tolist() == [1.0] * len(QUERIES)
+    assert prompted["query_input_ids"].shape[1] == plain["query_input_ids"].shape[1] + 2  # the prompt's two words

@@ -20,10 +20,11 @@ import os
 from typing import Any, Iterable, Sequence
 
 import torch
+from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
 from torch import Tensor, nn
 
 from ..distill.layers import LayerSchedule
-from ..distill.losses import duplicate_positive_mask, group_labels, lead_total_loss, mask_candidates, own_group_scores
+from ..distill.losses import duplicate_positive_mask, group_labels, lead_total_loss, own_group_scores
 from ..errors import ConfigError, LeadkdError
 
 __all__ = ["LEADLoss", "TextKeepingDataCollator", "text_collator", "as_leadkd_teacher", "student_layer_embeddings"]
@@ -34,31 +35,18 @@ TEXT_KEY = "text"
 
 # --------------------------------------------------------------------------- raw texts through ST's collator
 
-def _collator_class():
-    from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+class TextKeepingDataCollator(SentenceTransformerDataCollator):
+    """ST's collator, plus ``{column}_text``: the column's strings as given, before any prompt."""
 
-    class TextKeepingDataCollator(SentenceTransformerDataCollator):
-        """ST's collator, plus ``{column}_text``: the column's strings as given, before any prompt."""
-
-        def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-            batch = super().__call__(features)
-            if not features:
-                return batch
-            skipped = {"dataset_name", *self.valid_label_columns}
-            for column in features[0]:
-                if column not in skipped:
-                    batch[f"{column}_{TEXT_KEY}"] = [row[column] for row in features]
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().__call__(features)
+        if not features:
             return batch
-
-    return TextKeepingDataCollator
-
-
-def __getattr__(name: str) -> Any:
-    if name == "TextKeepingDataCollator":  # built on first use, so importing this module stays light
-        value = _collator_class()
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        skipped = {"dataset_name", *self.valid_label_columns}
+        for column in features[0]:
+            if column not in skipped:
+                batch[f"{column}_{TEXT_KEY}"] = [row[column] for row in features]
+        return batch
 
 
 def text_collator(model, args=None):
@@ -71,7 +59,7 @@ def text_collator(model, args=None):
     if args is not None:
         options = {"router_mapping": getattr(args, "router_mapping", None) or {},
                    "prompts": getattr(args, "prompts", None) or {}}
-    return _collator_class()(preprocess_fn=model.preprocess, **options)
+    return TextKeepingDataCollator(preprocess_fn=model.preprocess, **options)
 
 
 # --------------------------------------------------------------------------- the teacher
