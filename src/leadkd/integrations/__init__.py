@@ -1,0 +1,1 @@
+"""Bridges from leadkd to other training libraries; each submodule imports its library only when imported itself."""
