@@ -152,6 +152,32 @@ def test_a_sentence_transformers_teacher_is_adapted_in_memory(folders):
                               atol=1e-5)
 
 
+def test_a_sentence_transformers_cross_encoder_teacher_keeps_its_trained_head(folders, tmp_path):
+    """An in-memory ST CrossEncoder teaches with its own head: its last-layer scores are predict's logits."""
+    from sentence_transformers import CrossEncoder as STCrossEncoder
+
+    from leadkd.integrations.sentence_transformers import LEADLoss, as_leadkd_teacher
+    from leadkd.models import CrossEncoder, load_model
+
+    student_folder, _ = folders
+    teacher_folder = make_tiny_bert_folder(tmp_path / "bert", layers=2, seed=4, dropout=0.0, init_range=0.5)
+    st_teacher = STCrossEncoder(str(teacher_folder), num_labels=1, max_length=32, device="cpu")
+    with torch.no_grad():  # a "trained" head: scores far apart, so a fresh head in its place would show
+        st_teacher.model.classifier.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(3))
+    adapted = as_leadkd_teacher(st_teacher)
+    assert isinstance(adapted, CrossEncoder) and adapted.options.head == "sequence_classification"
+    logits = st_teacher.predict(list(zip(QUERIES, POSITIVES)), activation_fn=torch.nn.Identity())
+    with torch.no_grad():
+        ours = adapted.layer_scores(QUERIES, POSITIVES)[-1, :, 0]  # each query's one candidate
+    assert float(torch.as_tensor(logits).std()) > 0.05
+    assert torch.allclose(ours, torch.as_tensor(logits, dtype=torch.float32), atol=1e-5)
+    st_teacher.save_pretrained(str(tmp_path / "ce"))
+    assert load_model(tmp_path / "ce").kind == "cross_encoder"  # the saved folder is found a reranker too
+    student = st_student(student_folder)
+    features, labels = st_features(student, [QUERIES, POSITIVES, *map(list, zip(*NEGATIVES))])
+    assert torch.isfinite(LEADLoss(student, st_teacher, strategy="map", pairs=[(0, 0), (2, 1)])(features, labels))
+
+
 def test_missing_raw_texts_is_one_clear_error(folders):
     from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
 
@@ -169,6 +195,7 @@ def test_missing_raw_texts_is_one_clear_error(folders):
         loss(features, labels)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_importing_the_integration_leaves_the_trainer_and_config_alone():
     code = ("import sys, leadkd.integrations.sentence_transformers as m; "
             "bad = [n for n in ('leadkd.distill.trainer', 'leadkd.config', 'leadkd.distill.objectives') "

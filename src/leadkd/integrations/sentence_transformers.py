@@ -122,11 +122,22 @@ def as_leadkd_teacher(teacher: Any, similarity_scale: float | None = None) -> nn
     if module.startswith("sentence_transformers") and kind == "SentenceTransformer":
         return _st_dual_encoder(teacher, similarity_scale)
     if module.startswith("sentence_transformers") and kind == "CrossEncoder":
-        raise LeadkdError("a sentence-transformers CrossEncoder scores through its classification head (pooler and "
-                          "classifier), which leadkd's per-layer cross-encoder score does not reproduce; give a "
-                          "leadkd CrossEncoder (leadkd.models.CrossEncoder.from_pretrained) as the teacher")
+        return _st_cross_encoder(teacher)
     raise LeadkdError(f"cannot use a {kind} as the teacher: give a leadkd model (DualEncoder, ColBERT, "
                       "CrossEncoder), a model folder, or a sentence-transformers SentenceTransformer")
+
+
+def _st_cross_encoder(teacher) -> nn.Module:
+    """An in-memory sentence-transformers ``CrossEncoder`` as a leadkd CrossEncoder with its trained head,
+    read through the folder ST saves (the tested path: scores equal ``predict``'s logits). The weights are
+    a copy: a teacher trained jointly updates the copy, not the object given."""
+    import tempfile
+
+    from ..models.cross_encoder import CrossEncoder
+
+    with tempfile.TemporaryDirectory() as folder:
+        teacher.save_pretrained(folder)
+        return CrossEncoder.from_pretrained(folder).to(teacher.device)
 
 
 # --------------------------------------------------------------------------- the student's layers

@@ -39,8 +39,10 @@ def build_model(config, path: str | None = None):
 def load_model(path: str | os.PathLike, **overrides: Any):
     """Open any saved leadkd model with its own kind and settings; ``overrides`` go to its ``from_pretrained``.
 
-    A folder without ``leadkd_config.json`` opens as a ColBERT if it is a PyLate or ColBERTv2 checkpoint,
-    else (a plain HF or sentence-transformers encoder, or a hub name) as a dual encoder. Loading is strict
+    A folder without ``leadkd_config.json`` opens as a ColBERT if it is a PyLate or ColBERTv2 checkpoint, as a
+    cross-encoder if it is a reranker (``architectures`` ``*ForSequenceClassification``: transformers' or
+    sentence-transformers' ``CrossEncoder``), else (a plain HF or sentence-transformers encoder, or a hub
+    name) as a dual encoder. Loading is strict
     for every kind: missing, unexpected or mis-shaped encoder weights are refused unless
     ``allow_partial=True``, and pickled-only weights unless ``use_safetensors=False`` (both go to
     ``from_pretrained``; see :func:`~leadkd.models.base.load_backbone`).
@@ -50,7 +52,13 @@ def load_model(path: str | os.PathLike, **overrides: Any):
     if config is None:
         from .colbert_formats import detect_format  # a PyLate / ColBERTv2 checkpoint is a ColBERT
 
-        kind = "colbert" if detect_format(resolved) else DEFAULT_KIND
+        architectures = (_read_json(str(resolved), "config.json") or {}).get("architectures") or []
+        if detect_format(resolved):
+            kind = "colbert"
+        elif any(str(name).endswith("ForSequenceClassification") for name in architectures):
+            kind = "cross_encoder"
+        else:
+            kind = DEFAULT_KIND
     else:
         file = Path(resolved) / LEADKD_CONFIG
         kind = config.get("kind") if isinstance(config, dict) else None
