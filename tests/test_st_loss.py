@@ -4,6 +4,7 @@ a short SentenceTransformerTrainer run that helps, and a saved folder that is a 
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -401,6 +402,11 @@ def test_the_documented_example_runs(tiny_bert, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "docs/sentence-transformers.md", "exec"), {})
     assert SentenceTransformer(str(tmp_path / "out" / "student"), device="cpu").encode(["cells"]).shape[0] == 1
+
+
+def test_the_readme_shows_the_same_example():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert documented_example() in readme
 
 
 def test_the_documented_example_fits_the_api():
