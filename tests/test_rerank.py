@@ -50,3 +50,31 @@ def test_what_cannot_be_reranked_is_one_clear_line(tiny_bert, data):
         rerank_run(model, {"unknown-query": {data.corpus.id_at(0): 1.0}}, data.queries, data.corpus)
     with pytest.raises(LeadkdError, match="rerank with a cross-encoder"):
         rerank_run(DualEncoder.from_pretrained(tiny_bert), {qid: {data.corpus.id_at(0): 1.0}}, data.queries, data.corpus)
+
+
+def test_the_rerank_command_writes_the_rescored_run_and_its_evaluation(tiny_bert, data, tmp_path):
+    import json
+
+    from leadkd.cli import main
+    from leadkd.data.runs import read_run, write_run
+    from leadkd.models import load_model
+
+    folder = tmp_path / "reranker"
+    CrossEncoder.from_pretrained(tiny_bert, max_length=32, head="sequence_classification").save_pretrained(folder)
+    (folder / "leadkd_config.json").unlink()  # as transformers saved it: found a reranker by its architecture
+    qids = [data.queries.id_at(i) for i in range(len(data.queries))]
+    docs = [data.corpus.id_at(i) for i in range(8)]
+    write_run({qid: {doc: float(-rank) for rank, doc in enumerate(docs)} for qid in qids}, tmp_path / "first.trec")
+    out = tmp_path / "out"
+    assert main(["rerank", "--model", str(folder), "--run", str(tmp_path / "first.trec"), "--data",
+                 str(data.source or ""), "--split", "dev", "--depth", "5", "--device", "cpu", "--output", str(out)]) == 0
+    run = read_run(out / "run.trec")
+    model = load_model(folder)
+    assert model.kind == "cross_encoder" and sorted(run) == sorted(qids)
+    expected = rerank_run(model, {q: {d: float(-r) for r, d in enumerate(docs)} for q in qids}, data.queries,
+                          data.corpus, depth=5)
+    for qid in qids:
+        assert sorted(run[qid]) == sorted(docs[:5])
+        for doc, score in run[qid].items():
+            assert score == pytest.approx(expected[qid][doc], abs=1e-5)
+    assert set(json.loads((out / "metrics.json").read_text())) >= {"nDCG@10"}

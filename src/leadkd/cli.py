@@ -250,13 +250,40 @@ def cmd_search(args) -> None:
     from .retrieval.index import DenseIndex
     from .retrieval.pipeline import encode_queries
 
+    from .data.datasets import load_split_queries
+
     index = DenseIndex.load(args.index)
-    dataset = _load_data(args)
+    split_queries = load_split_queries(args.data, split=args.split, lenient=args.lenient)  # judgments optional
     model = _load_model(args)
-    queries = encode_queries(model, dataset.queries, batch_size=args.batch_size)
+    queries = encode_queries(model, split_queries, batch_size=args.batch_size)
     run = index.search_run(queries.ids, queries.vectors, args.k)
     write_run(run, args.output, tag=args.tag)
     _say(f"wrote {args.output} ({len(run)} queries)")
+
+
+def cmd_rerank(args) -> None:
+    """Rescore each query's top --depth of a run with a cross-encoder; write the new run and its evaluation."""
+    from .data.runs import read_run, write_run
+    from .distributed import pick_device
+    from .evaluate import evaluate, format_table, parse_measures, write_metrics, write_per_query
+    from .models.loading import load_model
+    from .retrieval.rerank import rerank_run
+
+    parse_measures(args.measures, rel=args.rel)
+    output = Path(args.output)
+    run = read_run(args.run)
+    dataset = _load_data(args)
+    model = load_model(args.model, use_safetensors=not args.allow_pickle).to(pick_device(args.device))
+    started = time.perf_counter()
+    reranked = rerank_run(model, run, dataset.queries, dataset.corpus, depth=args.depth, batch_size=args.batch_size,
+                          activation=args.activation)
+    write_run(reranked, output / "run.trec", tag=args.tag)
+    aggregate, per_query = evaluate(reranked, dataset.qrels, measures=args.measures, rel=args.rel)
+    write_metrics(aggregate, output / "metrics.json")
+    write_per_query(per_query, output / "per_query.jsonl")
+    print(format_table(aggregate))
+    _say(f"wrote {output}/run.trec, metrics.json, per_query.jsonl ({len(reranked)} queries reranked to depth "
+         f"{args.depth} in {time.perf_counter() - started:.0f} s)")
 
 
 def cmd_evaluate(args) -> None:
@@ -435,6 +462,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="leadkd", help="run tag in the TREC file")
     p.add_argument("--output", required=True, help="run file to write")
     p.set_defaults(func=cmd_search)
+
+    p = commands.add_parser("rerank", help="rescore a run's top --depth with a cross-encoder; write and evaluate it")
+    p.add_argument("--model", required=True, help="a cross-encoder: a reranker folder (transformers or "
+                                                  "sentence-transformers) or a leadkd cross-encoder")
+    p.add_argument("--run", required=True, help="the first stage's TREC run")
+    _add_data_options(p)
+    _add_eval_options(p)
+    p.add_argument("--depth", type=_positive("--depth"), default=100, help="candidates rescored per query "
+                                                                            "(default %(default)s); the rest are dropped")
+    p.add_argument("--activation", action="store_true", help="write the checkpoint's activated scores (e.g. ST's "
+                                                             "sigmoid) instead of logits; the ranking is the same")
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per forward pass (default %(default)s)")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickled-only weights (tensors only)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    p.add_argument("--tag", default="leadkd-rerank", help="run tag in the TREC file")
+    p.add_argument("--output", required=True, help="folder for run.trec, metrics.json, per_query.jsonl")
+    p.set_defaults(func=cmd_rerank)
 
     for name, func, text in (("train", cmd_train, "train one model on ground truth (warm-up)"),
                              ("distill", cmd_distill, "distil a teacher into a student with LEAD")):
