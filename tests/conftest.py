@@ -150,3 +150,34 @@ def fake_module(datasets: dict[str, FakeIrds]) -> types.ModuleType:
 
     module.load = load  # type: ignore[attr-defined]
     return module
+
+
+# -- several gloo processes on this machine ----------------------------------------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_processes(worker, args: tuple, nprocs: int, timeout_s: float = 120.0) -> None:
+    """``worker(rank, *args)`` in ``nprocs`` processes (fork where available: no re-import of torch), failed
+    and killed when they outlive ``timeout_s`` so that a hung collective cannot hang the suite."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    if method == "fork":
+        import torch._dynamo  # noqa: F401  DDP's first use imports it: once here, not once per child (~3 s)
+    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method=method)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=0.5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {nprocs} processes did not finish within {timeout_s:.0f} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from leadkd import distributed as D
 from leadkd.errors import LeadkdError
+
+from conftest import free_port, run_processes
 
 WORLD, B, M, FEAT, DIM, LQ = 2, 3, 3, 5, 4, 4  # processes, queries/process, passages/query, widths, query tokens
 
@@ -229,27 +228,8 @@ def _duplicate_positive_checks(rank: int) -> dict:
             "dup_loss_plain": D.all_reduce_mean(_perfect_loss(batch, everyone, labels, None))}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(out_dir: Path, timeout_s: float = 90.0) -> list[dict]:
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"  # fork skips re-importing torch
-    if method == "fork":
-        import torch._dynamo  # noqa: F401  DDP's first use imports it: once here, not once per child (~3 s)
-    context = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False,
-                                 start_method=method)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not context.join(timeout=0.5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD} gloo processes did not finish within {timeout_s:.0f} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    run_processes(_worker, (free_port(), str(out_dir)), WORLD, timeout_s)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -7,25 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from conftest import make_tiny_beir, make_tiny_bert_folder
+from conftest import free_port, make_tiny_beir, make_tiny_bert_folder, run_processes
 
 WORLD = 2
 DOCS, QUERIES = 37, 12  # 37 passages: shares of 18 and 19, so the split is uneven
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(rank: int, commands: list[tuple[int, list[str]]], out_dir: str) -> None:
@@ -42,19 +33,7 @@ def _worker(rank: int, commands: list[tuple[int, list[str]]], out_dir: str) -> N
 
 
 def _launch(commands: list[list[str]], out_dir: Path, timeout_s: float = 120.0) -> None:
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with_ports = [(_free_port(), argv) for argv in commands]
-    context = mp.start_processes(_worker, args=(with_ports, str(out_dir)), nprocs=WORLD, join=False,
-                                 start_method=method)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not context.join(timeout=0.5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD} gloo processes did not finish within {timeout_s:.0f} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    run_processes(_worker, ([(free_port(), argv) for argv in commands], str(out_dir)), WORLD, timeout_s)
     for rank in range(WORLD):
         assert json.loads((out_dir / f"rank{rank}.json").read_text()) == [0] * len(commands), f"rank {rank} failed"
 

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from leadkd.config import load_config
 from leadkd.distill.trainer import Trainer, run_job
 from leadkd.errors import ConfigError, LeadkdError
 
-from conftest import make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
+from conftest import free_port, make_tiny_beir, make_tiny_bert_folder, make_tiny_groups, run_processes
 
 
 @pytest.fixture(scope="module")
@@ -365,28 +362,9 @@ def _worker(rank: int, port: int, setup: dict, out_dir: str) -> None:
     torch.save(_first_step(config), Path(out_dir) / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_gloo_workers(worker, setup: dict, out_dir: Path, seconds: float = 120) -> None:
-    """``worker(rank, port, setup, out_dir)`` in WORLD processes (fork where available), killed on a hang."""
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    if method == "fork":
-        import torch._dynamo  # noqa: F401  imported once here rather than in each child
-    context = mp.start_processes(worker, args=(_free_port(), setup, str(out_dir)), nprocs=WORLD, join=False,
-                                 start_method=method)
-    deadline = time.monotonic() + seconds
-    try:
-        while not context.join(timeout=0.5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD} gloo processes did not finish in time")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    """``worker(rank, port, setup, out_dir)`` in WORLD processes, killed on a hang."""
+    run_processes(worker, (free_port(), setup, str(out_dir)), WORLD, seconds)
 
 
 @pytest.mark.slow
@@ -505,7 +483,7 @@ def test_torchrun_runs_distill_with_evaluation_and_checkpoints(setup, tmp_path):
 
     def torchrun(*extra: str) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                   f"--master_port={_free_port()}", "-m", "leadkd.cli", "distill", *args, *extra]
+                   f"--master_port={free_port()}", "-m", "leadkd.cli", "distill", *args, *extra]
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
     first = torchrun("optim.steps=2")
