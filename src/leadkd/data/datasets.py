@@ -129,6 +129,19 @@ def _no_layout(folder: Path) -> LeadkdError:
                        "(MS MARCO)")
 
 
+def _folder_and_layout(spec, data_dir) -> tuple:
+    """``(folder, "beir" | "msmarco")`` for a dataset folder, ``(ir_datasets id, None)`` for ``irds:``."""
+    target = resolve_dataset(spec, data_dir)
+    if isinstance(target, str):
+        return target, None
+    if not target.is_dir():
+        raise LeadkdError(f"{target}: a dataset is a folder, not a file; pass {_LAYOUTS}")
+    layout = _layout(target)
+    if layout is None:
+        raise _no_layout(target)
+    return target, layout
+
+
 # -- loading -------------------------------------------------------------------------------------------
 def load_dataset(spec: str | os.PathLike, split: str = "test", lenient: bool = False,
                  data_dir: str | os.PathLike | None = None, corpus: Corpus | None = None) -> Dataset:
@@ -141,14 +154,9 @@ def load_dataset(spec: str | os.PathLike, split: str = "test", lenient: bool = F
     ``lenient`` are dropped with a warning. For ``irds:`` specs the id names the split already;
     ``split`` is then ignored and ``Dataset.split`` is the id's last part.
     """
-    target = resolve_dataset(spec, data_dir)
-    if isinstance(target, str):
-        return _load_irds(target, lenient)
-    if not target.is_dir():
-        raise LeadkdError(f"{target}: a dataset is a folder, not a file; pass {_LAYOUTS}")
-    layout = _layout(target)
+    target, layout = _folder_and_layout(spec, data_dir)
     if layout is None:
-        raise _no_layout(target)
+        return _load_irds(target, lenient)
     qrels_path = _qrels_file(target, layout, split)  # before the slow corpus read: fail fast
     if layout == "beir":
         queries_path = _existing(target, "queries.jsonl")
@@ -204,14 +212,9 @@ def load_split_queries(spec: str | os.PathLike, split: str = "test", lenient: bo
     query file (BEIR: ``queries.jsonl``; MS MARCO: ``queries.<split>.tsv``). Judgments are not checked
     against the corpus here: nothing is evaluated.
     """
-    target = resolve_dataset(spec, data_dir)
-    if isinstance(target, str):
-        return _irds_queries(target, lenient)
-    if not target.is_dir():
-        raise LeadkdError(f"{target}: a dataset is a folder, not a file; pass {_LAYOUTS}")
-    layout = _layout(target)
+    target, layout = _folder_and_layout(spec, data_dir)
     if layout is None:
-        raise _no_layout(target)
+        return _irds_queries(target, lenient)
     name = "queries.jsonl" if layout == "beir" else f"queries.{split}.tsv"
     path = _existing(target, name)
     if path is None:
