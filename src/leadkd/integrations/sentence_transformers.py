@@ -20,8 +20,12 @@ import os
 from typing import Any, Iterable, Sequence
 
 import torch
-from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
 from torch import Tensor, nn
+
+try:  # sentence-transformers >= 6 (its modules moved under sentence_transformer/)
+    from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+except ImportError:  # 3 to 5
+    from sentence_transformers.data_collator import SentenceTransformerDataCollator
 
 from ..distill.layers import LayerSchedule
 from ..distill.losses import duplicate_positive_mask, group_labels, lead_total_loss, own_group_scores
@@ -70,8 +74,11 @@ def _is_leadkd_model(model: Any) -> bool:
 
 def _st_dual_encoder(model, similarity_scale: float | None):
     """A leadkd DualEncoder over a SentenceTransformer's own modules (shared weights, nothing copied)."""
-    from sentence_transformers.base.modules import Normalize, Transformer
-    from sentence_transformers.sentence_transformer.modules import Pooling
+    try:  # sentence-transformers >= 6
+        from sentence_transformers.base.modules import Normalize, Transformer
+        from sentence_transformers.sentence_transformer.modules import Pooling
+    except ImportError:  # 3 to 5
+        from sentence_transformers.models import Normalize, Pooling, Transformer
 
     from ..models.dual_encoder import DualEncoder
 
