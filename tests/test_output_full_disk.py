@@ -153,3 +153,30 @@ def test_a_full_disk_names_the_output_and_leaves_no_partial_file(env, written, t
         assert snapshot(target) == before
     else:
         assert not target.exists()
+
+
+@pytest.mark.parametrize("where", ["share", "folder"])
+def test_sharded_embeddings_on_a_full_disk(tmp_path, monkeypatch, where):
+    """``save_shards`` (encode/retrieve under torchrun; one process here): the disk fills while a process
+    writes its share, or while rank 0 takes room for the merged folder (taken before the memory-mapped copy,
+    so that a full disk is an error rather than a SIGBUS). One line names the folder; no share is left."""
+    from leadkd.errors import LeadkdError
+    from leadkd.retrieval.pipeline import Embeddings, save_shards, shards_folder
+
+    folder, vectors = tmp_path / "emb", np.arange(12, dtype=np.float32).reshape(4, 3)
+    ids, meta = ["a", "b", "c", "d"], {"what": "passages", "count": 4, "dim": 3}
+    save_shards(folder, ids, range(4), vectors, meta)
+    before = snapshot(folder)
+    if where == "share":
+        fail_np_save(monkeypatch)
+    else:
+        def fallocate(fd, offset, length):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    with pytest.raises(LeadkdError) as error:
+        save_shards(folder, ids, range(4), vectors + 1, meta)
+    monkeypatch.undo()
+    assert str(error.value).startswith(f"{folder}: cannot write the embeddings folder (No space left on device; ")
+    assert snapshot(folder) == before and np.array_equal(Embeddings.load(folder).vectors, vectors)
+    assert not any(shards_folder(folder).rglob("*")) if shards_folder(folder).exists() else True
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".emb") and p.name != shards_folder(folder).name] == []

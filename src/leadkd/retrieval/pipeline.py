@@ -245,19 +245,23 @@ def save_shards(folder: str | os.PathLike, ids: Sequence[str], rows: range, vect
     filled = [s for s in shares if len(s)] or shares  # more processes than rows leaves some shares empty
     if [len(s) for s in shares] != expected or len({s.shape[1:] for s in filled}) != 1:
         raise LeadkdError(f"{parts}: the shares hold {[s.shape for s in shares]} vectors, expected {expected} rows")
-    with reporting_write_failures(folder, "embeddings folder"), atomic_directory(folder) as tmp:
-        out = open_memmap(tmp / EMBEDDINGS_FILE, mode="w+", dtype=filled[0].dtype,
-                          shape=(len(ids),) + filled[0].shape[1:])
-        start = 0
-        for share in shares:
-            for lo in range(0, len(share), 65536):  # bounded copies: a share may be many GB
-                block = share[lo:lo + 65536]
-                out[start + lo:start + lo + len(block)] = block
-            start += len(share)
-        out.flush()
-        del out
-        (tmp / IDS_FILE).write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    del shares
-    shutil.rmtree(parts, ignore_errors=True)
+    try:  # the shares go either way: on a full disk they are what fills it
+        with reporting_write_failures(folder, "embeddings folder"), atomic_directory(folder) as tmp:
+            out = open_memmap(tmp / EMBEDDINGS_FILE, mode="w+", dtype=filled[0].dtype,
+                              shape=(len(ids),) + filled[0].shape[1:])
+            with open(tmp / EMBEDDINGS_FILE, "r+b") as handle:  # room taken now: a full disk is an OSError
+                os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)  # here, not a SIGBUS
+            start = 0
+            for share in shares:
+                for lo in range(0, len(share), 65536):  # bounded copies: a share may be many GB
+                    block = share[lo:lo + 65536]
+                    out[start + lo:start + lo + len(block)] = block
+                start += len(share)
+            out.flush()
+            del out
+            (tmp / IDS_FILE).write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    finally:
+        del shares
+        shutil.rmtree(parts, ignore_errors=True)
     return folder
