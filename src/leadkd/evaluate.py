@@ -34,7 +34,7 @@ from ir_measures import Measure
 
 from leadkd.data.runs import ranked
 from leadkd.errors import ConfigError, LeadkdError
-from leadkd.fileio import atomic_write
+from leadkd.fileio import atomic_write, reporting_write_failures
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def _calc(measures: Sequence[Measure], qrels: dict[str, dict[str, int]], run: di
 
 def write_metrics(aggregate: Mapping[str, float], path: str | os.PathLike) -> Path:
     """Aggregate metrics as one JSON object, written atomically."""
-    with atomic_write(path) as handle:
+    with reporting_write_failures(path, "metrics file"), atomic_write(path) as handle:
         json.dump(dict(aggregate), handle, indent=2)
         handle.write("\n")
     return Path(path)
@@ -198,7 +198,7 @@ def write_metrics(aggregate: Mapping[str, float], path: str | os.PathLike) -> Pa
 
 def write_per_query(rows: Iterable[Mapping], path: str | os.PathLike) -> Path:
     """Per-query rows as JSON lines, written atomically (for significance tests and error analysis)."""
-    with atomic_write(path) as handle:
+    with reporting_write_failures(path, "per-query file"), atomic_write(path) as handle:
         for row in rows:
             handle.write(json.dumps(dict(row)) + "\n")
     return Path(path)

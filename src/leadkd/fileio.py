@@ -84,3 +84,36 @@ def atomic_directory(path: str | os.PathLike, markers: tuple[str, ...] = REPLACE
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+#: Signs of a failed write in the text of errors that are not ``OSError`` (faiss's ``write_index`` raises
+#: a RuntimeError carrying the OS error's text).
+_WRITE_FAILURE_SIGNS = ("no space left", "disk quota", "write error", "file write failed")
+
+
+@contextlib.contextmanager
+def reporting_write_failures(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Turn a failed write of the output ``path`` (a full disk, a quota, an I/O error) into one
+    :class:`~leadkd.errors.LeadkdError` line naming ``path``, not the temporary name beside it.
+
+    Meant to wrap an :func:`atomic_write` or :func:`atomic_directory` block, which has already removed
+    the partial file by the time the error is reported, and left an earlier complete ``path`` as it was.
+    """
+    from .errors import LeadkdError
+
+    path = Path(path)
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, LeadkdError) or not (
+                isinstance(exc, OSError) or any(sign in str(exc).lower() for sign in _WRITE_FAILURE_SIGNS)):
+            raise
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1]
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None:
+            try:
+                reason += f"; {shutil.disk_usage(existing).free / 2**20:.1f} MiB free there"
+            except OSError:
+                pass
+        kept = "; the earlier one there is unchanged" if path.exists() else ""
+        raise LeadkdError(f"{path}: cannot write the {what} ({reason}){kept}") from exc

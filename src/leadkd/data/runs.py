@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Iterator, Mapping
 
 from leadkd.errors import InputError, LeadkdError
-from leadkd.fileio import atomic_write
+from leadkd.fileio import atomic_write, reporting_write_failures
 
 Run = dict[str, dict[str, float]]
 
@@ -60,7 +60,7 @@ def write_run(run: Mapping[str, Mapping[str, float]], path: str | os.PathLike, t
     _check_token(tag, "run tag")
     if k is not None and k < 1:
         raise LeadkdError(f"k must be at least 1, got {k}")
-    with _open_text_for_write(path) as handle:
+    with reporting_write_failures(path, "run file"), _open_text_for_write(path) as handle:
         for qid, docs in run.items():
             _check_token(qid, "query id")
             if qid.startswith("#"):

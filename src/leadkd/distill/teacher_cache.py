@@ -12,6 +12,13 @@ are written with positional writes rather than through a memory map, so a full d
 (a one-line error) instead of a SIGBUS; the hash is written after the vectors, so a crash in between
 costs a recomputation, never a wrong vector. Unwritten rows are sparse holes where the filesystem has them.
 
+Each row also has a CRC-32 of its vectors and its hash, written after both (a third array, ``*.crc.npy``).
+Opening a cache checks every filled row against it: a row damaged on disk (a flipped byte in any of the
+three files, a file cut short, a checksum lost) is emptied, so it is computed again by the teacher the
+next time a batch asks for it, never trained on; one warning per collection says how many rows that was.
+A truncated file is grown back to its size first (the lost tail reads as empty rows), so only the rows
+it cut are recomputed. A cache from before checksums (its ``meta.json`` says nothing of them) is rebuilt.
+
 Within a run, a cached vector equals the one the teacher would compute now up to float rounding (the
 padding of the batch it was first computed in differs). ``meta.json`` holds what the vectors depend on
 (teacher, its settings, the cached layers, collection sizes); a cache that does not match is rebuilt,
@@ -26,6 +33,8 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +46,8 @@ from ..fileio import atomic_write
 from ..models.base import resolve_layers
 
 META = "meta.json"
+#: Recorded in ``meta.json``: a cache written without these checksums does not match, and is rebuilt.
+CHECKSUMS = "crc32 per row of the vectors, then the text hash"
 
 
 def text_hash(text: str) -> int:
@@ -46,15 +57,44 @@ def text_hash(text: str) -> int:
     return value or 1
 
 
+def row_checksums(vectors: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """CRC-32 of each row's float32 vectors followed by its int64 text hash, as the files hold them."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    hashes = np.ascontiguousarray(hashes, dtype=np.int64)
+    return np.array([zlib.crc32(h.tobytes(), zlib.crc32(v.tobytes())) for v, h in zip(vectors, hashes)],
+                    dtype=np.uint32)
+
+
+def _readable_size(path: Path, dtype, shape: tuple[int, ...]) -> int | None:
+    """The size ``path`` must have for its header's array, or None when that header is not ``shape`` x
+    ``dtype`` (unreadable, cut inside, or another array)."""
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            found, fortran, kind = read[version](handle)
+            offset = handle.tell()
+    except (OSError, ValueError, SyntaxError, EOFError, KeyError):
+        return None
+    if tuple(found) != shape or fortran or np.dtype(kind) != np.dtype(dtype):
+        return None
+    return offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
 class _RowFile:
-    """A ``.npy`` array read through a memory map and written row by row with ``os.pwrite``."""
+    """A ``.npy`` array read through a memory map and written row by row with ``os.pwrite``.
+
+    An existing file cut short is grown back to its size (the missing rows read as zeros, i.e. empty);
+    one whose header is damaged is made anew, empty. The row checksums then find the rows that lost data.
+    """
 
     def __init__(self, path: Path, dtype, shape: tuple[int, ...], fresh: bool):
-        if fresh:
+        size = None if fresh else _readable_size(path, dtype, shape)
+        if size is None:
             np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
+        elif os.path.getsize(path) < size:
+            os.truncate(path, size)
         self.array = np.load(path, mmap_mode="r")
-        if self.array.shape != shape or self.array.dtype != np.dtype(dtype):
-            raise ValueError(f"{path}: shape {self.array.shape} {self.array.dtype}, expected {shape} {dtype}")
         self.offset = self.array.offset
         self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
         self.path = path
@@ -88,6 +128,38 @@ class _Side:
             rows = len(collection)
             self.vectors = _RowFile(folder / f"{name}.npy", np.float32, (rows, num_layers, dim), fresh)
             self.hashes = _RowFile(folder / f"{name}.hash.npy", np.int64, (rows,), fresh)
+            self.checks = _RowFile(folder / f"{name}.crc.npy", np.uint32, (rows,), fresh)
+            if not fresh:
+                self._empty_damaged_rows()
+
+    def _empty_damaged_rows(self, chunk: int = 4096) -> None:
+        """Empty every row whose checksum does not match its vectors and hash (one warning for them all)."""
+        damaged, filled = 0, 0
+        for begin in range(0, len(self.collection), chunk):
+            hashes = np.asarray(self.hashes.array[begin:begin + chunk])
+            checks = np.asarray(self.checks.array[begin:begin + chunk])
+            used = np.flatnonzero((hashes != 0) | (checks != 0))  # a row never written holds zeros in all three
+            if not len(used):
+                continue
+            filled += len(used)
+            vectors = np.asarray(self.vectors.array[begin + used])
+            bad = used[row_checksums(vectors, hashes[used]) != checks[used]]
+            if len(bad):
+                zeros = np.zeros(len(bad), dtype=np.int64)
+                self.hashes.write(begin + bad, zeros)  # the hash first: a row without one is never a hit
+                self.checks.write(begin + bad, zeros.astype(np.uint32))
+                damaged += len(bad)
+        if damaged:
+            warnings.warn(f"{self.vectors.path}: {damaged} of {filled} cached rows fail their checksum "
+                          f"({self.checks.path.name}; a damaged or truncated cache file); the teacher computes "
+                          "them again", stacklevel=4)
+
+    def store(self, rows: np.ndarray, vectors: np.ndarray, hashes: np.ndarray) -> None:
+        """Write rows in the order that keeps a half-written one from ever counting as cached."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.vectors.write(rows, vectors)
+        self.hashes.write(rows, hashes)
+        self.checks.write(rows, row_checksums(vectors, hashes))
 
     def vectors_for(self, encode, ids: Sequence[str], texts: Sequence[str]) -> torch.Tensor:
         """``[cached layers, n, dim]`` for ``texts``: rows holding these exact texts are read, the rest
@@ -110,8 +182,7 @@ class _Side:
             out[missing] = fresh.float().transpose(0, 1).cpu().numpy()
             store = missing[known[missing]]
             if len(store):
-                self.vectors.write(rows[store], out[store])
-                self.hashes.write(rows[store], hashes[store])
+                self.store(rows[store], out[store], hashes[store])
         return torch.from_numpy(out).transpose(0, 1)
 
     def filled(self) -> int:
@@ -121,6 +192,7 @@ class _Side:
         if not self.empty:
             self.vectors.close()
             self.hashes.close()
+            self.checks.close()
 
 
 class TeacherVectorCache:
@@ -137,7 +209,7 @@ class TeacherVectorCache:
         self.model = model
         self.layers = sorted(set(resolve_layers(layers, model.num_layers)))
         width = getattr(model, "layer_width", model.hidden_size)  # a projected final layer may be wider
-        meta = {**fingerprint, "layers": self.layers, "dim": int(width), "passages": len(corpus),
+        meta = {**fingerprint, "checksums": CHECKSUMS, "layers": self.layers, "dim": int(width), "passages": len(corpus),
                 "queries": len(queries) if queries is not None else 0}
         stored = json.loads((folder / META).read_text()) if (folder / META).is_file() else None
         if stored is not None and set(self.layers) <= set(stored.get("layers", ())) \
@@ -146,7 +218,9 @@ class TeacherVectorCache:
         fresh = stored != meta
         if fresh:
             if folder.exists():
-                log(f"{folder}: teacher cache built for another teacher or data; rebuilding it")
+                why = "without row checksums (an older leadkd)" if stored is not None and "checksums" not in stored \
+                    else "for another teacher or data"
+                log(f"{folder}: teacher cache built {why}; rebuilding it")
                 shutil.rmtree(folder)
             folder.mkdir(parents=True)
         self.sides = {"query": _Side(folder, "queries", queries, len(self.layers), meta["dim"], fresh),
@@ -185,8 +259,7 @@ class TeacherVectorCache:
         for begin in range(0, len(corpus), chunk):
             rows = np.arange(begin, min(begin + chunk, len(corpus)))
             values = np.ascontiguousarray(np.asarray(vectors[self.layers][:, rows], dtype=np.float32).transpose(1, 0, 2))
-            side.vectors.write(rows, values)
-            side.hashes.write(rows, np.array([text_hash(t) for t in corpus.passages(rows)], dtype=np.int64))
+            side.store(rows, values, np.array([text_hash(t) for t in corpus.passages(rows)], dtype=np.int64))
         return len(corpus)
 
     def filled(self) -> dict[str, int]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from leadkd.errors import ConfigError, InputError, LeadkdError
-from leadkd.fileio import atomic_directory
+from leadkd.fileio import atomic_directory, reporting_write_failures
 from leadkd.retrieval.search import ArrayLike, exact_search, to_run
 
 Kind = Literal["flat", "hnsw"]
@@ -185,7 +185,7 @@ class DenseIndex:
                 "dim": self.dim, "count": self.count}
         if self.kind == "hnsw":
             meta["hnsw"] = self.hnsw
-        with atomic_directory(path) as tmp:
+        with reporting_write_failures(path, "index"), atomic_directory(path) as tmp:
             with open(tmp / IDS_FILE, "w", encoding="utf-8", newline="\n") as handle:
                 handle.writelines(f"{doc_id}\n" for doc_id in self.doc_ids)
             if self._faiss is None:

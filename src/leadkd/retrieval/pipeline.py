@@ -17,7 +17,7 @@ import numpy as np
 from .. import distributed as dist
 from ..accel import cpu
 from ..errors import LeadkdError
-from ..fileio import atomic_directory
+from ..fileio import atomic_directory, reporting_write_failures
 
 EMBEDDINGS_FILE = "embeddings.npy"
 IDS_FILE = "ids.txt"
@@ -34,7 +34,7 @@ class Embeddings:
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``embeddings.npy``, ``ids.txt`` and ``meta.json`` into ``folder``, atomically as a whole."""
-        with atomic_directory(folder) as tmp:
+        with reporting_write_failures(folder, "embeddings folder"), atomic_directory(folder) as tmp:
             np.save(tmp / EMBEDDINGS_FILE, self.vectors, allow_pickle=False)
             (tmp / IDS_FILE).write_text("".join(f"{i}\n" for i in self.ids), encoding="utf-8")
             (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2), encoding="utf-8")
@@ -229,10 +229,14 @@ def save_shards(folder: str | os.PathLike, ids: Sequence[str], rows: range, vect
     parts = shards_folder(folder)
     parts.mkdir(parents=True, exist_ok=True)
     rank, world = dist.get_rank(), dist.get_world_size()
-    mine = parts / f"rank{rank}.npy"
-    with open(parts / f".rank{rank}.tmp.npy", "wb") as handle:
-        np.save(handle, np.ascontiguousarray(vectors), allow_pickle=False)
-    os.replace(parts / f".rank{rank}.tmp.npy", mine)
+    mine, partial = parts / f"rank{rank}.npy", parts / f".rank{rank}.tmp.npy"
+    try:
+        with reporting_write_failures(folder, "embeddings folder"), open(partial, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(vectors), allow_pickle=False)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, mine)
     dist.barrier()
     if not dist.is_main_process():
         return folder
@@ -241,19 +245,23 @@ def save_shards(folder: str | os.PathLike, ids: Sequence[str], rows: range, vect
     filled = [s for s in shares if len(s)] or shares  # more processes than rows leaves some shares empty
     if [len(s) for s in shares] != expected or len({s.shape[1:] for s in filled}) != 1:
         raise LeadkdError(f"{parts}: the shares hold {[s.shape for s in shares]} vectors, expected {expected} rows")
-    with atomic_directory(folder) as tmp:
-        out = open_memmap(tmp / EMBEDDINGS_FILE, mode="w+", dtype=filled[0].dtype,
-                          shape=(len(ids),) + filled[0].shape[1:])
-        start = 0
-        for share in shares:
-            for lo in range(0, len(share), 65536):  # bounded copies: a share may be many GB
-                block = share[lo:lo + 65536]
-                out[start + lo:start + lo + len(block)] = block
-            start += len(share)
-        out.flush()
-        del out
-        (tmp / IDS_FILE).write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    del shares
-    shutil.rmtree(parts, ignore_errors=True)
+    try:  # the shares go either way: on a full disk they are what fills it
+        with reporting_write_failures(folder, "embeddings folder"), atomic_directory(folder) as tmp:
+            out = open_memmap(tmp / EMBEDDINGS_FILE, mode="w+", dtype=filled[0].dtype,
+                              shape=(len(ids),) + filled[0].shape[1:])
+            with open(tmp / EMBEDDINGS_FILE, "r+b") as handle:  # room taken now: a full disk is an OSError
+                os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)  # here, not a SIGBUS
+            start = 0
+            for share in shares:
+                for lo in range(0, len(share), 65536):  # bounded copies: a share may be many GB
+                    block = share[lo:lo + 65536]
+                    out[start + lo:start + lo + len(block)] = block
+                start += len(share)
+            out.flush()
+            del out
+            (tmp / IDS_FILE).write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    finally:
+        del shares
+        shutil.rmtree(parts, ignore_errors=True)
     return folder
