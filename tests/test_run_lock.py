@@ -261,6 +261,34 @@ def test_a_second_process_is_refused_while_the_first_holds_the_folder(tmp_path):
     assert "taking over the lock of pid" in again.stderr.read()
 
 
+RACER = ("import sys, time\n"
+         "from leadkd.run_lock import RunLockError, output_lock\n"
+         "while time.time() < float(sys.argv[2]): pass\n"  # all start together
+         "try:\n"
+         "    with output_lock(sys.argv[1]):\n"
+         "        print('held', flush=True)\n"
+         "        time.sleep(1)\n"
+         "except RunLockError:\n"
+         "    sys.exit(3)\n")
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_of_processes_starting_together_exactly_one_gets_the_folder(tmp_path, stale):
+    folder = tmp_path / "run"
+    if stale:
+        _write_record(folder, _dead_pid())
+    start = str(time.time() + 0.7)
+    racers = [subprocess.Popen([sys.executable, "-W", "ignore", "-c", RACER, str(folder), start], env=_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    outcomes = [(proc.wait(timeout=60), proc.stdout.read().strip(), proc.stderr.read()) for proc in racers]
+    for proc in racers:
+        proc.stdout.close()
+        proc.stderr.close()
+    assert sorted(code for code, _, _ in outcomes) == [0, 3, 3, 3, 3, 3], outcomes
+    assert [out for _, out, _ in outcomes].count("held") == 1
+    assert not (folder / LOCK_NAME).exists()
+
+
 @pytest.mark.slow  # three `leadkd distill` processes, each importing torch and transformers
 def test_distill_is_refused_by_a_live_holder_and_takes_over_after_a_kill(tmp_path):
     make_tiny_bert_folder(tmp_path / "teacher", layers=4, seed=5)
@@ -284,3 +312,30 @@ def test_distill_is_refused_by_a_live_holder_and_takes_over_after_a_kill(tmp_pat
     assert f"taking over the lock of pid {holder.pid} on {HOST}" in finished.stderr
     assert (output / "final").is_dir()
     assert not (output / LOCK_NAME).exists(), "a finished run left its lock behind"
+
+
+@pytest.mark.slow  # torchrun with two processes
+def test_under_torchrun_a_refused_rank_0_stops_the_others_instead_of_leaving_them_waiting(tmp_path):
+    from conftest import free_port
+
+    make_tiny_bert_folder(tmp_path / "teacher", layers=4, seed=5)
+    make_tiny_beir(tmp_path / "data")
+    make_tiny_groups(tmp_path / "groups.jsonl")
+    output = tmp_path / "run"
+    holder = _hold(output)
+    try:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                   "-m", "leadkd.cli", "distill", f"teacher.path={tmp_path / 'teacher'}",
+                   "student.init=teacher_layers=[0,2]", f"data.corpus={tmp_path / 'data'}",
+                   f"data.train_groups={tmp_path / 'groups.jsonl'}", "data.num_negatives=3", "optim.batch_size=2",
+                   "optim.steps=2", "layers.k=2", "eval.split=null", f"output_dir={output}"]
+        started = time.monotonic()
+        result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=240)
+        assert result.returncode != 0
+        assert f"{output} is in use by pid {holder.pid} on {HOST} since" in result.stderr
+        assert time.monotonic() - started < 120, "the other rank waited for a rank 0 that had stopped"
+        assert sorted(p.name for p in output.iterdir()) == [LOCK_NAME]
+        assert json.loads((output / LOCK_NAME).read_text())["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()

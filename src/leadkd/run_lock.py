@@ -237,11 +237,11 @@ def _create(lock: Path) -> int | None:
     except FileExistsError:
         return None
     try:
+        os.write(fd, _current_record().to_json().encode())  # first: a contender reading it waits for this
+        os.fsync(fd)
         deadline = time.monotonic() + 2.0
         while _flock(fd) is False and time.monotonic() < deadline:  # a contender is peeking at the new file
             time.sleep(0.01)
-        os.write(fd, _current_record().to_json().encode())
-        os.fsync(fd)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
@@ -260,8 +260,8 @@ def _try_take_over(folder: Path, lock: Path, option: str) -> bool:
     except FileNotFoundError:
         return False
     try:
+        record = read_record(lock)  # before the flock: a creator still writing must not wait for us
         flocked = _flock(fd)
-        record = read_record(lock)
         if flocked is False:
             raise _refusal(folder, lock, record, option)  # the kernel says its holder lives
         if record.host != _host() or holder_is_alive(record):
