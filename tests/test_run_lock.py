@@ -63,6 +63,7 @@ def sleeper():
 def no_wait_for_half_written_records(monkeypatch):
     monkeypatch.setattr(run_lock, "_RECORD_WAIT_S", 0.05)
     monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
 
 
 # --------------------------------------------------------------------------- in one process
@@ -191,13 +192,16 @@ def test_nested_folders_and_reentry_do_not_wait_on_themselves(tmp_path):
 def test_only_rank_0_takes_the_lock(tmp_path, monkeypatch, sleeper):
     folder = tmp_path / "run"
     lock = _write_record(folder, sleeper.pid, proc_start=_start_time(sleeper.pid))
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     with output_lock(folder) as taken:  # rank 0 holds it (here: the sleeper); rank 1 neither waits nor refuses
         assert taken is None
-    monkeypatch.setenv("RANK", "0")
-    with pytest.raises(RunLockError):
-        with output_lock(folder):
-            pass
+    for world, rank in (("2", "0"), ("1", "1")):  # RANK alone, outside a group of several, does not count
+        monkeypatch.setenv("WORLD_SIZE", world)
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(RunLockError):
+            with output_lock(folder):
+                pass
     assert lock.exists()
 
 
@@ -216,6 +220,7 @@ def _env() -> dict[str, str]:
                MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_WAIT_POLICY="PASSIVE")
     env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
     return env
 
 
@@ -236,7 +241,8 @@ def _hold(folder: Path) -> subprocess.Popen:
 def _distill(root: Path, output: Path) -> subprocess.CompletedProcess:
     values = {"teacher.path": root / "teacher", "teacher.max_query_length": 16, "teacher.max_passage_length": 32,
               "student.init": "teacher_layers=[0,2]", "student.max_query_length": 16,
-              "student.max_passage_length": 32, "data.corpus": root / "data", "data.train_groups": root / "groups.jsonl",
+              "student.max_passage_length": 32, "data.corpus": root / "data",
+              "data.train_groups": root / "groups.jsonl",
               "data.num_negatives": 3, "optim.steps": 2, "optim.batch_size": 4, "optim.lr": 1e-3, "layers.k": 2,
               "eval.split": "null", "log_every": 1, "output_dir": output}
     argv = [sys.executable, "-m", "leadkd.cli", "--threads", "1", "distill", *[f"{k}={v}" for k, v in values.items()]]

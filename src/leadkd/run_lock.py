@@ -30,10 +30,10 @@ Taking over is safe against a second contender doing the same: the stale file's 
 that the path still names that file, and only then is it unlinked and the atomic create tried again (where
 flock is unavailable two contenders could, in a narrow window, both take over the same stale lock).
 
-Under torchrun only global rank 0 (environment ``RANK``) takes the lock, before the process group exists: if
-it is refused it exits, and torchrun stops the other processes waiting for it. Locks nest by folder:
-``compare`` and ``quickstart`` hold their own folder while each job they run holds its own sub-folder, and
-a process that already holds a folder may enter it again (a count), so nothing waits on itself.
+Under torchrun only global rank 0 (environment ``RANK``, where ``WORLD_SIZE`` > 1) takes the lock, before
+the process group exists: if it is refused it exits, and torchrun stops the other processes waiting for it.
+Locks nest by folder: ``compare`` and ``quickstart`` hold their own folder while each job they run holds its
+own sub-folder, and a process that already holds a folder may enter it again, so nothing waits on itself.
 """
 
 from __future__ import annotations
@@ -211,7 +211,6 @@ def _refusal(folder: Path, lock: Path, record: LockRecord, option: str) -> RunLo
 class _Held:
     fd: int
     path: Path
-    count: int = 1
 
 
 _held: dict[Path, _Held] = {}
@@ -282,12 +281,20 @@ def _try_take_over(folder: Path, lock: Path, option: str) -> bool:
 
 
 def takes_the_lock() -> bool:
-    """Only torchrun's global rank 0 (or a plain process) locks: it is the one that writes the folder."""
-    rank = os.environ.get("RANK", "0").strip() or "0"
-    return rank == "0"
+    """Only torchrun's global rank 0 (or a plain process) locks: it is the one that writes the folder.
+
+    Read from the environment, as :mod:`leadkd.distributed` does (``WORLD_SIZE`` decides whether a process is
+    one of several), because the lock is taken before the process group exists.
+    """
+    try:
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return True  # distributed.py reports the bad variable; meanwhile lock rather than risk two writers
+    return not several or rank == 0
 
 
-def _release(key: Path, held: _Held) -> None:
+def _release(held: _Held) -> None:
     try:
         if os.stat(held.path).st_ino == os.fstat(held.fd).st_ino:  # still ours: never delete a successor's
             os.unlink(held.path)
@@ -312,17 +319,9 @@ def output_lock(folder: str | os.PathLike, option: str = "output folder") -> Ite
     folder = Path(folder)
     key = folder.resolve()
     with _held_guard:
-        if key in _held:
-            _held[key].count += 1
-            nested = _held[key]
-        else:
-            nested = None
-    if nested is not None:
-        try:
-            yield nested.path
-        finally:
-            with _held_guard:
-                nested.count -= 1
+        nested = _held.get(key)
+    if nested is not None:  # this process holds it already (a job run in its caller's folder): the outer one releases
+        yield nested.path
         return
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
@@ -350,7 +349,7 @@ def output_lock(folder: str | os.PathLike, option: str = "output folder") -> Ite
     finally:
         with _held_guard:
             _held.pop(key, None)
-        _release(key, held)
+        _release(held)
         if created:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if empty: a run refused before it wrote anything leaves no trace
