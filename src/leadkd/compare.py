@@ -296,6 +296,13 @@ def code_version() -> dict[str, str | None]:
 def run_compare(spec: CompareSpec, log: Log = print, max_rows: int | None = None,
                 only: set[str] | None = None) -> dict:
     """Train and score every missing row (at most ``max_rows``), updating the ledger after each one."""
+    from .run_lock import output_lock
+
+    with output_lock(spec.output_dir, option="output_dir"):  # each row's job then holds its own sub-folder
+        return _run_compare(spec, log, max_rows, only)
+
+
+def _run_compare(spec: CompareSpec, log: Log, max_rows: int | None, only: set[str] | None) -> dict:
     from .distill.trainer import run_job
 
     ledger = load_ledger(spec.ledger)

@@ -223,6 +223,13 @@ def _merged(*trees: dict[str, Any]) -> dict[str, Any]:
 def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart", plan: QuickstartPlan | None = None,
                    log: Log = print) -> Path:
     """Run (or continue) every stage; returns the report's path."""
+    from .run_lock import output_lock
+
+    with output_lock(output, option="--output"):  # each stage's job then holds its own sub-folder
+        return _run_quickstart(data, output, plan, log)
+
+
+def _run_quickstart(data: str, output: str | Path, plan: QuickstartPlan | None, log: Log) -> Path:
     from .config import config_from_dict
     from .data.datasets import load_dataset
     from .data.groups import write_training_groups

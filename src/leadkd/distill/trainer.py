@@ -400,9 +400,12 @@ def _truncate_log(path: Path, step: int) -> None:
 
 def run_job(config: TrainConfig | DistillConfig, resume: bool = False, log: Log | None = None) -> dict[str, Any]:
     """Build a trainer, train, clean up — what `leadkd train` and `leadkd distill` call."""
-    trainer = Trainer(config, resume=resume, log=log)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+    from ..run_lock import output_lock
+
+    with output_lock(config.output_dir, option="output_dir"):  # one writer per folder, before any rank joins
+        trainer = Trainer(config, resume=resume, log=log)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
 
