@@ -86,6 +86,7 @@ class StopOnSignal:
         if signum == self.signum and now - self._first_at < self.repeat_window_s:
             return  # the same request again (torchrun forwarding a terminal's signal)
         try:
-            os.write(2, f"leadkd: {self.at_once(signum)}\n".encode("utf-8", "replace"))
+            # On a line of its own even after a progress bar (which leaves the cursor at its end).
+            os.write(2, f"\nleadkd: {self.at_once(signum)}\n".encode("utf-8", "replace"))
         finally:
             os._exit(128 + signum)

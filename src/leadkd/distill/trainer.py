@@ -172,14 +172,21 @@ class Trainer:
             self.schedule.load_state_dict(state["layers"])
         if getattr(self.objective, "hidden_mse", None) is not None:
             self.objective.hidden_mse.load_state_dict(state["hidden_mse"])
-        set_rng_state(state["rng"])
+        by_rank = state.get("rng_by_rank")  # absent in checkpoints of a single process (and older ones)
+        set_rng_state(by_rank[self.ctx.rank] if by_rank and len(by_rank) == self.ctx.world_size else state["rng"])
 
     def save(self) -> Path | None:
         """Checkpoint the current step (rank 0 writes; everyone waits)."""
         path = None
+        # Each rank draws its own dropout masks (seeded seed + rank): all their RNG states are kept, or a
+        # resumed multi-process run would give every rank rank 0's and drift from the uninterrupted one.
+        every_rng = dist.gather_object(rng_state()) if self.ctx.is_distributed else None
         if self.ctx.is_main:
             models = {n: t.model for n, t in self.models.items() if t.trains}
-            path = save_checkpoint(self.checkpoints, self.step, models, self.state_dict(),
+            state = self.state_dict()
+            if every_rng is not None:
+                state["rng_by_rank"] = every_rng
+            path = save_checkpoint(self.checkpoints, self.step, models, state,
                                    keep_last=self.config.checkpoint.keep_last)
         self.ctx.barrier()
         self._saved_at = self.step
@@ -338,7 +345,7 @@ class Trainer:
     def _stopped_at_once(self, signum: int) -> str:
         """The line of a second signal (written from the handler just before the process leaves)."""
         who = f" (rank {self.ctx.rank})" if self.ctx.is_distributed else ""
-        return (f"stopped at once by a second {signal_name(signum)}{who} during step {self.step + 1}; "
+        return (f"stopped at once by a second {signal_name(signum)}{who} after step {self.step}; "
                 f"{self._newest_for_resume()}")
 
     def _steps(self, progress, log_file: Path) -> None:
