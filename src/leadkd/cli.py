@@ -18,6 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from .errors import LeadkdError  # noqa: E402
+from .stopping import Stopped  # noqa: E402
 
 EXIT_USER_ERROR = 2
 
@@ -552,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(args.threads)
         args.func(args)
+    except Stopped as exc:  # SIGTERM/SIGINT: checkpointed; the shell's status for that signal
+        hint = "; run the same compare again to continue" if args.func is cmd_compare else ""
+        print(f"leadkd: {exc}{hint}", file=sys.stderr)
+        return exc.exit_code
     except LeadkdError as exc:
         if args.debug:
             raise

@@ -20,11 +20,12 @@ the small helpers at the end, so no module calls ``torch.distributed`` directly.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,7 @@ from .errors import LeadkdError
 __all__ = [
     "DistContext", "init_distributed", "is_distributed", "get_rank", "get_world_size", "is_main_process",
     "barrier", "gather_with_grad", "gather_padded", "gather_object", "all_gather_object", "all_reduce_mean",
+    "all_reduce_max", "peers_answering",
 ]
 
 T = TypeVar("T")
@@ -311,3 +313,56 @@ def all_reduce_mean(value: float | torch.Tensor) -> float | torch.Tensor:
     reduced = torch.tensor(float(value), dtype=torch.float64, device=_collective_device())
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
     return reduced.item() / get_world_size()
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest ``value`` over processes (one tiny all-reduce); ``value`` itself in a single process.
+    For decisions every process must take at the same step, e.g. stopping on a signal one rank received."""
+    if not is_distributed():
+        return int(value)
+    reduced = torch.tensor(int(value), dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+    return int(reduced.item())
+
+
+# --------------------------------------------------------------------------- a process that is gone
+
+#: How gloo, NCCL and the store report a peer that died (connection closed) or hangs (timeout).
+_CLOSED = ("connection closed by peer", "connection reset by peer", "broken pipe", "socket closed",
+           "connection refused", "read error", "write error")
+_TIMED_OUT = ("timed out", "timeout", "watchdog")
+
+
+def peer_failure(exc: BaseException, timeout_s: float | None = None) -> str | None:
+    """What a collective's RuntimeError says about another process, in words; None if it is not that."""
+    if not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc).lower()
+    if any(sign in text for sign in _CLOSED):
+        return "its connection closed: it died or was killed"
+    if any(sign in text for sign in _TIMED_OUT):
+        after = f" after {timeout_s:g} s" if timeout_s is not None else ""
+        return f"a collective timed out{after}"
+    return None
+
+
+@contextlib.contextmanager
+def peers_answering(timeout_s: float | None = None, then: Callable[[], str] | None = None) -> Iterator[None]:
+    """Turn a collective that failed because another process died or hangs into one LeadkdError line.
+
+    A dead peer shows up as a RuntimeError from whatever collective comes next (a gradient all-reduce in
+    backward, a barrier, a gather): "Connection closed by peer" when it died, a timeout after the process
+    group's ``timeout_s`` (the config's ``ddp_timeout``) when it hangs. ``then`` adds what the user can do
+    (e.g. which checkpoint to resume from). Outside a process group nothing is caught.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        if not is_distributed():
+            raise
+        reason = peer_failure(exc, timeout_s)
+        if reason is None:
+            raise
+        tail = f"; {then()}" if then is not None else ""
+        raise LeadkdError(f"a process of this torchrun job stopped answering ({reason}); rank {get_rank()} "
+                          f"stops too{tail}") from None

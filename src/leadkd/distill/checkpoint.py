@@ -89,8 +89,19 @@ def save_checkpoint(root: str | os.PathLike, step: int, models: dict[str, Any], 
         raise LeadkdError(f"{target}: cannot write the checkpoint of step {step} ({reason}); {kept}") from None
     if keep_last:
         for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     return target
+
+
+def _remove(folder: Path) -> None:
+    """Delete an old checkpoint so that a kill halfway leaves no half-deleted ``step-N`` behind: it is
+    renamed out of the checkpoint names first (one atomic rename), then deleted."""
+    doomed = folder.with_name(f".{folder.name}.deleting")
+    try:
+        os.replace(folder, doomed)
+    except OSError:
+        doomed = folder
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _is_write_failure(exc: Exception) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,11 +33,17 @@ from ..models.base import DenseRetriever
 from ..models.loading import build_model
 from ..retrieval.pipeline import evaluate_retriever
 from .build import build_student, hidden_state_baseline, open_teacher_cache, prepare, world_batch_check
-from .checkpoint import check_resumable, newest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (check_resumable, checkpoint_name, list_checkpoints, newest_checkpoint, rng_state,
+                         save_checkpoint, set_rng_state)
 from .layers import LayerSchedule
 from .objectives import Distillation, GroundTruth
+from ..stopping import Stopped, StopOnSignal, signal_name
 
 Log = Callable[[str], None]
+
+#: Under torchrun a terminal's Ctrl-C reaches every worker twice (directly, then forwarded by torchrun):
+#: a repeat of the same signal this soon after the first is the same request, not "stop at once".
+TORCHRUN_REPEAT_WINDOW_S = 1.0
 
 
 # ---------------------------------------------------------------------------------------- trainer
@@ -165,16 +172,24 @@ class Trainer:
             self.schedule.load_state_dict(state["layers"])
         if getattr(self.objective, "hidden_mse", None) is not None:
             self.objective.hidden_mse.load_state_dict(state["hidden_mse"])
-        set_rng_state(state["rng"])
+        by_rank = state.get("rng_by_rank")  # absent in checkpoints of a single process (and older ones)
+        set_rng_state(by_rank[self.ctx.rank] if by_rank and len(by_rank) == self.ctx.world_size else state["rng"])
 
     def save(self) -> Path | None:
         """Checkpoint the current step (rank 0 writes; everyone waits)."""
         path = None
+        # Each rank draws its own dropout masks (seeded seed + rank): all their RNG states are kept, or a
+        # resumed multi-process run would give every rank rank 0's and drift from the uninterrupted one.
+        every_rng = dist.gather_object(rng_state()) if self.ctx.is_distributed else None
         if self.ctx.is_main:
             models = {n: t.model for n, t in self.models.items() if t.trains}
-            path = save_checkpoint(self.checkpoints, self.step, models, self.state_dict(),
+            state = self.state_dict()
+            if every_rng is not None:
+                state["rng_by_rank"] = every_rng
+            path = save_checkpoint(self.checkpoints, self.step, models, state,
                                    keep_last=self.config.checkpoint.keep_last)
         self.ctx.barrier()
+        self._saved_at = self.step
         return path
 
     # ------------------------------------------------------------------ data
@@ -290,12 +305,48 @@ class Trainer:
 
             progress = tqdm(total=self.total_steps, initial=self.step, desc=self._job,
                             unit="step")
-        with progress:  # closed before an error is printed, so the error stays the last line
-            self._steps(progress if self.show_progress else None, log_file)
-        final = self._eval_and_keep_best(log_file)
-        self.save()
-        self._save_final(final)
+        under_torchrun = self.ctx.is_distributed or "TORCHELASTIC_RUN_ID" in os.environ
+        # Installed until the run ends; after an error, until close(), so that torchrun's SIGTERM to the
+        # survivors of a dead rank cannot cut a process down before it has printed why it stops.
+        self._stopper = StopOnSignal(self._stopped_at_once, TORCHRUN_REPEAT_WINDOW_S if under_torchrun else 0.0)
+        self._stopper.install()
+        with dist.peers_answering(cfg.ddp_timeout, self._newest_for_resume):
+            with progress:  # closed before an error is printed, so the error stays the last line
+                self._steps(progress if self.show_progress else None, log_file)
+                self._stop_if_asked()
+            final = self._eval_and_keep_best(log_file)
+            self.save()
+            self._save_final(final)
+        self._stopper.restore()
         return {"final": final, "best": self.best}
+
+    # ------------------------------------------------------------------ stopping on a signal
+    def _stop_if_asked(self) -> None:
+        """After a whole step: if any process got SIGTERM/SIGINT, all checkpoint this step and stop together.
+
+        The request is all-reduced (MAX of the signal number, one tiny collective per step, only when
+        distributed), so every rank stops after the same step and the checkpoint holds a step all took.
+        """
+        signum = self._stopper.signum or 0
+        if self.ctx.is_distributed:
+            signum = dist.all_reduce_max(signum)
+        if not signum:
+            return
+        if getattr(self, "_saved_at", None) != self.step:  # checkpoint.every may have just written it
+            self.save()
+        raise Stopped(signum, self.step, self.checkpoints / checkpoint_name(self.step),
+                      rank=self.ctx.rank if self.ctx.is_distributed else None)
+
+    def _newest_for_resume(self) -> str:
+        found = list_checkpoints(self.checkpoints)
+        return (f"the newest complete checkpoint is {found[-1]}; resume with --resume" if found
+                else "no checkpoint was written yet")
+
+    def _stopped_at_once(self, signum: int) -> str:
+        """The line of a second signal (written from the handler just before the process leaves)."""
+        who = f" (rank {self.ctx.rank})" if self.ctx.is_distributed else ""
+        return (f"stopped at once by a second {signal_name(signum)}{who} after step {self.step}; "
+                f"{self._newest_for_resume()}")
 
     def _steps(self, progress, log_file: Path) -> None:
         """Train steps up to ``optim.steps``, logging, evaluating and checkpointing on their schedules."""
@@ -318,6 +369,8 @@ class Trainer:
                 self._eval_and_keep_best(log_file)
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:
                 self.save()
+            if self.step < self.total_steps:
+                self._stop_if_asked()
 
     def _eval_and_keep_best(self, log_file: Path) -> dict[str, float] | None:
         started = time.perf_counter()
@@ -376,6 +429,8 @@ class Trainer:
         self._board.flush()
 
     def close(self) -> None:
+        if getattr(self, "_stopper", None) is not None:
+            self._stopper.restore()  # the signal handlers in place before fit()
         if getattr(self, "_board", None) is not None:
             self._board.close()
         if getattr(getattr(self, "objective", None), "teacher_cache", None) is not None:

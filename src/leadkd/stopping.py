@@ -1,0 +1,92 @@
+"""Stopping a training run on SIGTERM or SIGINT at a step boundary, with a checkpoint to resume from.
+
+A cluster's scheduler asks a job to stop with SIGTERM and kills it a little later; a person presses Ctrl-C.
+Either way the step under way is finished, a checkpoint is written (atomically, like every checkpoint) and
+the run ends with :class:`Stopped`, which the CLI turns into one stderr line and the shell's usual status,
+128 + the signal (143 for SIGTERM, 130 for SIGINT). A second signal means "now": the process leaves at
+once with the same status, and the newest checkpoint is the last one written whole (a write it cuts stays
+under its temporary name, which is never read as a checkpoint).
+
+Under torchrun the ranks agree on the step to stop at (the trainer all-reduces the request once per step),
+so no rank saves a step the others did not take. Ctrl-C in a terminal reaches torchrun and every worker,
+and torchrun then forwards the same signal to the workers again; a repeat of the same signal within
+``repeat_window_s`` is therefore taken as the same request, not as the second one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class Stopped(Exception):
+    """A run stopped early on a signal after writing a checkpoint; ``exit_code`` is 128 + the signal."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, rank: int | None = None):
+        self.signum, self.step, self.checkpoint, self.rank = signum, step, checkpoint, rank
+        who = f" (rank {rank})" if rank is not None else ""
+        where = f"checkpoint {checkpoint}" if checkpoint is not None else "checkpoint written by rank 0"
+        super().__init__(f"stopped by {signal_name(signum)}{who} after step {step}; {where}; "
+                         "resume with --resume")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopOnSignal:
+    """While active, the first SIGTERM/SIGINT only records a request to stop (read :attr:`signum`); a second
+    one writes ``at_once(signal)`` to stderr and leaves with ``os._exit(128 + signal)``. The handlers in place
+    before are put back by :meth:`restore` (or on leaving the ``with`` block). Outside the main thread (where Python cannot install handlers) it does
+    nothing."""
+
+    def __init__(self, at_once: Callable[[int], str], repeat_window_s: float = 0.0):
+        self.at_once = at_once
+        self.repeat_window_s = repeat_window_s
+        self.signum: int | None = None
+        self._first_at = 0.0
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread() and not self._previous:
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def restore(self) -> None:
+        """Put the earlier handlers back (safe to call twice)."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> "StopOnSignal":
+        return self.install()
+
+    def __exit__(self, *exc_info) -> None:
+        self.restore()
+
+    def _handle(self, signum: int, frame) -> None:
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self._first_at = signum, now
+            return
+        if signum == self.signum and now - self._first_at < self.repeat_window_s:
+            return  # the same request again (torchrun forwarding a terminal's signal)
+        try:
+            # On a line of its own even after a progress bar (which leaves the cursor at its end).
+            os.write(2, f"\nleadkd: {self.at_once(signum)}\n".encode("utf-8", "replace"))
+        finally:
+            os._exit(128 + signum)

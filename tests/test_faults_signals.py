@@ -1,0 +1,277 @@
+"""Faults on real processes: SIGTERM / SIGINT during `leadkd distill` (a checkpoint of the step it stopped
+after, status 143 / 130, one stderr line; a second signal stops at once), a 2-process torchrun job where one
+rank is signalled (both stop after the same step), and a torchrun job whose rank dies by SIGKILL (the other
+stops within the process group's timeout with one line). Each resume ends with the weights of an
+uninterrupted run (within 1e-6)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from leadkd.distill.checkpoint import list_checkpoints, load_state, newest_checkpoint
+from leadkd.stopping import StopOnSignal, Stopped
+
+from conftest import free_port, make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
+
+STEPS, TORCHRUN_STEPS = 24, 12
+STOP_LINE = re.compile(r"^leadkd: stopped by (SIG\w+)(?: \(rank (\d)\))? after step (\d+); checkpoint (\S+); "
+                       r"resume with --resume$")
+
+
+# ------------------------------------------------------------------ the handler itself (fast, in-process)
+
+def test_the_first_signal_only_asks_and_the_old_handlers_come_back():
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with StopOnSignal(lambda signum: "never") as stopper:
+        assert signal.getsignal(signal.SIGTERM) == stopper._handle
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # Python runs the handler at the next bytecode
+            if stopper.signum is not None:
+                break
+            time.sleep(0.001)
+        assert stopper.signum == signal.SIGTERM
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_stopped_names_the_signal_step_and_checkpoint_and_the_shell_status():
+    stop = Stopped(signal.SIGINT, 7, Path("/x/checkpoints/step-00000007"))
+    assert stop.exit_code == 130 and Stopped(signal.SIGTERM, 1, None).exit_code == 143
+    assert STOP_LINE.match(f"leadkd: {stop}").groups() == ("SIGINT", None, "7", "/x/checkpoints/step-00000007")
+
+
+# ------------------------------------------------------------------ real processes
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("signals")
+    return {"teacher": make_tiny_bert_folder(root / "teacher", layers=4, seed=5, dropout=0.1),
+            "data": make_tiny_beir(root / "data"), "groups": make_tiny_groups(root / "groups.jsonl"),
+            "root": root}
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def _settings(setup, output: Path, steps: int, **extra) -> list[str]:
+    values = {"teacher.path": setup["teacher"], "teacher.max_query_length": 16, "teacher.max_passage_length": 32,
+              "student.init": "teacher_layers=[0,2]", "student.max_query_length": 16,
+              "student.max_passage_length": 32, "layers.k": 2, "layers.resample_every": 1,
+              "data.corpus": setup["data"], "data.train_groups": setup["groups"], "data.num_negatives": 3,
+              "optim.steps": steps, "optim.lr": 1e-3, "checkpoint.every": 5, "checkpoint.keep_last": 2,
+              "eval.split": "null", "log_every": 1, "output_dir": output, **extra}
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def _distill(setup, output: Path, *flags: str, **extra) -> list[str]:
+    return [sys.executable, "-m", "leadkd.cli", "--threads", "1", "distill", *flags,
+            *_settings(setup, output, STEPS, **{"optim.batch_size": 4, **extra})]
+
+
+def _torchrun(setup, output: Path, *flags: str, **extra) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+            "-m", "leadkd.cli", "distill", *flags,
+            *_settings(setup, output, TORCHRUN_STEPS, **{"optim.batch_size": 2, **extra})]
+
+
+def _run(argv: list[str]) -> None:
+    result = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+_straight: dict[str, Path] = {}
+
+
+def _uninterrupted(kind: str, setup) -> Path:
+    """The reference run, made once per module for each launcher."""
+    if kind not in _straight:
+        output = setup["root"] / f"straight-{kind}"
+        _run((_distill if kind == "single" else _torchrun)(setup, output))
+        _straight[kind] = output
+    return _straight[kind]
+
+
+def _last_logged_step(output: Path) -> int:
+    try:
+        lines = (output / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = []
+    for line in lines:
+        try:
+            steps.append(json.loads(line).get("step", 0))
+        except json.JSONDecodeError:
+            pass  # being written
+    return max(steps, default=0)
+
+
+def _start_and_wait(argv: list[str], output: Path, step: int) -> subprocess.Popen:
+    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while _last_logged_step(output) < step:
+        if proc.poll() is not None:
+            pytest.fail(f"the job ended (status {proc.returncode}) before step {step}:\n{proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no step {step} in 300 s")
+        time.sleep(0.005)
+    return proc
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 120) -> str:
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return stderr
+
+
+def _leadkd_lines(stderr: str) -> list[str]:
+    """Our lines; under torchrun two processes share one stderr, so a line may follow another's progress bar."""
+    return [line[line.index("leadkd:"):] for line in stderr.replace("\r", "\n").splitlines() if "leadkd:" in line]
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name.split("-")[1])
+
+
+def _assert_newest_is_complete(output: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a damaged newest one would be skipped with a warning
+        found = newest_checkpoint(output / "checkpoints")
+    assert found is not None and found[0] == list_checkpoints(output / "checkpoints")[-1]
+    assert found[1]["step"] == _step_of(found[0])
+    return found[0]
+
+
+def _assert_same_final(a: Path, b: Path) -> None:
+    for folder in ("final", "final-teacher"):
+        wa, wb = load_file(str(a / folder / "model.safetensors")), load_file(str(b / folder / "model.safetensors"))
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=lambda m: f"{folder}/{key}: {m}")
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_step_it_stopped_after_and_resume_matches(setup, tmp_path):
+    out = tmp_path / "run"
+    proc = _start_and_wait(_distill(setup, out), out, 2)
+    proc.send_signal(signal.SIGTERM)
+    stderr = _finish(proc)
+    assert proc.returncode == 143, stderr[-3000:]
+    lines = _leadkd_lines(stderr)
+    assert len(lines) == 1 and stderr.rstrip().endswith(lines[0]), stderr[-3000:]
+    name, rank, step, checkpoint = STOP_LINE.match(lines[0]).groups()
+    step = int(step)
+    assert name == "SIGTERM" and rank is None and 2 <= step < STEPS and not (out / "final").exists()
+    assert Path(checkpoint) == _assert_newest_is_complete(out) == out / "checkpoints" / f"step-{step:08d}"
+    assert load_state(checkpoint)["step"] == step == _last_logged_step(out)
+
+    _run(_distill(setup, out, "--resume"))
+    _assert_same_final(_uninterrupted("single", setup), out)
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_sigint_exits_130_with_a_checkpoint(setup, tmp_path):
+    out = tmp_path / "run"
+    proc = _start_and_wait(_distill(setup, out), out, 1)
+    proc.send_signal(signal.SIGINT)
+    stderr = _finish(proc)
+    assert proc.returncode == 130, stderr[-3000:]
+    (line,) = _leadkd_lines(stderr)
+    name, _, step, checkpoint = STOP_LINE.match(line).groups()
+    assert name == "SIGINT" and Path(checkpoint) == _assert_newest_is_complete(out)
+    assert _step_of(Path(checkpoint)) == int(step) == _last_logged_step(out)
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_stops_at_once_and_leaves_a_complete_newest_checkpoint(setup, tmp_path):
+    out = tmp_path / "run"
+    proc = _start_and_wait(_distill(setup, out, **{"checkpoint.every": 1}), out, 3)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.02)  # long enough for Python to run the first handler, far shorter than a step and a save
+    proc.send_signal(signal.SIGTERM)
+    stderr = _finish(proc)
+    assert proc.returncode == 143, stderr[-3000:]
+    (line,) = _leadkd_lines(stderr)
+    assert re.match(r"^leadkd: stopped at once by a second SIGTERM after step \d+; the newest complete "
+                    r"checkpoint is \S+; resume with --resume$", line), line
+    newest = _assert_newest_is_complete(out)
+    assert str(newest) in line or _step_of(newest) >= 2
+    assert not (out / "final").exists()
+
+
+def _workers(torchrun: subprocess.Popen, count: int = 2) -> dict[int, psutil.Process]:
+    """torchrun's worker processes by rank (read from their environment)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = {}
+        for child in psutil.Process(torchrun.pid).children(recursive=True):
+            try:
+                rank = child.environ().get("RANK")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if rank is not None:
+                found[int(rank)] = child
+        if len(found) == count:
+            return found
+        time.sleep(0.05)
+    pytest.fail("torchrun's workers not found")
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_stop_after_the_same_step_when_one_is_signalled(setup, tmp_path):
+    out = tmp_path / "run"
+    proc = _start_and_wait(_torchrun(setup, out), out, 2)
+    _workers(proc)[1].send_signal(signal.SIGTERM)
+    stderr = _finish(proc)
+    assert proc.returncode != 0
+    stops = {int(m.group(2)): int(m.group(3)) for line in _leadkd_lines(stderr) if (m := STOP_LINE.match(line))}
+    assert 1 in stops, stderr[-3000:]  # rank 0 may be cut down by torchrun once rank 1 has left
+    assert len(set(stops.values())) == 1, stops
+    step = stops[1]
+    assert step < TORCHRUN_STEPS and _step_of(_assert_newest_is_complete(out)) == step == _last_logged_step(out)
+
+    _run(_torchrun(setup, out, "--resume"))
+    _assert_same_final(_uninterrupted("torchrun", setup), out)
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_run_stops_the_job_within_the_timeout_and_resume_matches(setup, tmp_path):
+    out = tmp_path / "run"
+    timeout_s = 10
+    argv = _torchrun(setup, out, **{"checkpoint.every": 1, "ddp_timeout": timeout_s})
+    proc = _start_and_wait(argv, out, 3)
+    _workers(proc)[0].kill()  # rank 0: the one that writes checkpoints, likely in the middle of one
+    killed_at = time.monotonic()
+    stderr = _finish(proc)
+    took = time.monotonic() - killed_at
+    assert proc.returncode != 0
+    assert took < timeout_s + 15, f"the job took {took:.1f} s to stop after its rank 0 died"
+    lines = [line for line in _leadkd_lines(stderr) if "stopped answering" in line]
+    assert len(lines) == 1 and re.match(r"^leadkd: error: a process of this torchrun job stopped answering "
+                                        r"\(.+\); rank 1 stops too; ", lines[0]), stderr[-3000:]
+    _assert_newest_is_complete(out)
+    assert not (out / "final").exists()
+
+    _run(_torchrun(setup, out, "--resume", **{"checkpoint.every": 1, "ddp_timeout": timeout_s}))
+    _assert_same_final(_uninterrupted("torchrun", setup), out)
