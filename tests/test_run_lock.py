@@ -295,13 +295,18 @@ def test_of_processes_starting_together_exactly_one_gets_the_folder(tmp_path, st
     assert not (folder / LOCK_NAME).exists()
 
 
-@pytest.mark.slow  # three `leadkd distill` processes, each importing torch and transformers
-def test_distill_is_refused_by_a_live_holder_and_takes_over_after_a_kill(tmp_path):
+def _tiny_job_held(tmp_path: Path):
+    """A tiny teacher, data and groups in ``tmp_path``, and its output folder held by a live process."""
     make_tiny_bert_folder(tmp_path / "teacher", layers=4, seed=5)
     make_tiny_beir(tmp_path / "data")
     make_tiny_groups(tmp_path / "groups.jsonl")
     output = tmp_path / "run"
-    holder = _hold(output)
+    return output, _hold(output)
+
+
+@pytest.mark.slow  # three `leadkd distill` processes, each importing torch and transformers
+def test_distill_is_refused_by_a_live_holder_and_takes_over_after_a_kill(tmp_path):
+    output, holder = _tiny_job_held(tmp_path)
     try:
         refused = _distill(tmp_path, output)
         assert refused.returncode == 2, refused.stderr[-3000:]
@@ -324,11 +329,7 @@ def test_distill_is_refused_by_a_live_holder_and_takes_over_after_a_kill(tmp_pat
 def test_under_torchrun_a_refused_rank_0_stops_the_others_instead_of_leaving_them_waiting(tmp_path):
     from conftest import free_port
 
-    make_tiny_bert_folder(tmp_path / "teacher", layers=4, seed=5)
-    make_tiny_beir(tmp_path / "data")
-    make_tiny_groups(tmp_path / "groups.jsonl")
-    output = tmp_path / "run"
-    holder = _hold(output)
+    output, holder = _tiny_job_held(tmp_path)
     try:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                    "-m", "leadkd.cli", "distill", f"teacher.path={tmp_path / 'teacher'}",

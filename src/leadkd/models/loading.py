@@ -50,12 +50,13 @@ def load_model(path: str | os.PathLike, **overrides: Any):
     resolved = resolve_model_path(path)
     config = read_leadkd_config(resolved) if os.path.isdir(resolved) else None
     if config is None:
+        from .classification_heads import is_sequence_classifier  # a reranker is a cross-encoder
         from .colbert_formats import detect_format  # a PyLate / ColBERTv2 checkpoint is a ColBERT
 
         architectures = (_read_json(str(resolved), "config.json") or {}).get("architectures") or []
         if detect_format(resolved):
             kind = "colbert"
-        elif any(str(name).endswith("ForSequenceClassification") for name in architectures):
+        elif any(is_sequence_classifier(str(name)) for name in architectures):
             kind = "cross_encoder"
         else:
             kind = DEFAULT_KIND

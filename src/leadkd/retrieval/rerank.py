@@ -46,8 +46,8 @@ def rerank_run(model, run: Mapping[str, Mapping[str, float]], queries, corpus, d
         pair_queries += [text] * len(docs)
         pair_docs += corpus.passages(rows)
         owners += [(qid, doc) for doc in docs]
-    options = {"activation": True} if activation else {}
-    scores = np.asarray(model.score_pairs(pair_queries, pair_docs, batch_size=batch_size, **options), dtype=np.float64)
+    scores = np.asarray(model.score_pairs(pair_queries, pair_docs, batch_size=batch_size, activation=activation),
+                        dtype=np.float64)
     reranked: Run = {qid: {} for qid in candidates}
     for (qid, doc), score in zip(owners, scores):
         reranked[qid][doc] = float(score)
