@@ -21,6 +21,8 @@ from .errors import LeadkdError  # noqa: E402
 from .stopping import Stopped  # noqa: E402
 
 EXIT_USER_ERROR = 2
+#: ``--dtype`` choices: the torch dtypes a model may be cast to for inference.
+INFERENCE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 # ---------------------------------------------------------------- shared options
@@ -48,6 +50,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                             "unpickling tensors only (off by default: safetensors only, as a pickle can carry code)")
     group.add_argument("--device", default="auto",
                        help="auto (a GPU when there is one), cpu, cuda or cuda:N (default %(default)s)")
+    group.add_argument("--dtype", choices=INFERENCE_DTYPES, default="float32",
+                       help="the weights' type for inference (default %(default)s; bfloat16 on a GPU is about "
+                            "what sentence-transformers' torch_dtype=bfloat16 gives, docs/benchmarks.md)")
 
 
 def _add_data_options(parser: argparse.ArgumentParser, split_default: str | None = "test") -> None:
@@ -89,6 +94,8 @@ def _load_model(args):
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             raise LeadkdError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    import torch
+
     from .distributed import pick_device
 
     context = getattr(args, "process_context", None)  # set by _in_process_group: cuda:LOCAL_RANK under torchrun
@@ -97,7 +104,7 @@ def _load_model(args):
         args.model, pooling=args.pooling, normalize=args.normalize, query_prefix=args.query_prefix,
         passage_prefix=args.passage_prefix, max_query_length=args.max_query_length,
         max_passage_length=args.max_passage_length, trust_remote_code=args.trust_remote_code,
-        use_safetensors=not args.allow_pickle).to(device)
+        use_safetensors=not args.allow_pickle).to(device=device, dtype=getattr(torch, args.dtype))
 
 
 def _load_data(args, split: str | None = None):

@@ -233,7 +233,7 @@ def _run_quickstart(data: str, output: str | Path, plan: QuickstartPlan | None, 
     from .config import config_from_dict
     from .data.datasets import load_dataset
     from .data.groups import write_training_groups
-    from .accel import cpu
+    from . import accel
     from .distill.build import student_from_teacher
     from .distill.trainer import run_job
     from .models.dual_encoder import DualEncoder
@@ -274,7 +274,7 @@ def _run_quickstart(data: str, output: str | Path, plan: QuickstartPlan | None, 
         log("mining hard negatives with the teacher")
         with timings("mining"):
             train = load_dataset(folder, split=splits["train"])
-            teacher_corpus = cpu.encode_passages(teacher, train.corpus.passages(range(len(train.corpus))), batch_size=32,
+            teacher_corpus = accel.encode_passages(teacher, train.corpus.passages(range(len(train.corpus))), batch_size=32,
                                                  layers=list(range(teacher.num_layers)), show_progress=True)
             groups, report = mine_hard_negatives(teacher, train, depth=plan.mine_depth, rank_range=plan.mine_range,
                                                  negatives=plan.mine_negatives, seed=plan.seed,

@@ -46,6 +46,10 @@ ENCODE_CHUNK = 16384
 #: Runs ``encode_batch(rows)`` over every batch of rows; :mod:`leadkd.accel.cpu` has a parallel one.
 BatchRunner = Callable[[Callable[[np.ndarray], None], list], None]
 
+#: Maps ``tokenize(chunk)`` over the chunks of texts, in order (default: the builtin ``map``, one after the
+#: other); :mod:`leadkd.accel.cuda` tokenises the next chunk on a thread while the GPU runs this one.
+ChunkTokenizer = Callable[[Callable[[list], Any], Iterator[list]], Iterator[Any]]
+
 
 @dataclass(frozen=True)
 class DualEncoderOptions:
@@ -384,17 +388,19 @@ class DualEncoder(nn.Module):
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], side: Side = "passage", batch_size: int = 128,
                show_progress: bool = False, bf16: bool = False, layers: Sequence[int] | None = None,
-               max_batch_tokens: int = 0, run_batches: BatchRunner | None = None) -> np.ndarray:
+               max_batch_tokens: int = 0, run_batches: BatchRunner | None = None,
+               tokenize_chunks: ChunkTokenizer | None = None, chunk_size: int = ENCODE_CHUNK) -> np.ndarray:
         """Embeddings as float32 ``[N, embedding_size]`` (``[L', N, layer_width]`` with ``layers``), in input order.
 
         Texts are tokenised once per chunk and batched by descending *token* count, so each batch pads to
         its own longest text and little compute goes to padding. A batch holds at most ``batch_size`` texts
         and, if set, ``max_batch_tokens`` padded tokens. ``run_batches(encode_batch, batches)`` runs the
-        batches (default: one after the other; :func:`leadkd.accel.cpu.encode` runs them side by side).
+        batches (default: one after the other; :func:`leadkd.accel.cpu.encode` runs them side by side), and
+        ``tokenize_chunks(tokenize, chunks)`` tokenises the chunks of ``chunk_size`` texts (default: ``map``).
         The model runs in eval mode (its train/eval state is restored afterwards).
         """
-        if batch_size < 1:
-            raise LeadkdError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size < 1 or chunk_size < 1:
+            raise LeadkdError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
         prepared, limit = self._prepare(texts, side)
         layer_ids = None if layers is None else resolve_layers(layers, self.num_layers)
         out_layers = 1 if layer_ids is None else len(layer_ids)
@@ -413,14 +419,18 @@ class DualEncoder(nn.Module):
 
                 progress = stack.enter_context(tqdm(total=len(prepared), desc=f"encode {side}s", unit="text"))
             lock = threading.Lock()
-            for begin in range(0, len(prepared), ENCODE_CHUNK):
-                chunk = prepared[begin:begin + ENCODE_CHUNK]
+
+            def tokenize(chunk: list[str]) -> tuple[np.ndarray, np.ndarray]:
                 # Right-padded to the chunk's longest text; each batch is cut to its own longest below.
                 tokens = self.tokenizer(chunk, truncation=True, max_length=limit, padding=True,
                                         return_token_type_ids=False, return_tensors="np")
-                input_ids = torch.from_numpy(tokens["input_ids"])
-                attention = torch.from_numpy(tokens["attention_mask"])
-                lengths = tokens["attention_mask"].sum(axis=1)
+                return tokens["input_ids"], tokens["attention_mask"]
+
+            chunks = (prepared[start:start + chunk_size] for start in range(0, len(prepared), chunk_size))
+            begin = 0
+            for ids, mask in (map if tokenize_chunks is None else tokenize_chunks)(tokenize, chunks):
+                input_ids, attention = torch.from_numpy(ids), torch.from_numpy(mask)
+                lengths = mask.sum(axis=1)
                 order = np.argsort(-lengths, kind="stable")
 
                 def encode_batch(rows: np.ndarray) -> None:  # every call returns within this chunk's loop
@@ -439,6 +449,7 @@ class DualEncoder(nn.Module):
                         encode_batch(rows)
                 else:
                     run_batches(encode_batch, batches)
+                begin += len(ids)
         return out[0] if layer_ids is None else out
 
     def encode_queries(self, texts: Sequence[str], **kwargs: Any) -> np.ndarray:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .. import distributed as dist
-from ..accel import cpu
+from .. import accel
 from ..data.groups import GroupsBuilder, TrainingGroups
 from ..errors import ConfigError, LeadkdError
 from .pipeline import Embeddings, encode_corpus, search_shards, share_of
@@ -87,7 +87,7 @@ def _corpus_vectors(model, corpus, corpus_embeddings: Embeddings | np.ndarray | 
     process's share under torchrun) only those rows' vectors."""
     if rows is not None:
         if corpus_embeddings is None:
-            return cpu.encode_passages(model, corpus.passages(rows), batch_size=batch_size, show_progress=show_progress)
+            return accel.encode_passages(model, corpus.passages(rows), batch_size=batch_size, show_progress=show_progress)
         return _corpus_vectors(model, corpus, corpus_embeddings, batch_size, show_progress)[rows.start:rows.stop]
     if corpus_embeddings is None:
         return encode_corpus(model, corpus, batch_size=batch_size, show_progress=show_progress).vectors
@@ -146,7 +146,7 @@ class DenseRanker:
         if self._doc_vectors is None:
             self._doc_vectors = _corpus_vectors(self.model, self.corpus, self.corpus_embeddings, self.batch_size,
                                                 self.show_progress, share)
-        query_vectors = cpu.encode_queries(self.model, query_texts, batch_size=self.batch_size,
+        query_vectors = accel.encode_queries(self.model, query_texts, batch_size=self.batch_size,
                                            show_progress=self.show_progress)
         if query_vectors.shape[1] != self._doc_vectors.shape[1]:
             raise LeadkdError(f"query vectors have {query_vectors.shape[1]} dimensions but passage vectors "

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import distributed as dist
-from ..accel import cpu
+from .. import accel
 from ..errors import LeadkdError
 from ..fileio import atomic_directory, reporting_write_failures
 
@@ -62,7 +62,7 @@ class Embeddings:
 def encode_corpus(model, corpus, batch_size: int = 32, show_progress: bool = True) -> Embeddings:
     """Passage vectors of a whole corpus (title and text joined), in corpus order."""
     texts = corpus.passages(range(len(corpus)))
-    vectors = cpu.encode_passages(model, texts, batch_size=batch_size, show_progress=show_progress)
+    vectors = accel.encode_passages(model, texts, batch_size=batch_size, show_progress=show_progress)
     ids = [corpus.id_at(i) for i in range(len(corpus))]
     return Embeddings(ids, vectors, {"what": "passages", "count": len(ids), "dim": int(vectors.shape[1])})
 
@@ -70,7 +70,7 @@ def encode_corpus(model, corpus, batch_size: int = 32, show_progress: bool = Tru
 def encode_queries(model, queries, batch_size: int = 64, show_progress: bool = True) -> Embeddings:
     """Query vectors of every query, in order."""
     texts = [queries.text(i) for i in range(len(queries))]
-    vectors = cpu.encode_queries(model, texts, batch_size=batch_size, show_progress=show_progress)
+    vectors = accel.encode_queries(model, texts, batch_size=batch_size, show_progress=show_progress)
     ids = [queries.id_at(i) for i in range(len(queries))]
     return Embeddings(ids, vectors, {"what": "queries", "count": len(ids), "dim": int(vectors.shape[1])})
 
@@ -107,12 +107,12 @@ def evaluate_layers(model, dataset, measures: Sequence[str] = ("nDCG@10", "R@100
     query_ids = [queries.id_at(i) for i in range(len(queries))]
     docs = corpus_vectors
     if docs is None:
-        docs = cpu.encode_passages(model, corpus.passages(range(len(corpus))), batch_size=batch_size, layers=layers,
+        docs = accel.encode_passages(model, corpus.passages(range(len(corpus))), batch_size=batch_size, layers=layers,
                                    show_progress=show_progress)
     elif tuple(docs.shape[:2]) != (len(layers), len(corpus)):
         raise ValueError(f"corpus_vectors of shape {tuple(docs.shape)}: expected {len(layers)} layers x "
                          f"{len(corpus)} passages")
-    vectors = cpu.encode_queries(model, [queries.text(i) for i in range(len(queries))], batch_size=batch_size,
+    vectors = accel.encode_queries(model, [queries.text(i) for i in range(len(queries))], batch_size=batch_size,
                                    layers=layers, show_progress=show_progress)
     rows = []
     for layer in layers:
@@ -145,7 +145,7 @@ def evaluate_retriever(model, corpus_spec: str, split: str, metric: str = "nDCG@
         qrels = type(qrels)({q: d for q, d in qrels.items() if q in keep})
     rows = share_of(len(corpus))
     query_embeddings = encode_queries(model, queries, show_progress=False)
-    share = cpu.encode_passages(model, corpus.passages(rows), batch_size=32)
+    share = accel.encode_passages(model, corpus.passages(rows), batch_size=32)
     merged = search_shards(query_embeddings.vectors, share, rows, k)
     if merged is None:
         return None
@@ -175,13 +175,13 @@ def share_of(count: int, rank: int | None = None, world: int | None = None) -> r
 def encode_corpus_share(model, corpus, batch_size: int = 32, show_progress: bool = True) -> tuple[range, np.ndarray]:
     """This process's rows of the corpus and their passage vectors (length-sorted batches within the share)."""
     rows = share_of(len(corpus))
-    return rows, cpu.encode_passages(model, corpus.passages(rows), batch_size=batch_size, show_progress=show_progress)
+    return rows, accel.encode_passages(model, corpus.passages(rows), batch_size=batch_size, show_progress=show_progress)
 
 
 def encode_queries_share(model, queries, batch_size: int = 64, show_progress: bool = True) -> tuple[range, np.ndarray]:
     """This process's rows of the queries and their vectors."""
     rows = share_of(len(queries))
-    vectors = cpu.encode_queries(model, [queries.text(i) for i in rows], batch_size=batch_size,
+    vectors = accel.encode_queries(model, [queries.text(i) for i in rows], batch_size=batch_size,
                                  show_progress=show_progress)
     return rows, vectors
 
