@@ -85,26 +85,35 @@ def make_trainer(kind: str, root: Path, args, folder: Path, groups: Path, studen
 
 
 class SentenceTransformersStep:
-    """sentence-transformers' own contrastive training step on the same batches."""
+    """sentence-transformers' own contrastive training step on the same batches (``bf16``: under autocast,
+    as its trainer runs with ``bf16=True``; queries are cut at ``query_length`` tokens as ours are)."""
 
-    def __init__(self, student_dir: Path, trainer, args):
+    def __init__(self, student_dir: Path, trainer, args, device: str = "cpu", bf16: bool = False):
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.losses import MultipleNegativesRankingLoss
 
-        self.model = SentenceTransformer(str(student_dir), device="cpu")
-        self.model.max_seq_length = args.passage_length
+        self.model = SentenceTransformer(str(student_dir), device=device)
+        self.query_length, self.passage_length = args.query_length, args.passage_length
         self.model.train()
         self.loss = MultipleNegativesRankingLoss(self.model)
         # Fused AdamW: what its trainer (transformers' Trainer, optim="adamw_torch_fused") uses on torch >= 2.8.
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-5, eps=1e-8, weight_decay=0.0, fused=True)
         self.batches = trainer._batches()
         self.group = args.negatives + 1
+        self.autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+    def tokenize(self, texts: list[str], length: int) -> dict[str, torch.Tensor]:
+        self.model.max_seq_length = length  # what its Transformer module truncates at
+        return {key: value.to(self.model.device) if isinstance(value, torch.Tensor) else value
+                for key, value in self.model.tokenize(texts).items()}
 
     def step(self) -> None:
         batch = next(self.batches)
         columns = [batch.queries] + [batch.passages[j::self.group] for j in range(self.group)]
-        features = [self.model.tokenize(texts) for texts in columns]
-        loss = self.loss(features, labels=None)
+        features = [self.tokenize(texts, self.query_length if j == 0 else self.passage_length)
+                    for j, texts in enumerate(columns)]
+        with self.autocast:
+            loss = self.loss(features, labels=None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 2.0)
         self.optimizer.step()

@@ -104,3 +104,34 @@ def test_the_dispatcher_sends_a_cuda_model_to_the_cuda_path_and_others_to_the_cp
     monkeypatch.setattr(type(de), "device", property(lambda self: __import__("torch").device("cuda", 0)))
     accel.encode_queries(de, PASSAGES, batch_size=3)
     assert called == [("cpu", "passage", {"batch_size": 3}), ("cuda", "query", {"batch_size": 3})]
+
+
+@pytest.mark.slow
+def test_a_compiled_backbone_gives_the_same_vectors_and_is_swapped_back(models):
+    """torch.compile needs a C++ compiler on the CPU (~30 s on two cores): slow."""
+    de = models[("mean", True)]
+    texts = [" ".join(PASSAGES[i % len(PASSAGES)].split()[: 1 + i % 13]) for i in range(30)]
+    plain = de.encode(texts, batch_size=4)
+    keys = list(de.state_dict())
+    original = de.backbone
+    with cuda.compiled(de) as model:
+        assert model is de and de.backbone is not original
+        np.testing.assert_allclose(cuda.encode(de, texts, batch_size=4, chunk_size=8), plain, atol=1e-5)
+    assert de.backbone is original and list(de.state_dict()) == keys
+
+
+def test_parallel_tokenizers_sets_the_variable_inside_and_restores_it(monkeypatch):
+    import os
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun ranks on this host: half the cores each
+    with cuda.parallel_tokenizers():
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+        assert os.environ["RAYON_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM")
+    with pytest.raises(RuntimeError, match="inside"):
+        with cuda.parallel_tokenizers():
+            raise RuntimeError("inside")
+    assert "TOKENIZERS_PARALLELISM" not in os.environ

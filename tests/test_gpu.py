@@ -15,6 +15,7 @@ with its own (measured: 8e-2 over all 224k gradient entries, cosine 0.997), so g
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -121,8 +122,10 @@ def test_trainer_steps_run_on_the_device_and_lower_the_loss(folders, device, bf1
         "data.num_negatives=3", "optim.steps=12", "optim.batch_size=8", "optim.lr=2e-3", "optim.warmup_ratio=0",
         f"optim.bf16={str(bf16).lower()}", "layers.k=2", "layers.resample_every=1", "checkpoint.every=null",
         "eval.split=null", f"output_dir={tmp_path / 'run'}"], kind="distill")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # as the CLI sets it
     trainer = Trainer(config, log=lambda m: None, show_progress=False)
     assert trainer.ctx.device.type == device
+    assert os.environ["TOKENIZERS_PARALLELISM"] == ("true" if device == "cuda" else "false")
     assert all(p.device.type == device for t in trainer.models.values() for p in t.model.parameters())
     trainer._iterator = trainer._batches()
     losses = [trainer.train_step().loss for _ in range(12)]

@@ -23,6 +23,9 @@ from .stopping import Stopped  # noqa: E402
 EXIT_USER_ERROR = 2
 #: ``--dtype`` choices: the torch dtypes a model may be cast to for inference.
 INFERENCE_DTYPES = ("float32", "bfloat16", "float16")
+#: ``--batch-size`` defaults: 32 on the CPU, where leadkd.accel.cpu's token budget then sets the real size;
+#: on a GPU larger batches amortise kernel launches, and leadkd.accel.cuda's token budget caps their padding.
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 32, 256
 
 
 # ---------------------------------------------------------------- shared options
@@ -42,7 +45,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="passage tokens kept (default: the model's max_seq_length, else 256)")
     group.add_argument("--query-prefix", default=None, help="text prepended to every query (e.g. 'query: ')")
     group.add_argument("--passage-prefix", default=None, help="text prepended to every passage")
-    group.add_argument("--batch-size", type=int, default=32, help="encoding batch size (default %(default)s)")
+    group.add_argument("--batch-size", type=int, default=None,
+                       help="texts per encoding batch (default: 32 on the CPU; 256 on a GPU, where a batch also "
+                            "stops at 32768 padded tokens)")
     group.add_argument("--trust-remote-code", action="store_true",
                        help="allow a model folder to run its own Python code (off by default)")
     group.add_argument("--allow-pickle", action="store_true",
@@ -100,6 +105,8 @@ def _load_model(args):
 
     context = getattr(args, "process_context", None)  # set by _in_process_group: cuda:LOCAL_RANK under torchrun
     device = context.device if context is not None else pick_device(args.device)  # checked before the slow load
+    if getattr(args, "batch_size", 0) is None:
+        args.batch_size = GPU_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
     return DualEncoder.from_pretrained(
         args.model, pooling=args.pooling, normalize=args.normalize, query_prefix=args.query_prefix,
         passage_prefix=args.passage_prefix, max_query_length=args.max_query_length,

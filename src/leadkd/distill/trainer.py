@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import distributed as dist
+from ..accel import cuda
 from ..config import DistillConfig, TrainConfig, save_config
 from ..data.datasets import load_corpus, load_queries
 from ..data.batches import GroupDataset, group_loader
@@ -65,6 +66,8 @@ class Trainer:
                  show_progress: bool = True):
         self.config = config
         self.ctx = dist.init_distributed(timeout_s=config.ddp_timeout)
+        if self.ctx.device.type == "cuda":  # each step tokenises its batch on the host, whose cores are idle
+            cuda.use_parallel_tokenizers()
         self.log = log or (lambda message: print(message, flush=True))
         self.show_progress = show_progress and self.ctx.is_main
         self.output = Path(config.output_dir)
