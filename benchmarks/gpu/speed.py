@@ -329,6 +329,22 @@ def profile_steps(step, device: torch.device, count: int) -> dict:
             "table": averages.table(sort_by=sort, row_limit=18, max_name_column_width=60)}
 
 
+def tokenize_time(folder: Path, batch, shapes: dict) -> float:
+    """Host seconds to tokenise one training batch once (its queries and passages at their lengths), the
+    median of five: what each step pays on the host before the GPU can start, per model that tokenises."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+
+    def once() -> None:
+        tokenizer(batch.queries, truncation=True, max_length=shapes["query_length"], padding=True, return_tensors="pt")
+        tokenizer(batch.passages, truncation=True, max_length=shapes["passage_length"], padding=True,
+                  return_tensors="pt")
+
+    once()
+    return statistics.median(Clock(torch.device("cpu")).seconds(once) for _ in range(5))
+
+
 def bench_train(device: torch.device, root: Path, texts: list[str], tokenizer_dir: Path, shapes: dict,
                 matmul: float) -> dict:
     teacher = build_model_folder(root / "teacher", tokenizer_dir, shapes["teacher"], shapes["passage_length"], 1)
@@ -356,6 +372,7 @@ def bench_train(device: torch.device, root: Path, texts: list[str], tokenizer_di
                                  / shapes["steps"])
         print(f"train repeat {repeat + 1}: " + ", ".join(f"{n} {v[-1] * 1e3:.1f} ms" for n, v in seconds.items()),
               flush=True)
+    host_tokenize_ms = tokenize_time(student, next(trainers["contrastive"]._batches()), shapes) * 1e3
     b, n = shapes["batch"], shapes["batch"] * (1 + shapes["negatives"])
     tokens_q, tokens_p = [shapes["query_length"]] * b, [shapes["passage_length"]] * n
 
@@ -383,6 +400,7 @@ def bench_train(device: torch.device, root: Path, texts: list[str], tokenizer_di
                    "k": trainers["lead"].config.layers.k, "precision": "bf16 autocast, fp32 weights (both libraries)",
                    "flops_counted_at": "the padded lengths (queries are cut to fill them, passages too)"},
         "steps_per_block": shapes["steps"], "repeats": shapes["repeats"], "variants": variants,
+        "host_tokenize_ms_per_batch": host_tokenize_ms,
         "ratios": {"lead_over_response_kd": paired_ratio(seconds["lead"], seconds["response_kd"]),
                    "ours_contrastive_speed_over_st": paired_ratio(seconds["sentence_transformers"],
                                                                   seconds["contrastive"])},

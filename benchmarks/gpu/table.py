@@ -62,6 +62,10 @@ def render_table(result: dict, compiled: dict | None = None) -> str:
             lines.append(f"| {name} | {_fmt(speed, 1)} | {_fmt(row['tflops'], 1)} | "
                          f"{_fmt(100 * row['fraction_of_matmul'], 1)}% | "
                          f"{'—' if busy is None else f'{100 * busy:.0f}%'} |")
+    train = result.get("train") or {}
+    if train.get("host_tokenize_ms_per_batch") is not None:
+        lines += ["", f"Tokenising one training batch on the host: {train['host_tokenize_ms_per_batch']:.1f} ms "
+                      "(per model that tokenises; the joint steps tokenise twice)."]
     if compiled_block:
         ratios, block = compiled_block["ratios"], compiled_block
         lines += ["", f"Compiled: {_fmt(ratios['compiled_over_st'])}x sentence-transformers' speed and "
