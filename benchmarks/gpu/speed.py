@@ -550,7 +550,8 @@ def main() -> None:
                              "gpu_speed_compiled.json, run.sh runs it last under its own timeout)")
     parser.add_argument("--table", type=Path, default=None,
                         help="render this result JSON (and its _compiled sibling, if any) as a table and stop")
-    parser.add_argument("--docs", type=Path, default=None, help="with --table: the markdown file whose GPU block to replace")
+    parser.add_argument("--docs", type=Path, default=None,
+                        help="with --table: the markdown file whose GPU block to replace")
     args = parser.parse_args()
     if args.table is not None:
         table = render_table(*read_results(args.table))

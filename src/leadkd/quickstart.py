@@ -275,7 +275,7 @@ def _run_quickstart(data: str, output: str | Path, plan: QuickstartPlan | None, 
         with timings("mining"):
             train = load_dataset(folder, split=splits["train"])
             teacher_corpus = accel.encode_passages(teacher, train.corpus.passages(range(len(train.corpus))), batch_size=32,
-                                                 layers=list(range(teacher.num_layers)), show_progress=True)
+                                                   layers=list(range(teacher.num_layers)), show_progress=True)
             groups, report = mine_hard_negatives(teacher, train, depth=plan.mine_depth, rank_range=plan.mine_range,
                                                  negatives=plan.mine_negatives, seed=plan.seed,
                                                  corpus_embeddings=teacher_corpus[-1][:, :teacher.embedding_size],

@@ -147,7 +147,7 @@ class DenseRanker:
             self._doc_vectors = _corpus_vectors(self.model, self.corpus, self.corpus_embeddings, self.batch_size,
                                                 self.show_progress, share)
         query_vectors = accel.encode_queries(self.model, query_texts, batch_size=self.batch_size,
-                                           show_progress=self.show_progress)
+                                             show_progress=self.show_progress)
         if query_vectors.shape[1] != self._doc_vectors.shape[1]:
             raise LeadkdError(f"query vectors have {query_vectors.shape[1]} dimensions but passage vectors "
                               f"{self._doc_vectors.shape[1]}: not the same model?")

@@ -108,12 +108,12 @@ def evaluate_layers(model, dataset, measures: Sequence[str] = ("nDCG@10", "R@100
     docs = corpus_vectors
     if docs is None:
         docs = accel.encode_passages(model, corpus.passages(range(len(corpus))), batch_size=batch_size, layers=layers,
-                                   show_progress=show_progress)
+                                     show_progress=show_progress)
     elif tuple(docs.shape[:2]) != (len(layers), len(corpus)):
         raise ValueError(f"corpus_vectors of shape {tuple(docs.shape)}: expected {len(layers)} layers x "
                          f"{len(corpus)} passages")
     vectors = accel.encode_queries(model, [queries.text(i) for i in range(len(queries))], batch_size=batch_size,
-                                   layers=layers, show_progress=show_progress)
+                                     layers=layers, show_progress=show_progress)
     rows = []
     for layer in layers:
         run = search_run(Embeddings(query_ids, vectors[layer], {}), Embeddings(doc_ids, docs[layer], {}), k)
@@ -182,7 +182,7 @@ def encode_queries_share(model, queries, batch_size: int = 64, show_progress: bo
     """This process's rows of the queries and their vectors."""
     rows = share_of(len(queries))
     vectors = accel.encode_queries(model, [queries.text(i) for i in rows], batch_size=batch_size,
-                                 show_progress=show_progress)
+                                   show_progress=show_progress)
     return rows, vectors
 
 
