@@ -169,14 +169,20 @@ def _assert_same_final(a: Path, b: Path) -> None:
             torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=lambda m: f"{folder}/{key}: {m}")
 
 
+def _stop_with(sig: int, code: int, setup, out: Path, after_steps: int) -> tuple[str, list[str]]:
+    """A distill job sent ``sig`` once it has logged ``after_steps`` steps: its stderr and leadkd's lines
+    in it, after checking it exited with ``code``."""
+    proc = _start_and_wait(_distill(setup, out), out, after_steps)
+    proc.send_signal(sig)
+    stderr = _finish(proc)
+    assert proc.returncode == code, stderr[-3000:]
+    return stderr, _leadkd_lines(stderr)
+
+
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_step_it_stopped_after_and_resume_matches(setup, tmp_path):
     out = tmp_path / "run"
-    proc = _start_and_wait(_distill(setup, out), out, 2)
-    proc.send_signal(signal.SIGTERM)
-    stderr = _finish(proc)
-    assert proc.returncode == 143, stderr[-3000:]
-    lines = _leadkd_lines(stderr)
+    stderr, lines = _stop_with(signal.SIGTERM, 143, setup, out, after_steps=2)
     assert len(lines) == 1 and stderr.rstrip().endswith(lines[0]), stderr[-3000:]
     name, rank, step, checkpoint = STOP_LINE.match(lines[0]).groups()
     step = int(step)
@@ -193,11 +199,7 @@ def test_sigterm_checkpoints_the_step_it_stopped_after_and_resume_matches(setup,
 @pytest.mark.slow
 def test_sigint_exits_130_with_a_checkpoint(setup, tmp_path):
     out = tmp_path / "run"
-    proc = _start_and_wait(_distill(setup, out), out, 1)
-    proc.send_signal(signal.SIGINT)
-    stderr = _finish(proc)
-    assert proc.returncode == 130, stderr[-3000:]
-    (line,) = _leadkd_lines(stderr)
+    _, (line,) = _stop_with(signal.SIGINT, 130, setup, out, after_steps=1)
     name, _, step, checkpoint = STOP_LINE.match(line).groups()
     assert name == "SIGINT" and Path(checkpoint) == _assert_newest_is_complete(out)
     assert _step_of(Path(checkpoint)) == int(step) == _last_logged_step(out)

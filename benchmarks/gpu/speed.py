@@ -189,18 +189,55 @@ def cli_batch_size(device: torch.device) -> int:
     return GPU_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
 
 
-def bench_encode(device: torch.device, folder: Path, texts: list[str], shapes: dict, matmul: float) -> dict:
+def load_encoders(device: torch.device, folder: Path, max_length: int, copies: int = 1):
+    """``copies`` leadkd models and one sentence-transformers model of ``folder``, all with bf16 weights."""
     from sentence_transformers import SentenceTransformer
 
+    from leadkd.models import DualEncoder
+
+    ours = [DualEncoder.from_pretrained(folder, max_passage_length=max_length).to(device=device, dtype=torch.bfloat16)
+            for _ in range(copies)]
+    theirs = SentenceTransformer(str(folder), device=str(device)).to(torch.bfloat16)
+    theirs.max_seq_length = max_length
+    return ours, theirs
+
+
+def passage_flops(model, texts: list[str], shapes: dict) -> tuple[float, list[int]]:
+    """The forward FLOPs of encoding ``texts`` at their token counts, and those counts."""
+    shape = shapes["encoder"]
+    lengths = [len(ids) for ids in model.tokenizer(texts, truncation=True, max_length=shapes["max_length"])["input_ids"]]
+    return encoder_flops(lengths, shape["layers"], shape["hidden"], shape["intermediate"]), lengths
+
+
+def time_rounds(runs: dict, rounds: int, clock: Clock, label: str, count: int) -> dict[str, list[float]]:
+    """Seconds of each run per round, the order rotated every round so no variant always runs first."""
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for round_ in range(rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds[name].append(clock.seconds(runs[name]))
+            print(f"{label} round {round_ + 1} {name:>32}: {count / seconds[name][-1]:9.1f} passages/s", flush=True)
+    return seconds
+
+
+def encode_variants(seconds: dict[str, list[float]], count: int, flops: float, matmul: float) -> dict:
+    """Per variant: passages/s, its seconds, achieved TFLOP/s and share of the matmul rate (medians)."""
+    variants = {}
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        variants[name] = {"passages_per_s": count / median, "seconds": [round(v, 4) for v in values],
+                          "tflops": flops / median / 1e12, "fraction_of_matmul": flops / median / 1e12 / matmul}
+    return variants
+
+
+def bench_encode(device: torch.device, folder: Path, texts: list[str], shapes: dict, matmul: float) -> dict:
     from leadkd import accel
     from leadkd.models import DualEncoder
 
     max_length, shape = shapes["max_length"], shapes["encoder"]
-    ours = DualEncoder.from_pretrained(folder, max_passage_length=max_length).to(device=device, dtype=torch.bfloat16)
-    theirs = SentenceTransformer(str(folder), device=str(device)).to(torch.bfloat16)
-    theirs.max_seq_length = max_length
-    lengths = [len(ids) for ids in ours.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
-    flops = encoder_flops(lengths, shape["layers"], shape["hidden"], shape["intermediate"])
+    (ours,), theirs = load_encoders(device, folder, max_length)
+    flops, lengths = passage_flops(ours, texts, shapes)
     gpu_batch = cli_batch_size(device)
     ours_fp32 = DualEncoder.from_pretrained(folder, max_passage_length=max_length).to(device)
     runs = {
@@ -215,18 +252,8 @@ def bench_encode(device: torch.device, folder: Path, texts: list[str], shapes: d
             lambda size=size: theirs.encode(texts, batch_size=size, convert_to_numpy=True))
     clock = Clock(device)
     outputs = {name: run() for name, run in runs.items()}  # warm-up; each output kept for the agreement check
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    names = list(runs)
-    for round_ in range(shapes["rounds"]):
-        shift = round_ % len(names)  # rotated, so no variant always runs first
-        for name in names[shift:] + names[:shift]:
-            seconds[name].append(clock.seconds(runs[name]))
-            print(f"encode round {round_ + 1} {name:>32}: {len(texts) / seconds[name][-1]:9.1f} passages/s", flush=True)
-    variants = {}
-    for name, values in seconds.items():
-        median = statistics.median(values)
-        variants[name] = {"passages_per_s": len(texts) / median, "seconds": [round(v, 4) for v in values],
-                          "tflops": flops / median / 1e12, "fraction_of_matmul": flops / median / 1e12 / matmul}
+    seconds = time_rounds(runs, shapes["rounds"], clock, "encode", len(texts))
+    variants = encode_variants(seconds, len(texts), flops, matmul)
     st_names = [f"sentence_transformers_bs{size}" for size in shapes["st_batch_sizes"]]
     best_st = min(st_names, key=lambda n: statistics.median(seconds[n]))
     reference = np.asarray(outputs[st_names[0]], dtype=np.float32)
@@ -465,22 +492,12 @@ def bench_compiled_encode(device: torch.device, folder: Path, texts: list[str], 
     """leadkd's encode with its backbone compiled (leadkd.accel.cuda.compiled; experimental) against its
     plain encode and sentence-transformers at ``st_batch``, paired as in :func:`bench_encode`; the time
     the compilation took is reported apart (it is paid once per process)."""
-    from sentence_transformers import SentenceTransformer
-
     from leadkd import accel
     from leadkd.accel import cuda
-    from leadkd.models import DualEncoder
 
-    max_length, shape = shapes["max_length"], shapes["encoder"]
-
-    def load() -> DualEncoder:
-        return DualEncoder.from_pretrained(folder, max_passage_length=max_length).to(device=device, dtype=torch.bfloat16)
-
-    plain, to_compile = load(), load()
-    theirs = SentenceTransformer(str(folder), device=str(device)).to(torch.bfloat16)
-    theirs.max_seq_length = max_length
-    lengths = [len(ids) for ids in plain.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
-    flops = encoder_flops(lengths, shape["layers"], shape["hidden"], shape["intermediate"])
+    max_length = shapes["max_length"]
+    (plain, to_compile), theirs = load_encoders(device, folder, max_length, copies=2)
+    flops, _ = passage_flops(plain, texts, shapes)
     batch = cli_batch_size(device)
     clock = Clock(device)
     runs = {"leadkd": lambda: accel.encode_passages(plain, texts, batch_size=batch),
@@ -490,24 +507,13 @@ def bench_compiled_encode(device: torch.device, folder: Path, texts: list[str], 
     with cuda.compiled(to_compile):
         compile_s = clock.seconds(runs["leadkd_compiled"])  # compiles, for the first batch shapes and then dynamic
         outputs = {name: run() for name, run in runs.items()}
-        seconds: dict[str, list[float]] = {name: [] for name in runs}
-        names = list(runs)
-        for round_ in range(shapes["rounds"]):
-            shift = round_ % len(names)
-            for name in names[shift:] + names[:shift]:
-                seconds[name].append(clock.seconds(runs[name]))
-                print(f"compiled round {round_ + 1} {name:>28}: {len(texts) / seconds[name][-1]:9.1f} passages/s",
-                      flush=True)
+        seconds = time_rounds(runs, shapes["rounds"], clock, "compiled", len(texts))
     difference = float(np.abs(outputs["leadkd_compiled"] - outputs["leadkd"]).max())
     st = f"sentence_transformers_bs{st_batch}"
     return {
         "passages": len(texts), "max_length": max_length, "first_call_s": compile_s,
         "max_abs_diff_compiled_vs_plain": difference,
-        "variants": {name: {"passages_per_s": len(texts) / statistics.median(values),
-                            "seconds": [round(v, 4) for v in values],
-                            "tflops": flops / statistics.median(values) / 1e12,
-                            "fraction_of_matmul": flops / statistics.median(values) / 1e12 / matmul}
-                     for name, values in seconds.items()},
+        "variants": encode_variants(seconds, len(texts), flops, matmul),
         "ratios": {"compiled_over_st": paired_ratio(seconds[st], seconds["leadkd_compiled"]),
                    "compiled_over_plain": paired_ratio(seconds["leadkd"], seconds["leadkd_compiled"])},
     }
@@ -599,10 +605,10 @@ def main() -> None:
         write_result(result, args.output_dir, name)
         if "encode" in only or compiled_only:
             folder = build_model_folder(root / "encoder", tokenizer_dir, shapes["encoder"], shapes["max_length"], 0)
-        if compiled_only:
-            main_result = args.output_dir / name.replace("_compiled", "")
-            best = json.loads(main_result.with_suffix(".json").read_text()).get("encode", {}).get(
-                "best_sentence_transformers") if main_result.with_suffix(".json").is_file() else None
+        if compiled_only:  # against the batch size the main run found best for sentence-transformers
+            main_result = args.output_dir / f"{name.replace('_compiled', '')}.json"
+            main_encode = json.loads(main_result.read_text()).get("encode", {}) if main_result.is_file() else {}
+            best = main_encode.get("best_sentence_transformers")
             st_batch = int(best.rsplit("bs", 1)[1]) if best else shapes["st_batch_sizes"][-1]
             result["encode_compiled"] = bench_compiled_encode(device, folder, texts[:shapes["compiled_passages"]],
                                                               shapes, rate, st_batch)
