@@ -55,8 +55,6 @@ timeout 90 python3 benchmarks/gpu/speed.py "${dry[@]}" "${assets[@]}" --output-d
 compiled=${PIPESTATUS[0]}
 say "compiled exit $compiled (experimental: not counted in this script's exit status)"
 
-name=gpu_speed; [ ${#dry[@]} -gt 0 ] && name=gpu_speed_dry_run
-[ -f "$OUT/$name.json" ] && python3 benchmarks/gpu/speed.py --table "$OUT/$name.json" | tee -a "$log"
 say "done: $(ls "$OUT" | tr '\n' ' ')"
 # Non-zero when the tests failed or the speed run did not finish: the caller sees it in rc.
 [ "$tests" -eq 0 ] && [ "$speed" -eq 0 ]

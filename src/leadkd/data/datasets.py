@@ -278,11 +278,16 @@ def _irds_judged(ds, dataset_id: str, corpus: Corpus, lenient: bool) -> tuple[Qu
     source = f"irds:{dataset_id}"
     _require_judgments(ds, dataset_id)
     queries = _irds_query_collection(ds, source)
+    qrels = check_qrels(_irds_raw_qrels(ds), corpus=corpus, queries=queries, lenient=lenient, source=source)
+    return _judged(queries, qrels), qrels  # type: ignore[arg-type]
+
+
+def _irds_raw_qrels(ds) -> dict[str, dict[str, int]]:
+    """An ir_datasets split's judgments as ``{query: {doc: relevance}}``, unchecked."""
     raw: dict[str, dict[str, int]] = {}
     for j in ds.qrels_iter():
         raw.setdefault(j.query_id, {})[j.doc_id] = int(j.relevance)
-    qrels = check_qrels(raw, corpus=corpus, queries=queries, lenient=lenient, source=source)
-    return _judged(queries, qrels), qrels  # type: ignore[arg-type]
+    return raw
 
 
 def _irds_query_collection(ds, source: str) -> Queries:
@@ -304,10 +309,7 @@ def _irds_queries(dataset_id: str, lenient: bool) -> Queries:
     queries = _irds_query_collection(ds, source)
     if not ds.has_qrels():
         return queries
-    raw: dict[str, dict[str, int]] = {}
-    for j in ds.qrels_iter():
-        raw.setdefault(j.query_id, {})[j.doc_id] = int(j.relevance)
-    return _judged(queries, check_qrels(raw, queries=queries, lenient=lenient, source=source))  # type: ignore[arg-type]
+    return _judged(queries, check_qrels(_irds_raw_qrels(ds), queries=queries, lenient=lenient, source=source))  # type: ignore[arg-type]
 
 
 def _require_judgments(ds, dataset_id: str) -> None:

@@ -132,15 +132,32 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     return text
 
 
-def read_leadkd_config(path: str | os.PathLike) -> dict | None:
-    """The saved kind and settings of a leadkd model folder, or None for a plain HF/ST folder."""
-    file = Path(path) / LEADKD_CONFIG
-    if not file.is_file():
-        return None
+def read_json_file(file: str | os.PathLike):
+    """A JSON file's content; a file that is not JSON is one error naming it."""
+    file = Path(file)
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LeadkdError(f"{file}: not valid JSON ({exc})") from None
+
+
+def folder_file(root: str, name: str) -> Path | None:
+    """A file of a local folder, or of a hub name's cached/downloadable snapshot; None when absent."""
+    if os.path.isdir(root):
+        file = Path(root) / name
+        return file if file.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(root, name))
+    except Exception:  # noqa: BLE001 - offline, missing file, unknown repo: all mean "absent"
+        return None
+
+
+def read_leadkd_config(path: str | os.PathLike) -> dict | None:
+    """The saved kind and settings of a leadkd model folder, or None for a plain HF/ST folder."""
+    file = Path(path) / LEADKD_CONFIG
+    return read_json_file(file) if file.is_file() else None
 
 
 def load_backbone(name_or_path: str, trust_remote_code: bool = False, *, allow_partial: bool = False,
@@ -356,6 +373,15 @@ def freeze_pooler(backbone: nn.Module) -> None:
         pooler.requires_grad_(False)
 
 
+def check_overrides(kind: str, options_cls: type, overrides: dict) -> list[str]:
+    """The option names of ``options_cls``; a :class:`ConfigError` naming any override that is not one."""
+    names = [f.name for f in dataclasses.fields(options_cls)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown {kind} option(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+    return names
+
+
 def options_from_folder(location: str, kind: str, options_cls: type, overrides: dict):
     """Settings dataclass of a model kind: defaults, then the folder's saved values, then ``overrides``.
 
@@ -363,10 +389,7 @@ def options_from_folder(location: str, kind: str, options_cls: type, overrides: 
     its backbone (its options are ignored, with a warning), so e.g. a warmed-up dual-encoder can seed
     a ColBERT.
     """
-    names = [f.name for f in dataclasses.fields(options_cls)]
-    unknown = sorted(set(overrides) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown {kind} option(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+    names = check_overrides(kind, options_cls, overrides)
     saved = read_leadkd_config(location) if os.path.isdir(location) else None
     if saved and saved.get("kind") != kind:
         logger.warning("%s holds a %r model; loading only its backbone as a %s", location, saved.get("kind"), kind)

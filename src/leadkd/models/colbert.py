@@ -40,7 +40,7 @@ from torch import nn
 from ..errors import ConfigError, LeadkdError
 from ..fileio import atomic_directory
 from .. import distributed as dist
-from .base import (block_outputs, freeze_pooler, load_backbone, loading_options, num_blocks, options_from_folder,
+from .base import (block_outputs, check_overrides, freeze_pooler, load_backbone, loading_options, num_blocks, options_from_folder,
                    position_limit, read_leadkd_config, resolve_layers, resolve_model_path)
 from .colbert_formats import read_foreign, skiplist_ids
 from .loading import write_leadkd_config
@@ -203,6 +203,8 @@ class ColBERT(nn.Module):
             raise ConfigError(f"ColBERT projection has shape {tuple(projection.weight.shape)}, "
                               f"expected [dim={options.dim}, hidden={hidden}]")
         self.projection = projection
+        # Once here, not per passage batch; not persistent, so saved weights stay what they were.
+        self.register_buffer("skip_ids", torch.tensor(options.skiplist, dtype=torch.long), persistent=False)
         missing = "ColBERT {} {!r} is not in the tokenizer's vocabulary; pass {}=... naming a token that is"
         self.query_marker_id = _token_id(tokenizer, options.query_marker,
                                          missing.format("query_marker", options.query_marker, "query_marker"))
@@ -262,10 +264,7 @@ class ColBERT(nn.Module):
     @classmethod
     def _from_foreign(cls, foreign, overrides: dict, **loading) -> "ColBERT":
         """A PyLate / ColBERTv2 checkpoint with its own settings (``overrides`` still win) and projection."""
-        names = [f.name for f in dataclasses.fields(ColBERTOptions)]
-        unknown = sorted(set(overrides) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown {KIND} option(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+        check_overrides(KIND, ColBERTOptions, overrides)
         tokenizer, backbone = load_backbone(foreign.backbone_path, **loading)
         hidden = backbone.config.hidden_size
         if foreign.projection.shape[1] != hidden:
@@ -376,7 +375,7 @@ class ColBERT(nn.Module):
         """Passage positions MaxSim may pick: the real tokens minus the skiplist's ids."""
         if not self.options.skiplist:
             return attention
-        skip = torch.isin(ids, torch.tensor(self.options.skiplist, dtype=ids.dtype, device=ids.device))
+        skip = torch.isin(ids, self.skip_ids)
         return attention * (~skip).to(attention.dtype)
 
     # ------------------------------------------------------------------ per-layer states and scores

@@ -28,7 +28,6 @@ or punctuation symbols; token ids need the tokenizer, see :func:`skiplist_ids`).
 
 from __future__ import annotations
 
-import json
 import os
 import string
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from typing import Any
 import torch
 
 from ..errors import LeadkdError
-from .base import LEADKD_CONFIG
+from .base import LEADKD_CONFIG, read_json_file
 
 PYLATE = "pylate"
 COLBERTV2 = "colbertv2"
@@ -64,13 +63,6 @@ class ForeignColBERT:
     skiplist_symbols: list[str] = field(default_factory=list)  # ColBERTv2: first id of encode(symbol)
 
 
-def _json(file: Path) -> Any:
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LeadkdError(f"{file}: not valid JSON ({exc})") from None
-
-
 def _module_kind(module: dict) -> str:
     return str(module.get("type", "")).rsplit(".", 1)[-1]
 
@@ -82,8 +74,8 @@ def detect_format(path: str | os.PathLike) -> str | None:
         return None
     modules_file, st_file = root / "modules.json", root / "config_sentence_transformers.json"
     if modules_file.is_file():
-        modules = _json(modules_file)
-        st_config = _json(st_file) if st_file.is_file() else {}
+        modules = read_json_file(modules_file)
+        st_config = read_json_file(st_file) if st_file.is_file() else {}
         names = [str(m.get("type", "")) for m in modules] if isinstance(modules, list) else []
         pylate_keys = isinstance(st_config, dict) and (
             any(key in st_config for key in PYLATE_KEYS) or st_config.get("model_type") == "ColBERT")
@@ -94,7 +86,7 @@ def detect_format(path: str | os.PathLike) -> str | None:
         return COLBERTV2
     config_file = root / "config.json"
     if config_file.is_file():
-        config = _json(config_file)
+        config = read_json_file(config_file)
         if isinstance(config, dict) and (config.get("architectures") or [None])[0] == "HF_ColBERT":
             return COLBERTV2
     return None
@@ -117,7 +109,7 @@ def _load_weight(folder: Path, key: str, use_safetensors: bool) -> torch.Tensor:
     index = folder / "model.safetensors.index.json"
     file = folder / "model.safetensors"
     if index.is_file():
-        shard = (_json(index).get("weight_map") or {}).get(key)
+        shard = (read_json_file(index).get("weight_map") or {}).get(key)
         if shard is None:
             raise LeadkdError(f"{index}: no {key!r} in the weight map")
         file = folder / shard
@@ -154,7 +146,7 @@ def read_pylate(path: str | os.PathLike, use_safetensors: bool = True) -> Foreig
     """A PyLate folder's settings and projection (see the module docstring)."""
     root = Path(path)
     where = root / "modules.json"
-    modules = _json(where)
+    modules = read_json_file(where)
     if not isinstance(modules, list):
         raise LeadkdError(f"{where}: expected a list of modules")
     transformers = [m for m in modules if _module_kind(m) == "Transformer"]
@@ -171,7 +163,7 @@ def read_pylate(path: str | os.PathLike, use_safetensors: bool = True) -> Foreig
     dense_file = dense_dir / "config.json"
     if not dense_file.is_file():
         raise LeadkdError(f"{dense_file}: missing (the Dense projection's config)")
-    dense_config = _json(dense_file)
+    dense_config = read_json_file(dense_file)
     if dense_config.get("bias", True):  # PyLate's Dense defaults to a bias when the key is absent
         raise LeadkdError(f"{dense_file}: field 'bias': a projection with a bias is not supported (ColBERT's is "
                           "bias-free)")
@@ -185,7 +177,7 @@ def read_pylate(path: str | os.PathLike, use_safetensors: bool = True) -> Foreig
                                dense_config.get("out_features"), dense_config.get("in_features"))
 
     st_file = root / "config_sentence_transformers.json"
-    st_config = _json(st_file) if st_file.is_file() else {}
+    st_config = read_json_file(st_file) if st_file.is_file() else {}
     query_prefix = st_config.get("query_prefix", "[Q] ")
     document_prefix = st_config.get("document_prefix", "[D] ")
     for name, prefix in (("query_prefix", query_prefix), ("document_prefix", document_prefix)):
@@ -196,7 +188,7 @@ def read_pylate(path: str | os.PathLike, use_safetensors: bool = True) -> Foreig
         raise LeadkdError(f"{st_file}: field 'default_prompt_name': a prompt prepended to every text is not "
                           "supported")
     bert_file = root / str(transformers[0].get("path", "")) / "sentence_bert_config.json"
-    if bert_file.is_file() and _json(bert_file).get("do_lower_case"):
+    if bert_file.is_file() and read_json_file(bert_file).get("do_lower_case"):
         raise LeadkdError(f"{bert_file}: field 'do_lower_case': lower-casing texts before the tokenizer is not "
                           "supported (use a lower-casing tokenizer)")
     expansion = bool(st_config.get("do_query_expansion", True))
@@ -224,11 +216,11 @@ def read_colbertv2(path: str | os.PathLike, use_safetensors: bool = True) -> For
     """A ColBERTv2 checkpoint's settings (``artifact.metadata`` over ``config.json``) and ``linear.weight``."""
     root = Path(path)
     config_file, metadata_file = root / "config.json", root / COLBERTV2_METADATA
-    config = _json(config_file) if config_file.is_file() else {}
+    config = read_json_file(config_file) if config_file.is_file() else {}
     settings = {key: config[key] for key in COLBERTV2_KEYS if isinstance(config, dict) and key in config}
     source = config_file
     if metadata_file.is_file():
-        metadata = _json(metadata_file)
+        metadata = read_json_file(metadata_file)
         if not isinstance(metadata, dict):
             raise LeadkdError(f"{metadata_file}: expected a JSON object")
         settings.update({key: metadata[key] for key in COLBERTV2_KEYS if key in metadata})

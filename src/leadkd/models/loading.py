@@ -17,7 +17,7 @@ from .. import __version__
 from ..kinds import DEFAULT_KIND, MODEL_KINDS, model_class
 from ..errors import LeadkdError
 from ..fileio import atomic_write
-from .base import LEADKD_CONFIG, read_leadkd_config, resolve_model_path
+from .base import LEADKD_CONFIG, folder_file, read_json_file, read_leadkd_config, resolve_model_path
 from .st_modules import DENSE_TYPE, check_pipeline, module_kind, read_dense_layers, save_dense
 
 #: Pooling modes named by sentence-transformers' legacy boolean keys, in ST's own order.
@@ -84,21 +84,8 @@ def write_leadkd_config(directory: str | os.PathLike, kind: str, settings: dict[
 
 def _read_json(root: str, name: str) -> Any:
     """A JSON file of a local folder (or, for a hub name, of its cached/downloadable snapshot), or None."""
-    if os.path.isdir(root):
-        file = Path(root) / name
-        if not file.is_file():
-            return None
-    else:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            file = Path(hf_hub_download(root, name))
-        except Exception:  # noqa: BLE001 - offline, missing file, unknown repo: all mean "no metadata"
-            return None
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LeadkdError(f"{file}: not valid JSON ({exc})") from None
+    file = folder_file(root, name)
+    return None if file is None else read_json_file(file)
 
 
 def _st_pooling(config: dict, file: str) -> str:

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import LeadkdError
 from ..fileio import atomic_write
+from .base import read_json_file
 
 #: ST's activation for a one-label cross-encoder that names none.
 DEFAULT_ACTIVATION = "torch.nn.modules.activation.Sigmoid"
@@ -47,13 +48,6 @@ def activation_module(path: str, where: str = "activation") -> nn.Module:
     return activation
 
 
-def _read_json(file: Path) -> Any:
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LeadkdError(f"{file}: not valid JSON ({exc})") from None
-
-
 def read_st_cross_encoder(location: str, hf_config) -> tuple[dict[str, Any], str | None]:
     """The ST >= 6 CrossEncoder files of a folder (name -> JSON) and the activation ST would apply (None:
     the folder names none). A ST pipeline with modules after the transformer is refused: its scores are
@@ -63,11 +57,11 @@ def read_st_cross_encoder(location: str, hf_config) -> tuple[dict[str, Any], str
     folder = Path(location)
     st_config_file = folder / ST_CONFIG
     if os.path.isdir(location) and st_config_file.is_file():
-        st_config = _read_json(st_config_file)
+        st_config = read_json_file(st_config_file)
         if isinstance(st_config, dict) and st_config.get("model_type") == "CrossEncoder":
             for name in ST_FILES:
                 if (folder / name).is_file():
-                    files[name] = _read_json(folder / name)
+                    files[name] = read_json_file(folder / name)
             modules = files.get("modules.json")
             if modules is not None:
                 if not isinstance(modules, list):

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import LeadkdError
 from ..fileio import atomic_write
+from .base import folder_file, read_json_file
 
 #: Module types leadkd follows, by their last dotted name (ST 2-6 spell the package part differently).
 SUPPORTED = ("Transformer", "Pooling", "Dense", "Normalize")
@@ -107,19 +108,6 @@ class DenseLayer(nn.Module):
                 "activation_function": f"{activation.__module__}.{activation.__qualname__}"}
 
 
-def _local_file(root: str, name: str) -> Path | None:
-    """A file of a local folder, or of a hub name's cached/downloadable snapshot; None when absent."""
-    if os.path.isdir(root):
-        file = Path(root) / name
-        return file if file.is_file() else None
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(root, name))
-    except Exception:  # noqa: BLE001 - offline, missing file, unknown repo: all mean "absent"
-        return None
-
-
 def _positive_int(config: dict, key: str, file: str) -> int:
     value = config.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -130,13 +118,10 @@ def _positive_int(config: dict, key: str, file: str) -> int:
 def load_dense(root: str, module_path: str, *, use_safetensors: bool = True) -> DenseLayer:
     """One ``Dense`` module of a sentence-transformers folder: its config and weights, strictly."""
     where = os.path.join(root, module_path)
-    config_file = _local_file(root, f"{module_path}/config.json".lstrip("/"))
+    config_file = folder_file(root, f"{module_path}/config.json".lstrip("/"))
     if config_file is None:
         raise LeadkdError(f"{where}: Dense module without config.json")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LeadkdError(f"{config_file}: not valid JSON ({exc})") from None
+    config = read_json_file(config_file)
     file = str(config_file)
     if not isinstance(config, dict):
         raise LeadkdError(f"{file}: expected a JSON object")
@@ -152,13 +137,13 @@ def load_dense(root: str, module_path: str, *, use_safetensors: bool = True) -> 
     layer = DenseLayer(_positive_int(config, "in_features", file), _positive_int(config, "out_features", file), bias,
                        _activation(config.get("activation_function", "torch.nn.modules.activation.Tanh"), file))
 
-    weights_file = _local_file(root, f"{module_path}/{WEIGHT_FILE}".lstrip("/"))
+    weights_file = folder_file(root, f"{module_path}/{WEIGHT_FILE}".lstrip("/"))
     if weights_file is not None:
         from safetensors.torch import load_file
 
         state = load_file(str(weights_file))
     else:
-        pickled = _local_file(root, f"{module_path}/{PICKLE_FILE}".lstrip("/"))
+        pickled = folder_file(root, f"{module_path}/{PICKLE_FILE}".lstrip("/"))
         if pickled is None:
             raise LeadkdError(f"{where}: Dense module without weights ({WEIGHT_FILE} or {PICKLE_FILE})")
         if use_safetensors:

@@ -38,10 +38,10 @@ def import_bm25s():
 
 def top_rows(scores: np.ndarray, exclude: set[int], depth: int) -> np.ndarray:
     """Rows with a positive score, not in ``exclude``, best first (ties: lower row first), at most ``depth``."""
-    scores = np.array(scores, dtype=np.float64)
-    if exclude:
-        scores[list(exclude)] = 0.0
+    scores = np.asarray(scores)  # read only: one query's scores over the whole corpus are not copied
     rows = np.flatnonzero(scores > 0)
+    if exclude:
+        rows = rows[~np.isin(rows, np.fromiter(exclude, dtype=np.int64, count=len(exclude)))]
     if len(rows) > depth:  # keep every row tied with the depth-th score, then sort exactly
         cut = np.partition(scores[rows], len(rows) - depth)[len(rows) - depth]
         rows = rows[scores[rows] >= cut]

@@ -143,9 +143,8 @@ def evaluate_retriever(model, corpus_spec: str, split: str, metric: str = "nDCG@
         queries = queries.subset(range(max_queries))
         keep = {queries.id_at(i) for i in range(len(queries))}
         qrels = type(qrels)({q: d for q, d in qrels.items() if q in keep})
-    rows = share_of(len(corpus))
     query_embeddings = encode_queries(model, queries, show_progress=False)
-    share = accel.encode_passages(model, corpus.passages(rows), batch_size=32)
+    rows, share = encode_corpus_share(model, corpus, batch_size=32, show_progress=False)
     merged = search_shards(query_embeddings.vectors, share, rows, k)
     if merged is None:
         return None
