@@ -86,9 +86,44 @@ def atomic_directory(path: str | os.PathLike, markers: tuple[str, ...] = REPLACE
         raise
 
 
-#: Signs of a failed write in the text of errors that are not ``OSError`` (faiss's ``write_index`` raises
-#: a RuntimeError carrying the OS error's text).
-_WRITE_FAILURE_SIGNS = ("no space left", "disk quota", "write error", "file write failed")
+#: Signs of a failed write in the text of errors that are not ``OSError``: faiss's ``write_index`` raises a
+#: RuntimeError carrying the OS error's text, torch.save one from its zip writer, safetensors a
+#: SafetensorError carrying the OS error.
+_WRITE_FAILURE_SIGNS = ("no space left", "disk quota", "write error", "file write failed", "unexpected pos",
+                        "os error 28", "storagefull")
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed write (a full disk, a quota, an I/O error), whichever library raised it."""
+    return isinstance(exc, OSError) or any(sign in str(exc).lower() for sign in _WRITE_FAILURE_SIGNS)
+
+
+def write_failure_reason(exc: BaseException, path: str | os.PathLike, default: str | None = None) -> str:
+    """The OS's words for a failed write (else ``default``, else the error's last line), with the free
+    space left where ``path`` (or its nearest existing parent) lives."""
+    if isinstance(exc, OSError) and exc.strerror:
+        reason = exc.strerror
+    else:
+        reason = default or str(exc).strip().splitlines()[-1]
+    existing = next((p for p in (Path(path), *Path(path).parents) if p.exists()), None)
+    if existing is not None:
+        try:
+            reason += f"; {shutil.disk_usage(existing).free / 2**20:.1f} MiB free there"
+        except OSError:
+            pass
+    return reason
+
+
+def remove_tree(path: Path, aside: Path) -> None:
+    """Delete the folder ``path`` so that a kill halfway leaves no half-deleted ``path``: it is renamed to
+    ``aside`` first (one atomic rename; a stale ``aside`` from an earlier kill is cleared), then deleted."""
+    if aside.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.replace(path, aside)
+    except OSError:
+        aside = path
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -105,15 +140,7 @@ def reporting_write_failures(path: str | os.PathLike, what: str) -> Iterator[Non
     try:
         yield
     except Exception as exc:
-        if isinstance(exc, LeadkdError) or not (
-                isinstance(exc, OSError) or any(sign in str(exc).lower() for sign in _WRITE_FAILURE_SIGNS)):
+        if isinstance(exc, LeadkdError) or not is_write_failure(exc):
             raise
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1]
-        existing = next((p for p in (path, *path.parents) if p.exists()), None)
-        if existing is not None:
-            try:
-                reason += f"; {shutil.disk_usage(existing).free / 2**20:.1f} MiB free there"
-            except OSError:
-                pass
         kept = "; the earlier one there is unchanged" if path.exists() else ""
-        raise LeadkdError(f"{path}: cannot write the {what} ({reason}){kept}") from exc
+        raise LeadkdError(f"{path}: cannot write the {what} ({write_failure_reason(exc, path)}){kept}") from exc

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 
 from ..config import DistillConfig, changed_settings, load_config
 from ..errors import ConfigError, LeadkdError
-from ..fileio import atomic_directory
+from ..fileio import atomic_directory, is_write_failure, remove_tree, write_failure_reason
 
 STATE_FILE = "state.pt"
 _NAME = re.compile(r"^step-(\d+)$")
@@ -77,15 +76,11 @@ def save_checkpoint(root: str | os.PathLike, step: int, models: dict[str, Any], 
                 model.save_pretrained(tmp / name)
             torch.save(state, tmp / STATE_FILE)
     except Exception as exc:  # a full disk: OSError, torch's RuntimeError or safetensors' SafetensorError
-        if not isinstance(exc, OSError) and not _is_write_failure(exc):
+        if not is_write_failure(exc):
             raise
         intact = list_checkpoints(root)  # a failed write never touches what was already there
         kept = f"the newest intact checkpoint is {intact[-1]}" if intact else "no earlier checkpoint exists"
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "write failed"
-        try:
-            reason += f"; {shutil.disk_usage(root).free / 2**20:.1f} MiB free there"
-        except OSError:
-            pass
+        reason = write_failure_reason(exc, root, default="write failed")
         raise LeadkdError(f"{target}: cannot write the checkpoint of step {step} ({reason}); {kept}") from None
     if keep_last:
         for old in list_checkpoints(root)[:-keep_last]:
@@ -94,22 +89,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, models: dict[str, Any], 
 
 
 def _remove(folder: Path) -> None:
-    """Delete an old checkpoint so that a kill halfway leaves no half-deleted ``step-N`` behind: it is
-    renamed out of the checkpoint names first (one atomic rename), then deleted."""
-    doomed = folder.with_name(f".{folder.name}.deleting")
-    try:
-        os.replace(folder, doomed)
-    except OSError:
-        doomed = folder
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _is_write_failure(exc: Exception) -> bool:
-    """torch.save reports a failed write (e.g. ENOSPC) as a RuntimeError from its zip writer, safetensors
-    as a SafetensorError carrying the OS error."""
-    text = str(exc).lower()
-    return any(sign in text for sign in ("file write failed", "no space left", "unexpected pos", "os error 28",
-                                          "storagefull", "disk quota"))
+    """Delete an old checkpoint, renamed out of the checkpoint names first (no half-deleted ``step-N``)."""
+    remove_tree(folder, folder.with_name(f".{folder.name}.deleting"))
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:

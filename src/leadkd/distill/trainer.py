@@ -244,7 +244,8 @@ class Trainer:
             t.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if self.ctx.is_distributed:
-            totals = {name: dist.all_reduce_mean(value) for name, value in totals.items()}
+            means = dist.all_reduce_mean(torch.tensor(list(totals.values()), dtype=torch.float64))  # one collective
+            totals = dict(zip(totals, means.tolist()))
         return StepResult(loss=totals["loss"], terms=totals, pairs=list(pairs),
                           weights=[] if weights is None else [float(w) for w in weights],
                           pair_kl=[] if pair_kl is None else [float(k) for k in pair_kl])
