@@ -109,6 +109,13 @@ def _plain_pairs(pairs: Sequence[Pair] | None) -> list[list[int]] | None:
     return None if pairs is None else [list(pair) for pair in pairs]
 
 
+def pair_layers(pairs: Sequence[Pair]) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """The student and teacher layers the pairs need, sorted (each encode appends its final score slice
+    after them), and the pairs as positions into those lists: what one step encodes and distils."""
+    s_layers, t_layers = sorted({s for s, _ in pairs}), sorted({t for _, t in pairs})
+    return s_layers, t_layers, [(s_layers.index(s), t_layers.index(t)) for s, t in pairs]
+
+
 class LayerSchedule:
     """Owns the layer pairs over training: drawn at step 0, re-drawn every ``resample_interval`` steps.
 

@@ -17,6 +17,7 @@ import torch
 
 from .. import distributed as dist
 from .build import Trained
+from .layers import pair_layers
 from .losses import (contrastive_loss, duplicate_positive_mask, group_labels, lead_total_loss, mask_candidates,
                      own_group_scores)
 
@@ -113,13 +114,6 @@ class Distillation(_Objective):
         self.teacher_cache = teacher_cache
         self.hidden_mse = hidden_mse
 
-    @staticmethod
-    def _layers_for(pairs) -> tuple[list[int], list[int], list[tuple[int, int]]]:
-        """Student and teacher layers the pairs need (each encode appends its final score slice after
-        them), and the pairs as positions into those lists."""
-        s_layers, t_layers = sorted({s for s, _ in pairs}), sorted({t for _, t in pairs})
-        return s_layers, t_layers, [(s_layers.index(s), t_layers.index(t)) for s, t in pairs]
-
     def _encode_teacher(self, batch, layers: list[int], with_states: bool):
         if self.teacher_cache is not None:
             return self.teacher_cache.encode(batch.query_ids, batch.queries, batch.passage_ids, batch.passages,
@@ -144,7 +138,7 @@ class Distillation(_Objective):
     def __call__(self, batch, pairs) -> dict[str, torch.Tensor]:
         cfg = self.loss
         hidden = self.hidden_mse is not None
-        s_layers, t_layers, positions = self._layers_for([] if hidden else pairs)
+        s_layers, t_layers, positions = pair_layers([] if hidden else pairs)
         options = {"with_states": True} if hidden else {}
         student_enc = self.student.forward(batch.queries, batch.passages, s_layers, final=True, **options)
         teacher_enc = self._encode_teacher(batch, t_layers, hidden)

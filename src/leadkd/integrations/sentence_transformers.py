@@ -27,7 +27,7 @@ try:  # sentence-transformers >= 6 (its modules moved under sentence_transformer
 except ImportError:  # 3 to 5
     from sentence_transformers.data_collator import SentenceTransformerDataCollator
 
-from ..distill.layers import LayerSchedule
+from ..distill.layers import LayerSchedule, pair_layers
 from ..distill.losses import duplicate_positive_mask, group_labels, lead_total_loss, own_group_scores
 from ..errors import ConfigError, LeadkdError
 
@@ -337,8 +337,7 @@ class LEADLoss(nn.Module):
         passages = [texts[1 + j][i] for i in range(batch) for j in range(group)]
         training = torch.is_grad_enabled() and getattr(self.model, "training", True)
         pairs = self.current_pairs(training)
-        s_layers, t_layers = sorted({s for s, _ in pairs}), sorted({t for _, t in pairs})
-        positions = [(s_layers.index(s), t_layers.index(t)) for s, t in pairs]
+        s_layers, t_layers, positions = pair_layers(pairs)
         student = self._student_scores(model_inputs, s_layers, batch, group)
         teacher = self._teacher_scores(queries, passages, t_layers)
         student, teacher, labels_, mask = self._layout(student, teacher, queries, texts, passages, group)
