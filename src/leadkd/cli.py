@@ -368,6 +368,8 @@ def cmd_mine(args) -> None:
         from .retrieval.bm25 import BM25Ranker, import_bm25s
 
         import_bm25s()  # a missing package is told before a large corpus is read
+        if not _is_main(args):  # BM25 does not shard: under torchrun rank 0 ranks every query alone
+            return
         dataset = _load_data(args)
         ranker = BM25Ranker(dataset.corpus, k1=args.bm25_k1, b=args.bm25_b, show_progress=_is_main(args))
         groups, report = mine_with_ranker(ranker, dataset, **settings)
