@@ -81,6 +81,7 @@ def _st_dual_encoder(model, similarity_scale: float | None):
         from sentence_transformers.models import Normalize, Pooling, Transformer
 
     from ..models.dual_encoder import DualEncoder
+    from ..models.loading import st_prompts
 
     modules = list(model.children())
     if not modules or not isinstance(modules[0], Transformer):
@@ -103,11 +104,9 @@ def _st_dual_encoder(model, similarity_scale: float | None):
         raise LeadkdError("the SentenceTransformer teacher has no Pooling module")
     transformer = modules[0]
     length = transformer.max_seq_length or 256
-    prompts = getattr(model, "prompts", None) or {}
-    default = prompts.get(getattr(model, "default_prompt_name", None) or "", "")
-    passage = next((prompts[k] for k in ("document", "passage", "corpus") if k in prompts), default)
+    query, passage = st_prompts(getattr(model, "prompts", None), getattr(model, "default_prompt_name", None))
     options = {"pooling": pooling, "normalize": normalize, "max_query_length": length, "max_passage_length": length,
-               "query_prefix": prompts.get("query", default) or "", "passage_prefix": passage or ""}
+               "query_prefix": query or "", "passage_prefix": passage or ""}
     if similarity_scale is not None:
         options["similarity_scale"] = similarity_scale
     return DualEncoder(transformer.auto_model, transformer.tokenizer, **options)

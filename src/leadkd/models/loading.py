@@ -150,15 +150,21 @@ def read_st_settings(name_or_path: str) -> dict[str, Any]:
         settings["max_query_length"] = bert_config["query_length"]
 
     st_config = _read_json(root, "config_sentence_transformers.json") or {}
-    prompts = st_config.get("prompts") or {}
-    default = prompts.get(st_config.get("default_prompt_name") or "")
-    query = prompts.get("query", default)
-    passage = next((prompts[k] for k in ("document", "passage", "corpus") if k in prompts), default)
+    query, passage = st_prompts(st_config.get("prompts"), st_config.get("default_prompt_name"))
     if query is not None:
         settings["query_prefix"] = query
     if passage is not None:
         settings["passage_prefix"] = passage
     return settings
+
+
+def st_prompts(prompts: dict | None, default_name: str | None) -> tuple[str | None, str | None]:
+    """The query and passage prefixes of sentence-transformers prompts: ``query``, then the first of
+    ``document`` / ``passage`` / ``corpus``, each else the default prompt (None where there is none)."""
+    prompts = prompts or {}
+    default = prompts.get(default_name or "")
+    passage = next((prompts[k] for k in ("document", "passage", "corpus") if k in prompts), default)
+    return prompts.get("query", default), passage
 
 
 def read_st_dense(name_or_path: str, *, use_safetensors: bool = True) -> list:
