@@ -97,7 +97,7 @@ def check_formats(folder: Path, data: dict) -> dict:
 def first_stage_and_rerank(teacher: Path, data: dict, split: str) -> dict:
     """MiniLM's exact top-100 and the cross-encoder's rerank of it: the measures of both."""
     from leadkd.data.datasets import load_dataset
-    from leadkd.evaluate import evaluate
+    from leadkd.retrieval.evaluate import evaluate
     from leadkd.models import load_model
     from leadkd.models.dual_encoder import DualEncoder
     from leadkd.retrieval.pipeline import encode_corpus, encode_queries, search_run
@@ -144,7 +144,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from leadkd.fileio import atomic_write
+    from leadkd.runtime.fileio import atomic_write
 
     torch.set_num_threads(args.threads)
     os.chdir(HERE.parent)

@@ -223,7 +223,7 @@ def expected_rows() -> list[str]:
 
 
 def _cell(values: list[float]) -> str:
-    from leadkd.compare_report import mean_std
+    from leadkd.compare.report import mean_std
 
     return mean_std(values)
 
@@ -249,7 +249,7 @@ def write_table(ledgers: dict[str, dict]) -> None:
 
     Everything below DISCUSSION_MARKER in the existing page is kept, so the analysis can be written by hand.
     """
-    from leadkd.fileio import atomic_write
+    from leadkd.runtime.fileio import atomic_write
 
     rows_, ood, compute = table_rows(ledgers)
     trained = [r["train_seconds"] for r in rows_.values() if r.get("train_seconds")]
@@ -336,8 +336,8 @@ def main() -> None:
             parser.error(f"--rerun {name}: no such row; rows look like {expected_rows()[0]}")
     import torch
 
-    from leadkd.compare import load_ledger, load_spec, run_compare, save_ledger
-    from leadkd.compare_report import render_compare
+    from leadkd.compare.run import load_ledger, load_spec, run_compare, save_ledger
+    from leadkd.compare.report import render_compare
 
     torch.set_num_threads(args.threads)
     os.chdir(HERE.parent)  # every path in the specs and ledgers is relative to the repository root

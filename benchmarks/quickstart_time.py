@@ -43,7 +43,7 @@ def dev_eval_seconds(stage_dir: Path) -> float:
 
 def time_quickstart(mode: str, data: str, root: Path) -> dict:
     from leadkd.quickstart import QuickstartPlan, run_quickstart
-    from leadkd.results import read_results
+    from leadkd.reporting.results import read_results
 
     output = root / mode
     plan = QuickstartPlan.fast() if mode == "fast" else QuickstartPlan()
@@ -73,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from leadkd.fileio import atomic_write
+    from leadkd.runtime.fileio import atomic_write
 
     torch.set_num_threads(args.threads)
     path = Path(args.output)

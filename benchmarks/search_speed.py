@@ -28,7 +28,7 @@ import faiss
 import numpy as np
 import torch
 
-from leadkd.fileio import atomic_write
+from leadkd.runtime.fileio import atomic_write
 from leadkd.retrieval.search import exact_search
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -256,9 +256,9 @@ def learning_curve(path: Path = RESULTS / "learning-curve.png") -> Path | None:
     paired Δ with its 95% interval over seeds (a point alone where there is one seed), per teacher mode."""
     import statistics
 
-    from leadkd.compare import load_ledger
-    from leadkd.compare_report import paired_comparison, variant_values
-    from leadkd.plots import new_figure, save_png
+    from leadkd.compare.run import load_ledger
+    from leadkd.compare.report import paired_comparison, variant_values
+    from leadkd.reporting.plots import new_figure, save_png
 
     figure = new_figure(9.5, 3.8)
     left, right = figure.subplots(1, 2)
@@ -318,8 +318,8 @@ def study_table() -> list[str]:
     """Every cell with a ledger: each variant's test nDCG@10 over its seeds, LEAD's Δ against the cell's
     response-KD with the interval over seeds and the per-query p-value, the cell's compute and the command
     that reproduces its rows."""
-    from leadkd.compare import load_ledger
-    from leadkd.compare_report import delta_cell, p_cell, mean_std, paired_comparison, variant_values
+    from leadkd.compare.run import load_ledger
+    from leadkd.compare.report import delta_cell, p_cell, mean_std, paired_comparison, variant_values
 
     lines = ["| cell | factor | variant | seeds | test nDCG@10 | Δ vs response-KD [95% CI over seeds] | p (per query) |",
              "|---|---|---|---:|---:|---:|---:|"]
@@ -355,7 +355,7 @@ def study_table() -> list[str]:
 
 def write_study_table() -> None:
     """Replace the generated block of docs/results.md (between its two markers) with :func:`study_table`."""
-    from leadkd.fileio import atomic_write
+    from leadkd.runtime.fileio import atomic_write
 
     text = TABLE.read_text(encoding="utf-8")
     if TABLE_START not in text or TABLE_END not in text:
@@ -382,8 +382,8 @@ def main() -> None:
         return
     import torch
 
-    from leadkd.compare import load_spec, run_compare
-    from leadkd.compare_report import render_compare
+    from leadkd.compare.run import load_spec, run_compare
+    from leadkd.compare.report import render_compare
 
     torch.set_num_threads(args.threads)
     os.chdir(HERE.parent)  # every path in the specs and ledgers is relative to the repository root

@@ -19,7 +19,7 @@ from leadkd.cli import build_parser, main
 from leadkd.data.collection import Corpus, Qrels, Queries
 from leadkd.data.datasets import Dataset, load_corpus, load_dataset
 from leadkd.data.groups import read_training_groups
-from leadkd.errors import LeadkdError
+from leadkd.runtime.errors import LeadkdError
 from leadkd.retrieval import bm25
 from leadkd.retrieval.bm25 import BM25Ranker, top_rows
 from leadkd.retrieval.mine import mine_with_ranker

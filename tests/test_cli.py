@@ -25,8 +25,8 @@ from leadkd.cli import main
 from leadkd.data.datasets import load_corpus, load_dataset
 from leadkd.data.groups import read_training_groups
 from leadkd.data.runs import ranked, read_run
-from leadkd.errors import LeadkdError
-from leadkd.evaluate import DEFAULT_MEASURES, evaluate
+from leadkd.runtime.errors import LeadkdError
+from leadkd.retrieval.evaluate import DEFAULT_MEASURES, evaluate
 from leadkd.retrieval.pipeline import Embeddings
 
 from conftest import make_tiny_beir, make_tiny_bert_folder, make_tiny_groups

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leadkd.errors import ConfigError, LeadkdError
+from leadkd.runtime.errors import ConfigError, LeadkdError
 from leadkd.models.colbert import PROJECTION_FILE, ColBERT, maxsim_scores
 
 QUERIES = ["the cell protein", "cancer risk of the drug dose in patients"]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY_WORDS, make_tiny_bert_folder
-from leadkd.errors import LeadkdError
+from leadkd.runtime.errors import LeadkdError
 from leadkd.models.colbert import PROJECTION_FILE, ColBERT
 from leadkd.models.colbert_formats import detect_format
 from leadkd.models.loading import load_model

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from leadkd import compare as compare_module
+from leadkd.compare import run as compare_module
 from leadkd.cli import main
-from leadkd.compare import load_ledger, load_spec, run_compare
-from leadkd.compare_report import paired_comparison, render_compare
-from leadkd.errors import ConfigError, LeadkdError
+from leadkd.compare.run import load_ledger, load_spec, run_compare
+from leadkd.compare.report import paired_comparison, render_compare
+from leadkd.runtime.errors import ConfigError, LeadkdError
 
 from conftest import make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
 
@@ -152,7 +152,7 @@ def test_a_model_is_scored_once_and_an_ablation_runs_on_its_own_seeds(setup, tmp
     assert teacher["job"] == "evaluate" and teacher["config"] == {"model": str(setup["root"] / "teacher")}
     assert "dev" not in teacher and teacher["splits"]["test"]["per_query"]
     from leadkd.data.datasets import load_dataset
-    from leadkd.evaluate import evaluate
+    from leadkd.retrieval.evaluate import evaluate
     from leadkd.models.dual_encoder import DualEncoder
     from leadkd.retrieval.pipeline import encode_corpus, encode_queries, search_run
 
@@ -220,7 +220,7 @@ def test_paired_delta_interval_and_p_value_against_naive_computations():
 def test_a_set_with_a_relevance_threshold_reports_its_binary_measures_under_their_thresholded_names(tmp_path):
     """TREC DL (rel 2): ir-measures names recall R(rel=2)@100; the table finds it under the spec's R@100,
     heads the column with the thresholded name, and pairs per-query values by it too."""
-    from leadkd.compare_report import measure_key, variant_values
+    from leadkd.compare.report import measure_key, variant_values
 
     ledger = _ledger({"ref": {0: [0.1, 0.2]}, "new": {0: [0.3, 0.2]}})
     ledger["spec"]["evaluate"] = {"test": {"rel": 2}}

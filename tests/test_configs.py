@@ -18,7 +18,7 @@ import pydantic
 import pytest
 
 from leadkd.config import DistillConfig, TrainConfig, config_to_dict, load_config
-from leadkd.errors import ConfigError
+from leadkd.runtime.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -143,7 +143,7 @@ def leadkd_over_paper_gradient(config, world_size: int) -> int:
 
     The paper's code all-gathers DE/ColBERT candidates with only the local slice differentiable and has
     every process compute the global mean loss, so after DDP's averaging its gradient is 1/N of the
-    gradient of that loss, which is what leadkd computes (distributed.py). Whenever a cross-encoder is
+    gradient of that loss, which is what leadkd computes (runtime/distributed.py). Whenever a cross-encoder is
     involved the paper gathers nothing: each process's local mean, averaged by DDP, is exact.
     """
     models = [config.model] if isinstance(config, TrainConfig) else [config.teacher, config.student]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from leadkd.errors import ConfigError, LeadkdError
+from leadkd.runtime.errors import ConfigError, LeadkdError
 from leadkd.models.cross_encoder import HEAD_FILE, CrossEncoder
 
 QUERIES = ["the cell protein", "cancer risk of the drug dose"]

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from conftest import TINY_WORDS, build_tiny_tokenizer, make_tiny_bert_folder
 from leadkd.config import ModelConfig
-from leadkd.errors import ConfigError, LeadkdError
+from leadkd.runtime.errors import ConfigError, LeadkdError
 from leadkd.models.cross_encoder import HEAD_FILE, CrossEncoder
 from leadkd.models.loading import load_model
 

@@ -1,4 +1,4 @@
-"""leadkd.distributed: single-process no-ops, and two real gloo processes against one process on the whole batch."""
+"""leadkd.runtime.distributed: single-process no-ops, and two real gloo processes against one process on the whole batch."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leadkd import distributed as D
-from leadkd.errors import LeadkdError
+from leadkd.runtime import distributed as D
+from leadkd.runtime.errors import LeadkdError
 
 from conftest import free_port, run_processes
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leadkd.errors import LeadkdError
+from leadkd.runtime.errors import LeadkdError
 from leadkd.models import DualEncoder, pair_scores
 
 QUERIES = ["cancer risk", "the effect of vaccine dose on heart", "dna"]

@@ -8,8 +8,8 @@ from math import log2
 
 import pytest
 
-from leadkd.errors import ConfigError, LeadkdError
-from leadkd.evaluate import DEFAULT_MEASURES, evaluate, format_table, parse_measures, write_metrics, write_per_query
+from leadkd.runtime.errors import ConfigError, LeadkdError
+from leadkd.retrieval.evaluate import DEFAULT_MEASURES, evaluate, format_table, parse_measures, write_metrics, write_per_query
 
 # One query; the run ranks d4 d1 d2 x d5 d8 (x unjudged); d6 and d7 are relevant but not retrieved.
 QRELS = {"q": {"d1": 0, "d2": 2, "d4": 1, "d5": 0, "d6": 3, "d7": 1, "d8": 3}}
@@ -92,7 +92,7 @@ def test_minus_one_is_pooled_but_unjudged_as_in_trec_eval():
 def test_missing_queries_count_as_zero_and_unjudged_queries_count(caplog):
     qrels = {**QRELS, "absent": {"d1": 1}, "nothing-relevant": {"d1": 0}}
     run = {**RUN, "nothing-relevant": {"d1": 1.0}, "no-qrels": {"d1": 1.0}}
-    with caplog.at_level(logging.WARNING, logger="leadkd.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="leadkd.retrieval.evaluate"):
         aggregate, per_query = evaluate(run, qrels, ["AP", "RR@10"])
     single, _ = evaluate(RUN, QRELS, ["AP", "RR@10"])
     assert [row["query_id"] for row in per_query] == ["q", "absent", "nothing-relevant"]

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from leadkd.distill.checkpoint import list_checkpoints, load_state, newest_checkpoint
-from leadkd.stopping import StopOnSignal, Stopped
+from leadkd.runtime.stopping import StopOnSignal, Stopped
 
 from conftest import free_port, make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
 

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from leadkd.fileio import atomic_directory, atomic_write
+from leadkd.runtime.fileio import atomic_directory, atomic_write
 
 
 def test_atomic_write_replaces_whole_file_and_keeps_old_on_error(tmp_path):
@@ -49,7 +49,7 @@ def test_atomic_directory_replaces_its_own_folder_only(tmp_path):
 
 
 def test_atomic_directory_never_replaces_a_users_folder_or_file(tmp_path):
-    from leadkd.errors import LeadkdError
+    from leadkd.runtime.errors import LeadkdError
 
     mine = tmp_path / "thesis"
     mine.mkdir()

@@ -148,7 +148,7 @@ def test_a_one_process_group_runs_collectives_and_a_ddp_step(folders, device, mo
     """NCCL on CUDA (gloo on the CPU), world size 1: leadkd's context joins the group, and collectives
     run on the device through the backend. leadkd's own gathers skip the backend for one process, so the
     collectives are torch's (plus the shape exchange every leadkd gather starts with)."""
-    from leadkd import distributed as dist
+    from leadkd.runtime import distributed as dist
 
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(name, value)

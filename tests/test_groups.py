@@ -12,7 +12,7 @@ import torch
 from leadkd.data.collection import Corpus, Queries
 from leadkd.data.batches import EpochSampler, GroupDataset, collate_groups, group_loader, sample_group
 from leadkd.data.groups import GroupsBuilder, read_training_groups, write_training_groups
-from leadkd.errors import InputError, LeadkdError
+from leadkd.runtime.errors import InputError, LeadkdError
 
 
 @pytest.fixture()

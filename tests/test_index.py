@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from leadkd.errors import ConfigError, InputError, LeadkdError
+from leadkd.runtime.errors import ConfigError, InputError, LeadkdError
 from leadkd.retrieval.index import DenseIndex
 from leadkd.retrieval.search import exact_search
 

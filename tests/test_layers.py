@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from leadkd.distill.layers import STRATEGIES, LayerSchedule, select_layers
-from leadkd.layer_strategy import STRATEGIES as CONFIG_STRATEGIES
-from leadkd.errors import ConfigError, LeadkdError
+from leadkd.config.layer_strategy import STRATEGIES as CONFIG_STRATEGIES
+from leadkd.runtime.errors import ConfigError, LeadkdError
 
 
 def gen(seed: int = 888) -> torch.Generator:

@@ -21,7 +21,7 @@ from leadkd.distill.losses import (
     own_group_scores,
     response_kl_loss,
 )
-from leadkd.errors import LeadkdError
+from leadkd.runtime.errors import LeadkdError
 
 # --------------------------------------------------------------------------- naive references
 

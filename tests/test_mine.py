@@ -8,7 +8,7 @@ import pytest
 from leadkd.data.collection import Corpus, Qrels, Queries
 from leadkd.data.datasets import Dataset
 from leadkd.data.groups import read_training_groups, write_training_groups
-from leadkd.errors import ConfigError, LeadkdError
+from leadkd.runtime.errors import ConfigError, LeadkdError
 from leadkd.retrieval.mine import mine_hard_negatives
 from leadkd.retrieval.pipeline import encode_corpus
 

@@ -11,7 +11,7 @@ import pytest
 
 import leadkd.models as models_pkg
 from leadkd import kinds
-from leadkd.errors import LeadkdError
+from leadkd.runtime.errors import LeadkdError
 from leadkd.models import DualEncoder, load_model, loading
 from leadkd.models.base import LEADKD_CONFIG
 
@@ -344,7 +344,7 @@ def test_build_model_refuses_a_damaged_checkpoint(tiny_bert, tmp_path):
 
 def test_use_safetensors_is_a_config_option(tmp_path):
     from leadkd.config import config_from_dict, config_to_dict, load_config
-    from leadkd.errors import ConfigError
+    from leadkd.runtime.errors import ConfigError
 
     required = ["teacher.path=t", "student.path=s", "data.corpus=c", "data.train_groups=g.jsonl", "optim.steps=1",
                 "output_dir=out"]

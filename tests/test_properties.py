@@ -20,7 +20,7 @@ from leadkd.data.formats import (read_beir_qrels, read_collection_tsv, read_corp
                                  write_trec_qrels)
 from leadkd.data.groups import GroupsBuilder, read_training_groups, write_training_groups
 from leadkd.data.runs import read_run, write_run
-from leadkd.errors import LeadkdError
+from leadkd.runtime.errors import LeadkdError
 
 # LEADKD_PROPERTY_EXAMPLES=2000 for a deeper search than the default run's 50 examples per property.
 SETTINGS = settings(max_examples=int(os.environ.get("LEADKD_PROPERTY_EXAMPLES", "50")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -58,7 +58,8 @@ def _valid(name: str, result) -> None:
     elif name.startswith("qrels") or name.endswith("qrels"):
         assert len(result) > 0
         for q, docs in result.items():
-            assert q and docs and all(d and isinstance(r, int) and r >= 0 for d, r in docs.items())
+            # -1 is trec_eval's "pooled but not judged", read as it reads it (docs/data-formats.md)
+            assert q and docs and all(d and isinstance(r, int) and r >= -1 for d, r in docs.items())
     elif name == "run":
         for q, docs in result.items():
             assert all(math.isfinite(s) for s in docs.values())

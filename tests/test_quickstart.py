@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from leadkd.cli import main
-from leadkd.results import read_results
+from leadkd.reporting.results import read_results
 
 
 @pytest.mark.slow
@@ -124,7 +124,7 @@ def test_a_name_missing_locally_falls_back_to_ir_datasets(data_dir, tmp_path, mo
     """``leadkd quickstart`` with no $LEADKD_DATA_DIR: SciFact comes through ir_datasets instead."""
     import sys
 
-    from leadkd.errors import LeadkdError
+    from leadkd.runtime.errors import LeadkdError
     from leadkd.quickstart import QuickstartPlan, choose_splits, run_quickstart
 
     monkeypatch.setitem(sys.modules, "ir_datasets", _fake_irds_scifact(data_dir / "scifact"))
@@ -144,7 +144,7 @@ def test_an_irds_dataset_is_exported_with_the_local_copys_dev_split(data_dir, tm
     import sys
 
     from leadkd.data import load_dataset, read_beir_qrels
-    from leadkd.errors import LeadkdError
+    from leadkd.runtime.errors import LeadkdError
     from leadkd.quickstart import QuickstartPlan, choose_splits, run_quickstart
 
     local = data_dir / "scifact"

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from leadkd.errors import InputError, LeadkdError
-from leadkd.report import PLOTS, build_report, markdown_table
-from leadkd.results import Model, RunResults, Stage, read_results, write_results
-from leadkd.stage_logs import load_metrics
+from leadkd.runtime.errors import InputError, LeadkdError
+from leadkd.reporting.report import PLOTS, build_report, markdown_table
+from leadkd.reporting.results import Model, RunResults, Stage, read_results, write_results
+from leadkd.reporting.stage_logs import load_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -175,7 +175,7 @@ def test_what_happened_states_the_deltas(full_run):
 def test_stages_are_laid_out_as_results_json_says(tmp_path):
     """Arms that start from the same model lie side by side, after the stage that made it, in the declared
     order (here not the folders' name order)."""
-    from leadkd.stage_logs import read_stage_logs
+    from leadkd.reporting.stage_logs import read_stage_logs
 
     arms = STAGES + (Stage("response_kd", "distill", "stages/response_kd", 300, "student_warmup", None),)
     run = make_run(tmp_path / "run", None, stages=("warmup", "response_kd", "distill", "zzz_extra"))
@@ -350,7 +350,7 @@ def test_markdown_table_bold_rules_alignment_and_escapes():
 
 
 def test_a_stage_and_the_model_it_produced_share_a_colour_in_every_plot():
-    from leadkd.plots import UNTRAINED, run_colors
+    from leadkd.reporting.plots import UNTRAINED, run_colors
 
     stages = ["warmup", "distill", "response_kd", "custom_stage"]
     made_by = {"student_init": None, "student_warmup": "warmup", "student_response_kd": "response_kd",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from leadkd.data.datasets import load_dataset
-from leadkd.errors import LeadkdError
+from leadkd.runtime.errors import LeadkdError
 from leadkd.models.cross_encoder import CrossEncoder
 from leadkd.models.dual_encoder import DualEncoder
 from leadkd.retrieval.rerank import rerank_run, top_candidates

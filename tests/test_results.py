@@ -1,4 +1,4 @@
-"""leadkd.results: the typed results object, its round trip through results.json, and one-line errors."""
+"""leadkd.reporting.results: the typed results object, its round trip through results.json, and one-line errors."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from leadkd.errors import InputError
-from leadkd.results import (SCHEMA, Model, PairedComparison, RunResults, Stage, read_json_object, read_results,
+from leadkd.runtime.errors import InputError
+from leadkd.reporting.results import (SCHEMA, Model, PairedComparison, RunResults, Stage, read_json_object, read_results,
                             write_results)
 
 

@@ -1,4 +1,4 @@
-"""One writer per output folder (src/leadkd/run_lock.py): refusal of a live holder, takeover of a dead one.
+"""One writer per output folder (src/leadkd/runtime/run_lock.py): refusal of a live holder, takeover of a dead one.
 
 Records are written here by hand (JSON, as a holder would), so the tests do not read the module's own
 writer to decide what a lock file says; the subprocess tests race real processes for one folder.
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 import leadkd
-from leadkd import run_lock
-from leadkd.run_lock import LOCK_NAME, RunLockError, output_lock, read_record
+from leadkd.runtime import run_lock
+from leadkd.runtime.run_lock import LOCK_NAME, RunLockError, output_lock, read_record
 
 from conftest import make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
 
@@ -225,7 +225,7 @@ def _env() -> dict[str, str]:
 
 
 HOLDER = ("import sys, time\n"
-          "from leadkd.run_lock import output_lock\n"
+          "from leadkd.runtime.run_lock import output_lock\n"
           "with output_lock(sys.argv[1]):\n"
           "    print('held', flush=True)\n"
           "    time.sleep(120)\n")
@@ -268,7 +268,7 @@ def test_a_second_process_is_refused_while_the_first_holds_the_folder(tmp_path):
 
 
 RACER = ("import sys, time\n"
-         "from leadkd.run_lock import RunLockError, output_lock\n"
+         "from leadkd.runtime.run_lock import RunLockError, output_lock\n"
          "while time.time() < float(sys.argv[2]): pass\n"  # all start together
          "try:\n"
          "    with output_lock(sys.argv[1]):\n"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from leadkd.data.runs import ranked, read_run, write_run
-from leadkd.errors import InputError, LeadkdError
+from leadkd.runtime.errors import InputError, LeadkdError
 
 B = Path(__file__).parent / "bad_inputs"
 RUN = {"q2": {"d1": 0.5, "d2": 1 / 3, "d3": 2.0}, "q1": {"x": 1e-7, "y": -3.25}}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from leadkd.errors import ConfigError, LeadkdError
+from leadkd.runtime.errors import ConfigError, LeadkdError
 from leadkd.retrieval.search import exact_search, to_run
 
 

@@ -182,7 +182,7 @@ def test_a_sentence_transformers_cross_encoder_teacher_keeps_its_trained_head(fo
 def test_missing_raw_texts_is_one_clear_error(folders):
     from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
 
-    from leadkd.errors import LeadkdError
+    from leadkd.runtime.errors import LeadkdError
     from leadkd.integrations.sentence_transformers import LEADLoss
     from leadkd.models import DualEncoder
 

@@ -20,7 +20,7 @@ from sentence_transformers import SentenceTransformer  # noqa: E402
 from sentence_transformers.sentence_transformer.modules import (  # noqa: E402
     Dense, LayerNorm, Normalize, Pooling, Transformer)
 
-from leadkd.errors import LeadkdError  # noqa: E402
+from leadkd.runtime.errors import LeadkdError  # noqa: E402
 from leadkd.models import loading  # noqa: E402
 from leadkd.models.dual_encoder import DualEncoder  # noqa: E402
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from leadkd.errors import ConfigError
+from leadkd.runtime.errors import ConfigError
 from leadkd.models.base import block_outputs, load_backbone
 from leadkd.models.surgery import keep_layers
 

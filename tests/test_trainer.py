@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from leadkd.config import load_config
 from leadkd.distill.trainer import Trainer, run_job
-from leadkd.errors import ConfigError, LeadkdError
+from leadkd.runtime.errors import ConfigError, LeadkdError
 
 from conftest import free_port, make_tiny_beir, make_tiny_bert_folder, make_tiny_groups, run_processes
 
@@ -117,7 +117,7 @@ def test_a_fresh_start_never_overwrites_checkpoints_and_resume_keeps_the_setting
 def test_the_collective_timeout_reaches_the_process_group(setup, tmp_path, monkeypatch):
     """Rank 0 writes checkpoints while the others wait in a collective: ``ddp_timeout`` must reach
     init_process_group."""
-    import leadkd.distributed as D
+    import leadkd.runtime.distributed as D
 
     seen, real = [], D.init_distributed
     monkeypatch.setattr(D, "init_distributed", lambda **kw: seen.append(kw) or real(**kw))
@@ -392,7 +392,7 @@ def test_two_processes_match_one_process_on_the_whole_batch(setup, tmp_path):
 
 
 def _eval_worker(rank: int, port: int, setup: dict, out_dir: str) -> None:
-    from leadkd import distributed as D
+    from leadkd.runtime import distributed as D
     from leadkd.retrieval.pipeline import evaluate_retriever
     from leadkd.models import load_model
 
@@ -440,7 +440,7 @@ def test_hidden_state_mse_baseline_trains_and_resumes(setup, tmp_path):
 
 
 def test_hidden_state_mse_refuses_different_tokenizers(setup, tiny_bert_other, tmp_path):
-    from leadkd.errors import ConfigError, LeadkdError as Error
+    from leadkd.runtime.errors import ConfigError, LeadkdError as Error
 
     config = distill_config(setup, tmp_path / "x", **{"loss.layer": "hidden_mse", "student.init": None,
                                                       "student.path": str(tiny_bert_other)})

@@ -522,7 +522,7 @@ def bench_compiled_encode(device: torch.device, folder: Path, texts: list[str], 
 def write_result(result: dict, output_dir: Path, name: str) -> None:
     """The result so far, written atomically after each section (a timeout loses only the section it
     cuts short); the profiles go beside it as text."""
-    from leadkd.fileio import atomic_write
+    from leadkd.runtime.fileio import atomic_write
 
     result = {**result, "targets": targets(result)}
     profiles = {}

@@ -1,6 +1,6 @@
 """The `leadkd` command. Thin on purpose: parse, call the library, print; no logic of its own.
 
-Errors the user can fix (:class:`leadkd.errors.LeadkdError`) print one line on stderr and exit 2;
+Errors the user can fix (:class:`leadkd.runtime.errors.LeadkdError`) print one line on stderr and exit 2;
 ``--debug`` shows the traceback instead.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from .errors import LeadkdError  # noqa: E402
-from .stopping import Stopped  # noqa: E402
+from .runtime.errors import LeadkdError  # noqa: E402
+from .runtime.stopping import Stopped  # noqa: E402
 
 EXIT_USER_ERROR = 2
 #: ``--dtype`` choices: the torch dtypes a model may be cast to for inference.
@@ -70,7 +70,7 @@ def _add_data_options(parser: argparse.ArgumentParser, split_default: str | None
 
 
 def _add_eval_options(parser: argparse.ArgumentParser) -> None:
-    from .evaluate import DEFAULT_MEASURES
+    from .retrieval.evaluate import DEFAULT_MEASURES
 
     group = parser.add_argument_group("evaluation")
     group.add_argument("--measures", nargs="+", default=list(DEFAULT_MEASURES),
@@ -101,7 +101,7 @@ def _load_model(args):
             raise LeadkdError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     import torch
 
-    from .distributed import pick_device
+    from .runtime.distributed import pick_device
 
     context = getattr(args, "process_context", None)  # set by _in_process_group: cuda:LOCAL_RANK under torchrun
     device = context.device if context is not None else pick_device(args.device)  # checked before the slow load
@@ -126,12 +126,12 @@ def _say(message: str) -> None:
 
 def _in_process_group(command):
     """Run ``command`` in torchrun's process group when there is one (gloo on CPU, NCCL on CUDA; see
-    leadkd.distributed), else in the single local process: ``args.process_context`` says which."""
+    leadkd.runtime.distributed), else in the single local process: ``args.process_context`` says which."""
     import functools
 
     @functools.wraps(command)
     def run(args) -> None:
-        from .distributed import init_distributed
+        from .runtime.distributed import init_distributed
 
         args.process_context = init_distributed(device=args.device)
         try:
@@ -160,8 +160,8 @@ def cmd_retrieve(args) -> None:
 
     Under torchrun each process encodes and searches its share of the corpus; rank 0 merges and writes."""
     from .data.runs import write_run
-    from .evaluate import evaluate, format_table, parse_measures, write_metrics, write_per_query
-    from .fileio import check_replaceable
+    from .retrieval.evaluate import evaluate, format_table, parse_measures, write_metrics, write_per_query
+    from .runtime.fileio import check_replaceable
     from .retrieval.pipeline import encode_corpus, encode_queries, search_run
 
     started = time.perf_counter()
@@ -219,7 +219,7 @@ def cmd_encode(args) -> None:
     qrels, else all); no judgments are needed. Under torchrun each process encodes its share and rank 0
     writes the folder."""
     from .data.datasets import load_corpus, load_split_queries
-    from .fileio import check_replaceable
+    from .runtime.fileio import check_replaceable
     from .retrieval.pipeline import (encode_corpus, encode_corpus_share, encode_queries, encode_queries_share,
                                      save_shards)
 
@@ -279,8 +279,8 @@ def cmd_search(args) -> None:
 def cmd_rerank(args) -> None:
     """Rescore each query's top --depth of a run with a cross-encoder; write the new run and its evaluation."""
     from .data.runs import read_run, write_run
-    from .distributed import pick_device
-    from .evaluate import evaluate, format_table, parse_measures, write_metrics, write_per_query
+    from .runtime.distributed import pick_device
+    from .retrieval.evaluate import evaluate, format_table, parse_measures, write_metrics, write_per_query
     from .models.loading import load_model
     from .retrieval.rerank import rerank_run
 
@@ -305,7 +305,7 @@ def cmd_evaluate(args) -> None:
     """Score a run file against qrels with ir-measures."""
     from .data.formats import read_qrels
     from .data.runs import read_run
-    from .evaluate import evaluate, format_table, parse_measures, write_metrics, write_per_query
+    from .retrieval.evaluate import evaluate, format_table, parse_measures, write_metrics, write_per_query
 
     if (args.qrels is None) == (args.data is None):
         raise LeadkdError("pass either --qrels FILE or --data D --split S")
@@ -355,7 +355,7 @@ def _corpus_embeddings(folder: str):
 def cmd_mine(args) -> None:
     """Mine hard negatives with a retriever (dense: --model; bm25: no model); write a training-groups file."""
     from .data.groups import write_training_groups
-    from .fileio import atomic_write
+    from .runtime.fileio import atomic_write
     from .retrieval.mine import mine_hard_negatives, mine_with_ranker
 
     start, _, end = args.range.partition(":")
@@ -403,9 +403,9 @@ def cmd_quickstart(args) -> None:
 def cmd_report(args) -> None:
     """Rebuild a finished run's report (report.md and plots) from its results and logs; a comparison
     folder (or ledger file) gets compare.md and its plots."""
-    from .compare import load_ledger
-    from .compare_report import render_compare, report_dir
-    from .report import build_report
+    from .compare.run import load_ledger
+    from .compare.report import render_compare, report_dir
+    from .reporting.report import build_report
 
     target = Path(args.run_dir)
     ledger = target if target.suffix == ".json" else target / "compare.json"
@@ -417,8 +417,8 @@ def cmd_report(args) -> None:
 
 def cmd_compare(args) -> None:
     """Train every variant x seed of a comparison spec that is not done yet; write compare.json and compare.md."""
-    from .compare import load_spec, run_compare
-    from .compare_report import render_compare, report_dir
+    from .compare.run import load_spec, run_compare
+    from .compare.report import render_compare, report_dir
 
     spec = load_spec(args.spec)
     ledger = run_compare(spec, log=_say, max_rows=args.max_rows, only=set(args.only) if args.only else None)

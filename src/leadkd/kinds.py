@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from .errors import LeadkdError
+from .runtime.errors import LeadkdError
 
 
 @dataclass(frozen=True)

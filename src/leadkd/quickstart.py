@@ -22,9 +22,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import LeadkdError
-from .fileio import atomic_write
-from .results import RESULTS_NAME, Model, PairedComparison, RunResults, Stage, read_results, write_results
+from .runtime.errors import LeadkdError
+from .runtime.fileio import atomic_write
+from .reporting.results import RESULTS_NAME, Model, PairedComparison, RunResults, Stage, read_results, write_results
 
 Log = Callable[[str], None]
 #: The ir_datasets splits a quickstart looks for under a dataset id (``beir/scifact/train``, ...).
@@ -223,7 +223,7 @@ def _merged(*trees: dict[str, Any]) -> dict[str, Any]:
 def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart", plan: QuickstartPlan | None = None,
                    log: Log = print) -> Path:
     """Run (or continue) every stage; returns the report's path."""
-    from .run_lock import output_lock
+    from .runtime.run_lock import output_lock
 
     with output_lock(output, option="--output"):  # each stage's job then holds its own sub-folder
         return _run_quickstart(data, output, plan, log)
@@ -237,7 +237,7 @@ def _run_quickstart(data: str, output: str | Path, plan: QuickstartPlan | None, 
     from .distill.build import student_from_teacher
     from .distill.trainer import run_job
     from .models.dual_encoder import DualEncoder
-    from .report import build_report
+    from .reporting.report import build_report
     from .retrieval.mine import mine_hard_negatives
 
     plan = plan or QuickstartPlan()
@@ -337,7 +337,7 @@ def _evaluated(results: RunResults, paths: dict[str, Path], test, teacher_corpus
                log: Log) -> RunResults:
     """``results`` with every model scored on the test split, per layer, and LEAD's paired difference to
     response-KD over the test queries."""
-    from .model_card import add_figures
+    from .models.model_card import add_figures
     from .models.dual_encoder import DualEncoder
     from .retrieval.pipeline import evaluate_layers
 
@@ -397,7 +397,7 @@ class _Timings:
 def _paired(per_query: dict[str, dict[str, float]], model: str, reference: str, measure: str,
             split: str) -> PairedComparison:
     """``model`` against ``reference`` on the test queries: Δ of the means and a paired randomization test."""
-    from .stats import randomization_test
+    from .compare.stats import randomization_test
 
     lead, base = per_query[model], per_query[reference]
     queries = sorted(set(lead) & set(base))

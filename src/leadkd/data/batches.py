@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ..errors import LeadkdError
+from ..runtime.errors import LeadkdError
 from .groups import TrainingGroups
 
 

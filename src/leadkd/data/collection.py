@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
-from leadkd.errors import InputError
+from leadkd.runtime.errors import InputError
 
 __all__ = ["TextCollection", "Corpus", "Queries", "CollectionBuilder", "IdView", "Qrels"]
 

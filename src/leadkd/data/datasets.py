@@ -20,7 +20,7 @@ from typing import Sequence
 from leadkd.data.collection import Corpus, Qrels, Queries
 from leadkd.data.formats import (check_qrels, read_collection_tsv, read_corpus, read_corpus_jsonl, read_qrels,
                                  read_queries_jsonl, read_queries_tsv)
-from leadkd.errors import InputError, LeadkdError
+from leadkd.runtime.errors import InputError, LeadkdError
 
 __all__ = ["Dataset", "load_dataset", "load_corpus", "load_split_queries", "resolve_dataset", "available_splits",
            "export_irds", "DATA_DIR_ENV"]
@@ -336,7 +336,7 @@ def export_irds(dataset_id: str, target: str | os.PathLike, splits: Sequence[str
     splits of a BEIR dataset in ir_datasets share their documents); the folder appears whole or not at all.
     """
     from leadkd.data.formats import write_beir_qrels, write_corpus_jsonl, write_queries_jsonl
-    from leadkd.fileio import atomic_directory
+    from leadkd.runtime.fileio import atomic_directory
 
     _irds_module(dataset_id)  # a missing package is its own error, not "no such split"
     found = {}

@@ -1,13 +1,13 @@
 """Readers and writers for the corpus, query and qrels files of BEIR, MS MARCO and TREC.
 
 Every reader validates as it goes and reports the first problem as one
-:class:`~leadkd.errors.InputError` (``file:line: field 'x': message``): a bad input is found
+:class:`~leadkd.runtime.errors.InputError` (``file:line: field 'x': message``): a bad input is found
 when it is loaded, not hours later as a ``KeyError`` in training. Files are read as bytes in
 large blocks and split on ``\\n`` only (so U+2028 inside JSON text stays text); a UTF-8 BOM and
 CRLF line ends are removed, blank lines are skipped, ``.gz`` files are read transparently. In qrels,
 as in trec_eval, a line whose first non-blank character is ``#`` is a comment and any integer is a
 relevance (``-1`` marks a pooled but unjudged document).
-Writers go through :func:`leadkd.fileio.atomic_write`.
+Writers go through :func:`leadkd.runtime.fileio.atomic_write`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import IO, Iterable, Iterator, Sequence
 
 from leadkd.data.collection import Corpus, Qrels, Queries, TextCollection
-from leadkd.errors import InputError, LeadkdError
-from leadkd.fileio import atomic_write
+from leadkd.runtime.errors import InputError, LeadkdError
+from leadkd.runtime.fileio import atomic_write
 
 __all__ = [
     "DataWarning", "read_corpus_jsonl", "read_queries_jsonl", "read_collection_tsv", "read_queries_tsv",

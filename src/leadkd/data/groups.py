@@ -22,8 +22,8 @@ from typing import IO, Any, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import InputError
-from ..fileio import atomic_write
+from ..runtime.errors import InputError
+from ..runtime.fileio import atomic_write
 
 __all__ = [
     "TrainingGroups", "GroupsBuilder", "Group", "GroupStats", "read_training_groups", "write_training_groups",

@@ -3,7 +3,7 @@
 Order and ties: a run is ``{query_id: {doc_id: score}}``; its ranking is score descending, and equal
 scores are ordered by doc id *descending* (plain string comparison). That is the order trec_eval (and so
 pytrec_eval, BEIR, ir-measures' pytrec_eval provider) evaluates in, whatever the rank column says, so
-the rank column we write is the rank every evaluator will use. :mod:`leadkd.evaluate` ranks the same way.
+the rank column we write is the rank every evaluator will use. :mod:`leadkd.retrieval.evaluate` ranks the same way.
 
 Reading: ties are allowed; the rank column must be an integer but is otherwise ignored (as trec_eval
 does); the second column and any fields after the run tag are ignored, and a line whose first non-blank
@@ -22,8 +22,8 @@ import os
 from pathlib import Path
 from typing import IO, Iterator, Mapping
 
-from leadkd.errors import InputError, LeadkdError
-from leadkd.fileio import atomic_write, reporting_write_failures
+from leadkd.runtime.errors import InputError, LeadkdError
+from leadkd.runtime.fileio import atomic_write, reporting_write_failures
 
 Run = dict[str, dict[str, float]]
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..accel.cpu_dropout import use_cpu_dropout
 from ..config import DistillConfig
-from ..errors import ConfigError
+from ..runtime.errors import ConfigError
 from ..models.base import DenseRetriever
 from ..kinds import DEFAULT_KIND, model_class
 from ..models.loading import build_model

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ..config import DistillConfig, changed_settings, load_config
-from ..errors import ConfigError, LeadkdError
-from ..fileio import atomic_directory, is_write_failure, remove_tree, write_failure_reason
+from ..runtime.errors import ConfigError, LeadkdError
+from ..runtime.fileio import atomic_directory, is_write_failure, remove_tree, write_failure_reason
 
 STATE_FILE = "state.pt"
 _NAME = re.compile(r"^step-(\d+)$")

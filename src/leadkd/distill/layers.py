@@ -15,7 +15,7 @@ the transformer blocks' outputs (the last index is the final layer). Strategies 
   teacher 19..23, ``skip`` student 7..11 with teacher 0..8), so reproduce the paper's 24->12 ablations
   with these.
 * ``map`` - fixed pairs of your choosing, ``pairs=[(0, 1), (1, 3), (2, 5)]`` (``student, teacher`` per
-  pair). The old spelling, ``"0:1,1:3,2:5"`` in place of the name, still reads (:mod:`leadkd.layer_strategy`).
+  pair). The old spelling, ``"0:1,1:3,2:5"`` in place of the name, still reads (:mod:`leadkd.config.layer_strategy`).
 
 Random draws use a seeded ``torch.Generator`` (CPU), so every process with the same seed draws the same
 layers without communicating (the paper's code relied on a shared seed for Python's ``random``).
@@ -27,8 +27,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import ConfigError, LeadkdError
-from ..layer_strategy import STRATEGIES, Pair, StrategyError, resolve_strategy
+from ..runtime.errors import ConfigError, LeadkdError
+from ..config.layer_strategy import STRATEGIES, Pair, StrategyError, resolve_strategy
 
 #: The paper code's fixed ``(student, teacher)`` lists for its last/skip ablations, for every depth pair.
 PAPER_PAIRS: dict[str, tuple[Pair, ...]] = {

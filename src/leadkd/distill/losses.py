@@ -22,8 +22,8 @@ from typing import Callable, Collection, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, LeadkdError
-from ..layer_strategy import Pair
+from ..runtime.errors import ConfigError, LeadkdError
+from ..config.layer_strategy import Pair
 
 __all__ = [
     "contrastive_loss", "kl_distillation", "response_kl_loss", "margin_mse_loss", "layer_distillation_loss",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import distributed as dist
+from ..runtime import distributed as dist
 from .build import Trained
 from .layers import pair_layers
 from .losses import (contrastive_loss, duplicate_positive_mask, group_labels, lead_total_loss, mask_candidates,

@@ -41,8 +41,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import LeadkdError
-from ..fileio import atomic_write
+from ..runtime.errors import LeadkdError
+from ..runtime.fileio import atomic_write
 from ..models.base import resolve_layers
 
 META = "meta.json"

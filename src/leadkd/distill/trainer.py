@@ -21,15 +21,15 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .. import distributed as dist
+from ..runtime import distributed as dist
 from ..accel import cuda
 from ..config import DistillConfig, TrainConfig, save_config
 from ..data.datasets import load_corpus, load_queries
 from ..data.batches import GroupDataset, group_loader
 from ..data.groups import read_training_groups
-from ..errors import LeadkdError
-from ..fileio import atomic_write
-from ..model_card import write_model_card
+from ..runtime.errors import LeadkdError
+from ..runtime.fileio import atomic_write
+from ..models.model_card import write_model_card
 from ..models.base import DenseRetriever
 from ..models.loading import build_model
 from ..retrieval.pipeline import evaluate_retriever
@@ -38,7 +38,7 @@ from .checkpoint import (check_resumable, checkpoint_name, list_checkpoints, new
                          save_checkpoint, set_rng_state)
 from .layers import LayerSchedule
 from .objectives import Distillation, GroundTruth
-from ..stopping import Stopped, StopOnSignal, signal_name
+from ..runtime.stopping import Stopped, StopOnSignal, signal_name
 
 Log = Callable[[str], None]
 
@@ -459,7 +459,7 @@ def _truncate_log(path: Path, step: int) -> None:
 
 def run_job(config: TrainConfig | DistillConfig, resume: bool = False, log: Log | None = None) -> dict[str, Any]:
     """Build a trainer, train, clean up — what `leadkd train` and `leadkd distill` call."""
-    from ..run_lock import output_lock
+    from ..runtime.run_lock import output_lock
 
     with output_lock(config.output_dir, option="output_dir"):  # one writer per folder, before any rank joins
         trainer = Trainer(config, resume=resume, log=log)

@@ -29,7 +29,7 @@ except ImportError:  # 3 to 5
 
 from ..distill.layers import LayerSchedule, pair_layers
 from ..distill.losses import duplicate_positive_mask, group_labels, lead_total_loss, own_group_scores
-from ..errors import ConfigError, LeadkdError
+from ..runtime.errors import ConfigError, LeadkdError
 
 __all__ = ["LEADLoss", "TextKeepingDataCollator", "text_collator", "as_leadkd_teacher", "student_layer_embeddings"]
 

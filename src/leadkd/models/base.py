@@ -20,7 +20,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 from torch import nn
 
-from ..errors import ConfigError, LeadkdError
+from ..runtime.errors import ConfigError, LeadkdError
 
 #: File written by every leadkd model's ``save_pretrained``: its kind and settings, read by ``load_model``.
 LEADKD_CONFIG = "leadkd_config.json"

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import LeadkdError
+from ..runtime.errors import LeadkdError
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, LeadkdError
-from ..fileio import atomic_directory
-from .. import distributed as dist
+from ..runtime.errors import ConfigError, LeadkdError
+from ..runtime.fileio import atomic_directory
+from ..runtime import distributed as dist
 from .base import (block_outputs, check_overrides, freeze_pooler, load_backbone, loading_options, num_blocks, options_from_folder,
                    position_limit, read_leadkd_config, resolve_layers, resolve_model_path)
 from .colbert_formats import read_foreign, skiplist_ids

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ..errors import LeadkdError
+from ..runtime.errors import LeadkdError
 from .base import LEADKD_CONFIG, read_json_file
 
 PYLATE = "pylate"

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, LeadkdError
-from ..fileio import atomic_directory
+from ..runtime.errors import ConfigError, LeadkdError
+from ..runtime.fileio import atomic_directory
 from .base import (freeze_pooler, load_backbone, loading_options, num_blocks, options_from_folder, position_limit,
                    read_leadkd_config, resolve_layers, resolve_model_path)
 from .classification_heads import SequenceClassificationHead, check_supported, is_sequence_classifier

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed as dist
-from ..errors import LeadkdError
-from ..fileio import atomic_directory
+from ..runtime import distributed as dist
+from ..runtime.errors import LeadkdError
+from ..runtime.fileio import atomic_directory
 from .base import (block_outputs, freeze_pooler, load_backbone, loading_options, num_blocks, pool, read_leadkd_config,
                    resolve_layers, resolve_model_path)
 from .loading import read_st_dense, read_st_settings, write_leadkd_config, write_st_metadata

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 from .. import __version__
 from ..kinds import DEFAULT_KIND, MODEL_KINDS, model_class
-from ..errors import LeadkdError
-from ..fileio import atomic_write
+from ..runtime.errors import LeadkdError
+from ..runtime.fileio import atomic_write
 from .base import LEADKD_CONFIG, folder_file, read_json_file, read_leadkd_config, resolve_model_path
 from .st_modules import DENSE_TYPE, check_pipeline, module_kind, read_dense_layers, save_dense
 

@@ -23,8 +23,8 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import LeadkdError
-from ..fileio import atomic_write
+from ..runtime.errors import LeadkdError
+from ..runtime.fileio import atomic_write
 from .base import read_json_file
 
 #: ST's activation for a one-label cross-encoder that names none.

@@ -18,8 +18,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..errors import LeadkdError
-from ..fileio import atomic_write
+from ..runtime.errors import LeadkdError
+from ..runtime.fileio import atomic_write
 from .base import folder_file, read_json_file
 
 #: Module types leadkd follows, by their last dotted name (ST 2-6 spell the package part differently).

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ConfigError
+from ..runtime.errors import ConfigError
 
 # Where the list of blocks lives, by architecture family.
 _BLOCK_LISTS = ("encoder.layer", "transformer.layer", "encoder.layers", "layers", "h")

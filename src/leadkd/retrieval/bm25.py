@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import ConfigError, LeadkdError
+from ..runtime.errors import ConfigError, LeadkdError
 
 K1 = 1.2
 B = 0.75

@@ -24,8 +24,8 @@ import faiss
 import numpy as np
 import torch
 
-from leadkd.errors import ConfigError, InputError, LeadkdError
-from leadkd.fileio import atomic_directory, reporting_write_failures
+from leadkd.runtime.errors import ConfigError, InputError, LeadkdError
+from leadkd.runtime.fileio import atomic_directory, reporting_write_failures
 from leadkd.retrieval.search import ArrayLike, exact_search, to_run
 
 Kind = Literal["flat", "hnsw"]

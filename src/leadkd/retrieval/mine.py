@@ -22,10 +22,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .. import distributed as dist
+from ..runtime import distributed as dist
 from .. import accel
 from ..data.groups import GroupsBuilder, TrainingGroups
-from ..errors import ConfigError, LeadkdError
+from ..runtime.errors import ConfigError, LeadkdError
 from .pipeline import Embeddings, encode_corpus, search_shards, share_of
 from .search import exact_search
 

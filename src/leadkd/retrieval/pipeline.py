@@ -14,10 +14,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import distributed as dist
+from ..runtime import distributed as dist
 from .. import accel
-from ..errors import LeadkdError
-from ..fileio import atomic_directory, reporting_write_failures
+from ..runtime.errors import LeadkdError
+from ..runtime.fileio import atomic_directory, reporting_write_failures
 
 EMBEDDINGS_FILE = "embeddings.npy"
 IDS_FILE = "ids.txt"
@@ -99,7 +99,7 @@ def evaluate_layers(model, dataset, measures: Sequence[str] = ("nDCG@10", "R@100
     ``corpus_vectors``: this model's ``[layers, passages, dim]`` vectors of the corpus, already computed
     (e.g. for mining), so the corpus is not encoded again.
     """
-    from ..evaluate import evaluate
+    from .evaluate import evaluate
 
     layers = list(range(model.num_layers))
     corpus, queries = dataset.corpus, dataset.queries
@@ -134,7 +134,7 @@ def evaluate_retriever(model, corpus_spec: str, split: str, metric: str = "nDCG@
     corpus already loaded from ``corpus_spec``, so it is not read again.
     """
     from ..data.datasets import load_dataset
-    from ..evaluate import evaluate
+    from .evaluate import evaluate
     from .search import to_run
 
     dataset = load_dataset(corpus_spec, split=split, corpus=corpus)
@@ -217,11 +217,11 @@ def save_shards(folder: str | os.PathLike, ids: Sequence[str], rows: range, vect
     Each process writes its share beside ``folder`` (a file system every process sees: one machine, or a
     shared one across nodes); rank 0 then copies them in rank order into ``embeddings.npy`` through a
     memory map, so no process ever holds more than its own share, and the folder appears whole
-    (:func:`~leadkd.fileio.atomic_directory`). ``ids`` are all the rows' ids, in order.
+    (:func:`~leadkd.runtime.fileio.atomic_directory`). ``ids`` are all the rows' ids, in order.
     """
     from numpy.lib.format import open_memmap
 
-    from ..fileio import check_replaceable
+    from ..runtime.fileio import check_replaceable
 
     folder = Path(folder)
     check_replaceable(folder)

@@ -14,7 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from ..data.runs import Run, ranked
-from ..errors import LeadkdError
+from ..runtime.errors import LeadkdError
 
 
 def top_candidates(run: Mapping[str, Mapping[str, float]], depth: int) -> dict[str, list[str]]:

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from leadkd.errors import ConfigError, LeadkdError
+from leadkd.runtime.errors import ConfigError, LeadkdError
 
 ArrayLike = np.ndarray | torch.Tensor
 

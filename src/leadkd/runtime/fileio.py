@@ -129,7 +129,7 @@ def remove_tree(path: Path, aside: Path) -> None:
 @contextlib.contextmanager
 def reporting_write_failures(path: str | os.PathLike, what: str) -> Iterator[None]:
     """Turn a failed write of the output ``path`` (a full disk, a quota, an I/O error) into one
-    :class:`~leadkd.errors.LeadkdError` line naming ``path``, not the temporary name beside it.
+    :class:`~leadkd.runtime.errors.LeadkdError` line naming ``path``, not the temporary name beside it.
 
     Meant to wrap an :func:`atomic_write` or :func:`atomic_directory` block, which has already removed
     the partial file by the time the error is reported, and left an earlier complete ``path`` as it was.

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .fileio import atomic_write
+from ..runtime.fileio import atomic_write
 
 CARD = "README.md"
 FIGURES_START = "<!-- leadkd: figures -->"

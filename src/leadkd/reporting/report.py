@@ -2,7 +2,7 @@
 
 Reads (see docs/report.md for the contract)::
 
-    RUN/results.json                  the run's results (:mod:`leadkd.results`): models, stages, settings
+    RUN/results.json                  the run's results (:mod:`leadkd.reporting.results`): models, stages, settings
     RUN/<stage folder>/metrics.jsonl  the trainer's log of each training stage (any may be missing)
 
 Writes, each file atomically (a reader never sees half of one)::
@@ -26,8 +26,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .errors import LeadkdError
-from .fileio import atomic_write
+from ..runtime.errors import LeadkdError
+from ..runtime.fileio import atomic_write
 from .plots import plot_layer_weights, plot_per_layer, plot_training, run_colors
 from .results import RESULTS_NAME, Model, RunResults, finite_number, read_results
 from .stage_logs import StageLog, read_stage_logs

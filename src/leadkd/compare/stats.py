@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import LeadkdError
+from ..runtime.errors import LeadkdError
 
 __all__ = ["Interval", "paired_interval", "randomization_test"]
 

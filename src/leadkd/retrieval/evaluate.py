@@ -33,8 +33,8 @@ import ir_measures
 from ir_measures import Measure
 
 from leadkd.data.runs import ranked
-from leadkd.errors import ConfigError, LeadkdError
-from leadkd.fileio import atomic_write, reporting_write_failures
+from leadkd.runtime.errors import ConfigError, LeadkdError
+from leadkd.runtime.fileio import atomic_write, reporting_write_failures
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from .fileio import atomic_write
+from ..runtime.fileio import atomic_write
 from .results import finite_number
 
 __all__ = ["new_figure", "save_png", "palette", "run_colors", "plot_per_layer", "plot_training",

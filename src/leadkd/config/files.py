@@ -15,8 +15,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from .config_values import describe
-from .errors import ConfigError
+from .values import describe
+from ..runtime.errors import ConfigError
 
 __all__ = ["read_config_file", "read_sources", "origin_of", "dump_yaml"]
 

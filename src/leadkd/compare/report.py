@@ -1,9 +1,9 @@
 """A comparison's ledger (``compare.json``) as numbers a reviewer accepts: ``compare.md`` and two plots.
 
 Per evaluation set and measure: each variant's mean ± sample std over its seeds; against the reference,
-the mean of the per-seed differences with a 95% Student-t interval (:func:`leadkd.stats.paired_interval`)
+the mean of the per-seed differences with a 95% Student-t interval (:func:`leadkd.compare.stats.paired_interval`)
 and the two-sided p-value of a paired randomization test on the per-query metric averaged over the seeds
-both variants share (:func:`leadkd.stats.randomization_test`). Plots: each variant's dev curve (mean over
+both variants share (:func:`leadkd.compare.stats.randomization_test`). Plots: each variant's dev curve (mean over
 seeds, band from min to max) and each variant's Δ with its interval per evaluation set.
 """
 
@@ -14,8 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write
-from .plots import new_figure, palette, save_png
+from ..runtime.fileio import atomic_write
+from ..reporting.plots import new_figure, palette, save_png
 from .stats import paired_interval, randomization_test
 
 __all__ = ["variant_values", "measure_key", "paired_comparison", "render_compare", "report_dir", "mean_std",
@@ -31,7 +31,7 @@ def _variants(ledger: dict) -> list[str]:
 def measure_key(ledger: dict, split: str, measure: str) -> str:
     """The name a measure is stored under for ``split``: with the set's ``rel`` (TREC DL's 2) binary
     measures carry it (``R@100`` -> ``R(rel=2)@100``), as ir-measures names them; nDCG does not."""
-    from .evaluate import parse_measure
+    from ..retrieval.evaluate import parse_measure
 
     rel = (ledger.get("spec", {}).get("evaluate", {}).get(split) or {}).get("rel")
     return str(parse_measure(measure, rel)) if rel else measure

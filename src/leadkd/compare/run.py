@@ -26,7 +26,7 @@ config's ``eval.split`` (dev) and only that model is scored on the evaluation se
 entry per finished row with its resolved config, CPU and wall time, dev curve and per-query metrics,
 rewritten atomically after each row. A rerun skips finished rows (the ledger alone is enough: a fresh
 checkout with the committed ledger continues where it stopped) and refuses a row whose resolved config
-changed. :mod:`leadkd.compare_report` turns the ledger into ``compare.md`` and plots.
+changed. :mod:`leadkd.compare.report` turns the ledger into ``compare.md`` and plots.
 """
 
 from __future__ import annotations
@@ -38,12 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .config import config_from_dict, config_to_dict, load_config, read_config_file, todays_spelling
-from .errors import ConfigError, InputError, LeadkdError
-from .fileio import atomic_write
-from .model_card import add_figures
-from .results import read_json_object
-from .stage_logs import load_metrics
+from ..config import config_from_dict, config_to_dict, load_config, read_config_file, todays_spelling
+from ..runtime.errors import ConfigError, InputError, LeadkdError
+from ..runtime.fileio import atomic_write
+from ..reporting.results import read_json_object
+from ..reporting.stage_logs import load_metrics
 
 Log = Callable[[str], None]
 
@@ -172,7 +171,7 @@ def load_spec(path: str | os.PathLike) -> CompareSpec:
 
 def _check_selection(spec: CompareSpec) -> None:
     """Checkpoints are chosen on the base's eval split; that split may not also be reported."""
-    from .evaluate import parse_measures
+    from ..retrieval.evaluate import parse_measures
 
     parse_measures(spec.measures)  # one-line error for an unknown measure, before any training
     for variant in spec.variants:  # every variant's config is checked here, before any training
@@ -264,10 +263,10 @@ def dev_curve(run_dir: Path) -> list[list[float]]:
 
 def score_model(model_dir: Path, target: EvalSet, default_data: str, measures, k: int) -> dict:
     """Aggregate and per-query metrics of a dual encoder on one evaluation set (exact search, top k)."""
-    from .data.datasets import load_dataset
-    from .evaluate import evaluate
-    from .models.dual_encoder import DualEncoder
-    from .retrieval.pipeline import encode_corpus, encode_queries, search_run
+    from ..data.datasets import load_dataset
+    from ..retrieval.evaluate import evaluate
+    from ..models.dual_encoder import DualEncoder
+    from ..retrieval.pipeline import encode_corpus, encode_queries, search_run
 
     dataset = load_dataset(target.data or default_data, split=target.split)
     model = DualEncoder.from_pretrained(model_dir)
@@ -283,7 +282,7 @@ def code_version() -> dict[str, str | None]:
     says which code computed each row."""
     import subprocess
 
-    from . import __version__
+    from .. import __version__
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
@@ -296,14 +295,15 @@ def code_version() -> dict[str, str | None]:
 def run_compare(spec: CompareSpec, log: Log = print, max_rows: int | None = None,
                 only: set[str] | None = None) -> dict:
     """Train and score every missing row (at most ``max_rows``), updating the ledger after each one."""
-    from .run_lock import output_lock
+    from ..runtime.run_lock import output_lock
 
     with output_lock(spec.output_dir, option="output_dir"):  # each row's job then holds its own sub-folder
         return _run_compare(spec, log, max_rows, only)
 
 
 def _run_compare(spec: CompareSpec, log: Log, max_rows: int | None, only: set[str] | None) -> dict:
-    from .distill.trainer import run_job
+    from ..distill.trainer import run_job
+    from ..models.model_card import add_figures
 
     ledger = load_ledger(spec.ledger)
     ledger["spec"] = {"source": spec.source, "base": spec.base, "reference": spec.reference,
@@ -362,7 +362,7 @@ def config_changes(stored: Mapping[str, Any], current: Mapping[str, Any], job: s
     A ledger records configs, not code: when a new default (or a fix) changes what a row computes, delete
     the rows it affects.
     """
-    from .config import DistillConfig, TrainConfig
+    from ..config import DistillConfig, TrainConfig
 
     if job == "evaluate":
         return [] if stored == current else [f"model: {stored.get('model')!r} -> {current.get('model')!r}"]

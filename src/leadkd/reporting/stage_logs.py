@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .errors import InputError, LeadkdError
+from ..runtime.errors import InputError, LeadkdError
 from .results import Stage, finite_number
 
 __all__ = ["load_metrics", "StageLog", "read_stage_logs"]

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from .errors import InputError
-from .fileio import atomic_write
+from ..runtime.errors import InputError
+from ..runtime.fileio import atomic_write
 
 __all__ = ["SCHEMA", "RESULTS_NAME", "MODEL_ROLES", "STAGE_ROLES", "Model", "Stage", "PairedComparison",
            "RunResults", "finite_number", "read_json_object", "read_results", "write_results"]

@@ -283,7 +283,7 @@ def _try_take_over(folder: Path, lock: Path, option: str) -> bool:
 def takes_the_lock() -> bool:
     """Only torchrun's global rank 0 (or a plain process) locks: it is the one that writes the folder.
 
-    Read from the environment, as :mod:`leadkd.distributed` does (``WORLD_SIZE`` decides whether a process is
+    Read from the environment, as :mod:`leadkd.runtime.distributed` does (``WORLD_SIZE`` decides whether a process is
     one of several), because the lock is taken before the process group exists.
     """
     try:

@@ -20,13 +20,13 @@ from typing import Annotated, Any, Literal, Mapping, Sequence, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
-from .config_files import dump_yaml, origin_of, read_config_file, read_sources
-from .config_values import (Integer, MeasureName, NonNegativeInt, NonNegativeNumber, Number, PositiveInt,
+from .files import dump_yaml, origin_of, read_config_file, read_sources
+from .values import (Integer, MeasureName, NonNegativeInt, NonNegativeNumber, Number, PositiveInt,
                             PositiveNumber, Problem, SplitName, StudentInit, check_failed, choice,
                             parse_student_init, problem_of, within)
-from .errors import ConfigError
-from .fileio import atomic_write
-from .kinds import DEFAULT_KIND, MODEL_KINDS, owners
+from ..runtime.errors import ConfigError
+from ..runtime.fileio import atomic_write
+from ..kinds import DEFAULT_KIND, MODEL_KINDS, owners
 from .layer_strategy import STRATEGIES, Pair, StrategyError, parse_layer_map, resolve_strategy
 
 __all__ = [

@@ -1,0 +1,43 @@
+"""The job configurations: what a run is told, read from YAML / JSON and ``key=value`` overrides.
+
+``jobs`` holds the train and distill config models; ``values`` the option types and pydantic's report as
+one line; ``files`` reading and writing config files; ``layer_strategy`` the names of the layer-pair
+strategies. None of them imports torch (an import-linter contract in pyproject.toml checks it), so a config
+is validated before any model code loads.
+"""
+
+from .jobs import (
+    JOB_KINDS,
+    MODEL_KINDS,
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    DistillConfig,
+    EvalConfig,
+    LayerConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrainConfig,
+    TrainLossConfig,
+    changed_settings,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_layer_map,
+    parse_student_init,
+    read_config_file,
+    save_config,
+    todays_spelling,
+    validate_config,
+)
+
+__all__ = [
+    "ModelConfig", "TeacherConfig", "StudentConfig", "DataConfig", "TrainLossConfig", "LossConfig",
+    "LayerConfig", "OptimConfig", "CheckpointConfig", "EvalConfig", "TrainConfig", "DistillConfig",
+    "Config", "JOB_KINDS", "MODEL_KINDS", "load_config", "config_from_dict", "config_to_dict", "save_config",
+    "validate_config", "changed_settings", "todays_spelling", "parse_student_init", "parse_layer_map",
+    "read_config_file",
+]
