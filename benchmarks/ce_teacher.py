@@ -25,11 +25,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -97,9 +97,9 @@ def check_formats(folder: Path, data: dict) -> dict:
 def first_stage_and_rerank(teacher: Path, data: dict, split: str) -> dict:
     """MiniLM's exact top-100 and the cross-encoder's rerank of it: the measures of both."""
     from leadkd.data.datasets import load_dataset
-    from leadkd.retrieval.evaluate import evaluate
     from leadkd.models import load_model
     from leadkd.models.dual_encoder import DualEncoder
+    from leadkd.retrieval.evaluate import evaluate
     from leadkd.retrieval.pipeline import encode_corpus, encode_queries, search_run
     from leadkd.retrieval.rerank import rerank_run
 

@@ -29,14 +29,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import hashlib
+import json
+import statistics
+import time
+from pathlib import Path
 
-import yaml  # noqa: E402
+import yaml
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "quality"
@@ -336,8 +336,8 @@ def main() -> None:
             parser.error(f"--rerun {name}: no such row; rows look like {expected_rows()[0]}")
     import torch
 
-    from leadkd.compare.run import load_ledger, load_spec, run_compare, save_ledger
     from leadkd.compare.report import render_compare
+    from leadkd.compare.run import load_ledger, load_spec, run_compare, save_ledger
 
     torch.set_num_threads(args.threads)
     os.chdir(HERE.parent)  # every path in the specs and ledgers is relative to the repository root

@@ -21,15 +21,15 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import faiss
 import numpy as np
 import torch
 
-from leadkd.runtime.fileio import atomic_write
 from leadkd.retrieval.search import exact_search
+from leadkd.runtime.fileio import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 

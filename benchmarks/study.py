@@ -25,13 +25,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
-import yaml  # noqa: E402
+import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -256,8 +256,8 @@ def learning_curve(path: Path = RESULTS / "learning-curve.png") -> Path | None:
     paired Δ with its 95% interval over seeds (a point alone where there is one seed), per teacher mode."""
     import statistics
 
-    from leadkd.compare.run import load_ledger
     from leadkd.compare.report import paired_comparison, variant_values
+    from leadkd.compare.run import load_ledger
     from leadkd.reporting.plots import new_figure, save_png
 
     figure = new_figure(9.5, 3.8)
@@ -318,8 +318,8 @@ def study_table() -> list[str]:
     """Every cell with a ledger: each variant's test nDCG@10 over its seeds, LEAD's Δ against the cell's
     response-KD with the interval over seeds and the per-query p-value, the cell's compute and the command
     that reproduces its rows."""
+    from leadkd.compare.report import delta_cell, mean_std, p_cell, paired_comparison, variant_values
     from leadkd.compare.run import load_ledger
-    from leadkd.compare.report import delta_cell, p_cell, mean_std, paired_comparison, variant_values
 
     lines = ["| cell | factor | variant | seeds | test nDCG@10 | Δ vs response-KD [95% CI over seeds] | p (per query) |",
              "|---|---|---|---:|---:|---:|---:|"]
@@ -382,8 +382,8 @@ def main() -> None:
         return
     import torch
 
-    from leadkd.compare.run import load_spec, run_compare
     from leadkd.compare.report import render_compare
+    from leadkd.compare.run import load_spec, run_compare
 
     torch.set_num_threads(args.threads)
     os.chdir(HERE.parent)  # every path in the specs and ledgers is relative to the repository root

@@ -8,7 +8,6 @@ import torch
 
 from leadkd.accel import cpu
 from leadkd.models import DualEncoder
-
 from test_dual_encoder import PASSAGES, models  # noqa: F401  (the fixture, one per pooling setting)
 
 
@@ -103,7 +102,6 @@ def test_evaluate_layers_scores_given_corpus_vectors_like_its_own_encoding(tmp_p
     """The quickstart hands the teacher's mining vectors to its test evaluation: same rows as encoding anew,
     and vectors of another shape are refused."""
     from conftest import make_tiny_beir, make_tiny_bert_folder
-
     from leadkd.data.datasets import load_dataset
     from leadkd.retrieval.pipeline import evaluate_layers
 

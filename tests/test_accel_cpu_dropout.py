@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leadkd.accel.cpu_dropout import ATTENTION, CpuDropout, attention, dropout, keep_mask, use_cpu_dropout
-
 from conftest import make_tiny_bert_folder
+from leadkd.accel.cpu_dropout import ATTENTION, CpuDropout, attention, dropout, keep_mask, use_cpu_dropout
 
 
 def naive_mask(shape: tuple[int, ...], p: float, seed: int) -> np.ndarray:

@@ -13,7 +13,6 @@ import pytest
 from leadkd import accel
 from leadkd.accel import cuda
 from leadkd.runtime.errors import LeadkdError
-
 from test_dual_encoder import PASSAGES, models  # noqa: F401  (the fixture, one per pooling setting)
 
 

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-from leadkd.cli import main
-
 from conftest import make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
+from leadkd.cli import main
 
 B = Path(__file__).parent / "bad_inputs"
 

@@ -15,16 +15,15 @@ import pytest
 
 pytest.importorskip("bm25s")
 
+from conftest import make_tiny_beir
 from leadkd.cli import build_parser, main
 from leadkd.data.collection import Corpus, Qrels, Queries
 from leadkd.data.datasets import Dataset, load_corpus, load_dataset
 from leadkd.data.groups import read_training_groups
-from leadkd.runtime.errors import LeadkdError
 from leadkd.retrieval import bm25
 from leadkd.retrieval.bm25 import BM25Ranker, top_rows
 from leadkd.retrieval.mine import mine_with_ranker
-
-from conftest import make_tiny_beir
+from leadkd.runtime.errors import LeadkdError
 
 # Every stop word here is in any English list; every other word is in none.
 STOP = {"the", "of", "and", "is", "in", "to", "with", "for", "on", "are"}

@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
 from leadkd.data.datasets import load_corpus, load_queries
 from leadkd.distill.teacher_cache import TeacherVectorCache
 from leadkd.distill.trainer import run_job
 from leadkd.models.dual_encoder import DualEncoder
-
-from conftest import make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
 from test_teacher_cache import counting, distill_config, losses
 
 LAYERS = [0, 1, 2]

@@ -21,15 +21,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
 from leadkd.cli import main
 from leadkd.data.datasets import load_corpus, load_dataset
 from leadkd.data.groups import read_training_groups
 from leadkd.data.runs import ranked, read_run
-from leadkd.runtime.errors import LeadkdError
 from leadkd.retrieval.evaluate import DEFAULT_MEASURES, evaluate
 from leadkd.retrieval.pipeline import Embeddings
-
-from conftest import make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
+from leadkd.runtime.errors import LeadkdError
 
 NUM_DOCS, NUM_QUERIES = 24, 12
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leadkd.runtime.errors import ConfigError, LeadkdError
 from leadkd.models.colbert import PROJECTION_FILE, ColBERT, maxsim_scores
+from leadkd.runtime.errors import ConfigError, LeadkdError
 
 QUERIES = ["the cell protein", "cancer risk of the drug dose in patients"]
 PASSAGES = ["dna", "the virus shows high levels of rna in the brain and heart", "a mouse study", "blood"]

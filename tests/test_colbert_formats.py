@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY_WORDS, make_tiny_bert_folder
-from leadkd.runtime.errors import LeadkdError
 from leadkd.models.colbert import PROJECTION_FILE, ColBERT
 from leadkd.models.colbert_formats import detect_format
 from leadkd.models.loading import load_model
+from leadkd.runtime.errors import LeadkdError
 
 WORDS = TINY_WORDS + list(string.punctuation) + ["[unused0]"]
 QUERIES = ["the cell protein?", "cancer risk of the drug dose in patients , high levels of rna and dna"]

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from leadkd.compare import run as compare_module
-from leadkd.cli import main
-from leadkd.compare.run import load_ledger, load_spec, run_compare
-from leadkd.compare.report import paired_comparison, render_compare
-from leadkd.runtime.errors import ConfigError, LeadkdError
-
 from conftest import make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
+from leadkd.cli import main
+from leadkd.compare import run as compare_module
+from leadkd.compare.report import paired_comparison, render_compare
+from leadkd.compare.run import load_ledger, load_spec, run_compare
+from leadkd.runtime.errors import ConfigError, LeadkdError
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +151,8 @@ def test_a_model_is_scored_once_and_an_ablation_runs_on_its_own_seeds(setup, tmp
     assert teacher["job"] == "evaluate" and teacher["config"] == {"model": str(setup["root"] / "teacher")}
     assert "dev" not in teacher and teacher["splits"]["test"]["per_query"]
     from leadkd.data.datasets import load_dataset
-    from leadkd.retrieval.evaluate import evaluate
     from leadkd.models.dual_encoder import DualEncoder
+    from leadkd.retrieval.evaluate import evaluate
     from leadkd.retrieval.pipeline import encode_corpus, encode_queries, search_run
 
     test = load_dataset(setup["data"], split="test")  # the naive way: score the folder by hand

@@ -12,11 +12,22 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from leadkd.config import (
-    DistillConfig, LayerConfig, StudentConfig, TrainConfig, changed_settings, config_from_dict, config_to_dict,
-    load_config, parse_layer_map, parse_student_init, save_config, todays_spelling, validate_config,
-)
 from leadkd.compare.run import config_changes
+from leadkd.config import (
+    DistillConfig,
+    LayerConfig,
+    StudentConfig,
+    TrainConfig,
+    changed_settings,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_layer_map,
+    parse_student_init,
+    save_config,
+    todays_spelling,
+    validate_config,
+)
 from leadkd.runtime.errors import ConfigError, LeadkdError
 
 REQUIRED_DISTILL = ["teacher.path=teacher-dir", "student.path=student-dir", "data.corpus=scifact",

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from leadkd.runtime.errors import ConfigError, LeadkdError
 from leadkd.models.cross_encoder import HEAD_FILE, CrossEncoder
+from leadkd.runtime.errors import ConfigError, LeadkdError
 
 QUERIES = ["the cell protein", "cancer risk of the drug dose"]
 PASSAGES = ["dna", "the virus shows high levels of rna in the brain", "a mouse study",  # query 0

@@ -16,9 +16,9 @@ from pydantic import ValidationError
 
 from conftest import TINY_WORDS, build_tiny_tokenizer, make_tiny_bert_folder
 from leadkd.config import ModelConfig
-from leadkd.runtime.errors import ConfigError, LeadkdError
 from leadkd.models.cross_encoder import HEAD_FILE, CrossEncoder
 from leadkd.models.loading import load_model
+from leadkd.runtime.errors import ConfigError, LeadkdError
 
 QUERIES = ["the cell protein", "cancer risk of the drug dose"]
 PASSAGES = ["dna", "the virus shows high levels of rna in the brain", "a mouse study",
@@ -293,10 +293,11 @@ def test_config_option_belongs_to_cross_encoders():
 
 
 def test_distill_from_a_sentence_transformers_reranker_teacher(st_folders, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
     from conftest import make_tiny_beir, make_tiny_groups
     from leadkd.config import load_config
     from leadkd.distill.trainer import run_job
-    from transformers import AutoModelForSequenceClassification
 
     values = {
         "teacher.path": str(st_folders[0]), "teacher.kind": "cross_encoder", "teacher.max_passage_length": 32,
@@ -314,10 +315,11 @@ def test_distill_from_a_sentence_transformers_reranker_teacher(st_folders, tmp_p
 
 
 def test_train_job_writes_an_hf_reranker(tmp_path):
+    from sentence_transformers import CrossEncoder as STCrossEncoder
+
     from conftest import make_tiny_beir, make_tiny_groups
     from leadkd.config import load_config
     from leadkd.distill.trainer import run_job
-    from sentence_transformers import CrossEncoder as STCrossEncoder
 
     values = {
         "model.path": str(make_tiny_bert_folder(tmp_path / "plain")), "model.kind": "cross_encoder",

@@ -13,10 +13,25 @@ import pytest
 
 from leadkd.data import formats
 from leadkd.data.collection import CollectionBuilder, Corpus, Qrels, Queries, TextCollection
-from leadkd.data.formats import (DataWarning, check_qrels, read_beir_qrels, read_collection_tsv, read_corpus,
-                                 read_corpus_jsonl, read_qrels, read_queries, read_queries_jsonl, read_queries_tsv,
-                                 read_trec_qrels, write_beir_qrels, write_collection_tsv, write_corpus_jsonl,
-                                 write_queries_jsonl, write_queries_tsv, write_trec_qrels)
+from leadkd.data.formats import (
+    DataWarning,
+    check_qrels,
+    read_beir_qrels,
+    read_collection_tsv,
+    read_corpus,
+    read_corpus_jsonl,
+    read_qrels,
+    read_queries,
+    read_queries_jsonl,
+    read_queries_tsv,
+    read_trec_qrels,
+    write_beir_qrels,
+    write_collection_tsv,
+    write_corpus_jsonl,
+    write_queries_jsonl,
+    write_queries_tsv,
+    write_trec_qrels,
+)
 from leadkd.runtime.errors import InputError, LeadkdError
 
 BAD_INPUTS = Path(__file__).parent / "bad_inputs"

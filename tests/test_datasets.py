@@ -7,12 +7,24 @@ from pathlib import Path
 
 import pytest
 
-from leadkd.data import (Corpus, DataWarning, Qrels, Queries, available_splits, load_corpus, load_dataset,
-                         resolve_dataset, write_beir_qrels, write_collection_tsv, write_corpus_jsonl,
-                         write_queries_jsonl, write_queries_tsv, write_trec_qrels)
-from leadkd.runtime.errors import InputError, LeadkdError
-
 from conftest import Doc, FakeIrds, Judgment, Query, fake_module
+from leadkd.data import (
+    Corpus,
+    DataWarning,
+    Qrels,
+    Queries,
+    available_splits,
+    load_corpus,
+    load_dataset,
+    resolve_dataset,
+    write_beir_qrels,
+    write_collection_tsv,
+    write_corpus_jsonl,
+    write_queries_jsonl,
+    write_queries_tsv,
+    write_trec_qrels,
+)
+from leadkd.runtime.errors import InputError, LeadkdError
 
 
 @pytest.fixture

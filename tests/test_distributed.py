@@ -10,10 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import free_port, run_processes
 from leadkd.runtime import distributed as D
 from leadkd.runtime.errors import LeadkdError
-
-from conftest import free_port, run_processes
 
 WORLD, B, M, FEAT, DIM, LQ = 2, 3, 3, 5, 4, 4  # processes, queries/process, passages/query, widths, query tokens
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leadkd.runtime.errors import LeadkdError
 from leadkd.models import DualEncoder, pair_scores
+from leadkd.runtime.errors import LeadkdError
 
 QUERIES = ["cancer risk", "the effect of vaccine dose on heart", "dna"]
 PASSAGES = [

@@ -8,8 +8,15 @@ from math import log2
 
 import pytest
 
+from leadkd.retrieval.evaluate import (
+    DEFAULT_MEASURES,
+    evaluate,
+    format_table,
+    parse_measures,
+    write_metrics,
+    write_per_query,
+)
 from leadkd.runtime.errors import ConfigError, LeadkdError
-from leadkd.retrieval.evaluate import DEFAULT_MEASURES, evaluate, format_table, parse_measures, write_metrics, write_per_query
 
 # One query; the run ranks d4 d1 d2 x d5 d8 (x unjudged); d6 and d7 are relevant but not retrieved.
 QRELS = {"q": {"d1": 0, "d2": 2, "d4": 1, "d5": 0, "d6": 3, "d7": 1, "d8": 3}}

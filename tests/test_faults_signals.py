@@ -21,10 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import free_port, make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
 from leadkd.distill.checkpoint import list_checkpoints, load_state, newest_checkpoint
 from leadkd.runtime.stopping import StopOnSignal, Stopped
-
-from conftest import free_port, make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
 
 STEPS, TORCHRUN_STEPS = 24, 12
 STOP_LINE = re.compile(r"^leadkd: stopped by (SIG\w+)(?: \(rank (\d)\))? after step (\d+); checkpoint (\S+); "

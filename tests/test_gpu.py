@@ -22,10 +22,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import free_port, make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
 from leadkd.distill.losses import group_labels, lead_total_loss
 from leadkd.models import DualEncoder
-
-from conftest import free_port, make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
 
 DEVICES = [pytest.param("cpu", id="cpu"),
            pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(

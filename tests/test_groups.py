@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from leadkd.data.collection import Corpus, Queries
 from leadkd.data.batches import EpochSampler, GroupDataset, collate_groups, group_loader, sample_group
+from leadkd.data.collection import Corpus, Queries
 from leadkd.data.groups import GroupsBuilder, read_training_groups, write_training_groups
 from leadkd.runtime.errors import InputError, LeadkdError
 

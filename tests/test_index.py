@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from leadkd.runtime.errors import ConfigError, InputError, LeadkdError
 from leadkd.retrieval.index import DenseIndex
 from leadkd.retrieval.search import exact_search
+from leadkd.runtime.errors import ConfigError, InputError, LeadkdError
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from leadkd.distill.checkpoint import list_checkpoints
-
 from conftest import make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
+from leadkd.distill.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.slow  # ~6 subprocesses that each import torch and transformers
 

@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from leadkd.distill.layers import STRATEGIES, LayerSchedule, select_layers
 from leadkd.config.layer_strategy import STRATEGIES as CONFIG_STRATEGIES
+from leadkd.distill.layers import STRATEGIES, LayerSchedule, select_layers
 from leadkd.runtime.errors import ConfigError, LeadkdError
 
 

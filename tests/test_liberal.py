@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from leadkd.distill.layers import select_layers
-from leadkd.distill.losses import group_labels, lead_total_loss, layer_distillation_loss, own_group_scores
+from leadkd.distill.losses import group_labels, layer_distillation_loss, lead_total_loss, own_group_scores
 from leadkd.models.colbert import ColBERT
 from leadkd.models.cross_encoder import CrossEncoder
 from leadkd.models.dual_encoder import DualEncoder

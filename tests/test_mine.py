@@ -8,9 +8,9 @@ import pytest
 from leadkd.data.collection import Corpus, Qrels, Queries
 from leadkd.data.datasets import Dataset
 from leadkd.data.groups import read_training_groups, write_training_groups
-from leadkd.runtime.errors import ConfigError, LeadkdError
 from leadkd.retrieval.mine import mine_hard_negatives
 from leadkd.retrieval.pipeline import encode_corpus
+from leadkd.runtime.errors import ConfigError, LeadkdError
 
 N = 40
 DOC_IDS = [str(100 + j) for j in range(N)] + ["q1"]  # numeric-looking ids, as MS MARCO's; "q1" is also a query

@@ -9,7 +9,6 @@ import yaml
 
 from leadkd.distill.trainer import run_job
 from leadkd.models.model_card import add_figures, figures_table
-
 from test_trainer import distill_config, setup  # noqa: F401  (the tiny teacher, data and groups)
 
 

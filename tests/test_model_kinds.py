@@ -15,11 +15,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import leadkd
-from leadkd.cli import main
-from leadkd import kinds
-from leadkd.models import loading
-
 from conftest import make_tiny_beir, make_tiny_groups
+from leadkd import kinds
+from leadkd.cli import main
+from leadkd.models import loading
 
 BUCKETS, WIDTH = 97, 8
 
@@ -31,7 +30,7 @@ class BagBatch:
     queries: torch.Tensor
     passages: torch.Tensor
 
-    def gathered(self, with_grad: bool) -> "BagBatch":
+    def gathered(self, with_grad: bool) -> BagBatch:
         raise AssertionError("a single process never gathers")
 
     def scores(self) -> torch.Tensor:

@@ -11,9 +11,9 @@ import pytest
 
 import leadkd.models as models_pkg
 from leadkd import kinds
-from leadkd.runtime.errors import LeadkdError
 from leadkd.models import DualEncoder, load_model, loading
 from leadkd.models.base import LEADKD_CONFIG
+from leadkd.runtime.errors import LeadkdError
 
 QUERIES = ["cancer risk", "dose of the drug", "dna"]
 PASSAGES = ["the study shows high levels of protein in cells", "virus", "a trial of the drug and heart risk"]
@@ -445,7 +445,7 @@ def test_checkpoint_with_a_task_head_loads_its_encoder(tmp_path, caplog, head):
     import torch
     import transformers
 
-    from conftest import build_tiny_tokenizer, TINY_WORDS
+    from conftest import TINY_WORDS, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(TINY_WORDS)
     config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,

@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from leadkd.cli import main
-
 from conftest import make_tiny_beir, make_tiny_bert_folder
+from leadkd.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +159,8 @@ def test_sharded_embeddings_on_a_full_disk(tmp_path, monkeypatch, where):
     """``save_shards`` (encode/retrieve under torchrun; one process here): the disk fills while a process
     writes its share, or while rank 0 takes room for the merged folder (taken before the memory-mapped copy,
     so that a full disk is an error rather than a SIGBUS). One line names the folder; no share is left."""
-    from leadkd.runtime.errors import LeadkdError
     from leadkd.retrieval.pipeline import Embeddings, save_shards, shards_folder
+    from leadkd.runtime.errors import LeadkdError
 
     folder, vectors = tmp_path / "emb", np.arange(12, dtype=np.float32).reshape(4, 3)
     ids, meta = ["a", "b", "c", "d"], {"what": "passages", "count": 4, "dim": 3}

@@ -14,10 +14,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from leadkd.data.collection import Corpus, Queries
-from leadkd.data.formats import (read_beir_qrels, read_collection_tsv, read_corpus_jsonl, read_qrels,
-                                 read_queries_jsonl, read_queries_tsv, read_trec_qrels, write_beir_qrels,
-                                 write_collection_tsv, write_corpus_jsonl, write_queries_jsonl, write_queries_tsv,
-                                 write_trec_qrels)
+from leadkd.data.formats import (
+    read_beir_qrels,
+    read_collection_tsv,
+    read_corpus_jsonl,
+    read_qrels,
+    read_queries_jsonl,
+    read_queries_tsv,
+    read_trec_qrels,
+    write_beir_qrels,
+    write_collection_tsv,
+    write_corpus_jsonl,
+    write_queries_jsonl,
+    write_queries_tsv,
+    write_trec_qrels,
+)
 from leadkd.data.groups import GroupsBuilder, read_training_groups, write_training_groups
 from leadkd.data.runs import read_run, write_run
 from leadkd.runtime.errors import LeadkdError

@@ -124,8 +124,8 @@ def test_a_name_missing_locally_falls_back_to_ir_datasets(data_dir, tmp_path, mo
     """``leadkd quickstart`` with no $LEADKD_DATA_DIR: SciFact comes through ir_datasets instead."""
     import sys
 
-    from leadkd.runtime.errors import LeadkdError
     from leadkd.quickstart import QuickstartPlan, choose_splits, run_quickstart
+    from leadkd.runtime.errors import LeadkdError
 
     monkeypatch.setitem(sys.modules, "ir_datasets", _fake_irds_scifact(data_dir / "scifact"))
     monkeypatch.delenv("LEADKD_DATA_DIR", raising=False)
@@ -144,8 +144,8 @@ def test_an_irds_dataset_is_exported_with_the_local_copys_dev_split(data_dir, tm
     import sys
 
     from leadkd.data import load_dataset, read_beir_qrels
-    from leadkd.runtime.errors import LeadkdError
     from leadkd.quickstart import QuickstartPlan, choose_splits, run_quickstart
+    from leadkd.runtime.errors import LeadkdError
 
     local = data_dir / "scifact"
     monkeypatch.setitem(sys.modules, "ir_datasets", _fake_irds_scifact(local))

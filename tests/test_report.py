@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from leadkd.runtime.errors import InputError, LeadkdError
 from leadkd.reporting.report import PLOTS, build_report, markdown_table
 from leadkd.reporting.results import Model, RunResults, Stage, read_results, write_results
 from leadkd.reporting.stage_logs import load_metrics
+from leadkd.runtime.errors import InputError, LeadkdError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import make_tiny_beir
 from leadkd.data.datasets import load_dataset
-from leadkd.runtime.errors import LeadkdError
 from leadkd.models.cross_encoder import CrossEncoder
 from leadkd.models.dual_encoder import DualEncoder
 from leadkd.retrieval.rerank import rerank_run, top_candidates
-
-from conftest import make_tiny_beir
+from leadkd.runtime.errors import LeadkdError
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,17 @@ import json
 
 import pytest
 
+from leadkd.reporting.results import (
+    SCHEMA,
+    Model,
+    PairedComparison,
+    RunResults,
+    Stage,
+    read_json_object,
+    read_results,
+    write_results,
+)
 from leadkd.runtime.errors import InputError
-from leadkd.reporting.results import (SCHEMA, Model, PairedComparison, RunResults, Stage, read_json_object, read_results,
-                            write_results)
 
 
 def quickstart_like() -> RunResults:

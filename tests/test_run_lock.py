@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 
 import leadkd
+from conftest import make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
 from leadkd.runtime import run_lock
 from leadkd.runtime.run_lock import LOCK_NAME, RunLockError, output_lock, read_record
-
-from conftest import make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
 
 SRC = str(Path(leadkd.__file__).resolve().parents[1])
 HOST = socket.gethostname()

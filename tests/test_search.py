@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from leadkd.runtime.errors import ConfigError, LeadkdError
 from leadkd.retrieval.search import exact_search, to_run
+from leadkd.runtime.errors import ConfigError, LeadkdError
 
 
 def brute_force(queries: np.ndarray, docs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -4,8 +4,8 @@ a short SentenceTransformerTrainer run that helps, and a saved folder that is a 
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,9 +182,9 @@ def test_a_sentence_transformers_cross_encoder_teacher_keeps_its_trained_head(fo
 def test_missing_raw_texts_is_one_clear_error(folders):
     from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
 
-    from leadkd.runtime.errors import LeadkdError
     from leadkd.integrations.sentence_transformers import LEADLoss
     from leadkd.models import DualEncoder
+    from leadkd.runtime.errors import LeadkdError
 
     student_folder, teacher_folder = folders
     student = st_student(student_folder)
@@ -347,8 +347,11 @@ def test_twenty_sentence_transformer_trainer_steps_improve_dev_ndcg(data_dir, tm
     pytest.importorskip("datasets")
     pytest.importorskip("accelerate")
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-    from sentence_transformers import SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
 
     from leadkd.integrations.sentence_transformers import LEADLoss, text_collator
     from leadkd.models import DualEncoder

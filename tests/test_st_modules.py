@@ -7,7 +7,6 @@ the per-layer vectors are compared with a pooling of the Hugging Face hidden sta
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +16,12 @@ from torch import nn
 
 st = pytest.importorskip("sentence_transformers")
 from sentence_transformers import SentenceTransformer  # noqa: E402
-from sentence_transformers.sentence_transformer.modules import (  # noqa: E402
-    Dense, LayerNorm, Normalize, Pooling, Transformer)
-
-from leadkd.runtime.errors import LeadkdError  # noqa: E402
-from leadkd.models import loading  # noqa: E402
-from leadkd.models.dual_encoder import DualEncoder  # noqa: E402
+from sentence_transformers.sentence_transformer.modules import Dense, LayerNorm, Normalize, Pooling, Transformer  # noqa: E402
 
 from conftest import make_tiny_bert_folder  # noqa: E402
+from leadkd.models import loading  # noqa: E402
+from leadkd.models.dual_encoder import DualEncoder  # noqa: E402
+from leadkd.runtime.errors import LeadkdError  # noqa: E402
 
 QUERIES = ["cancer risk", "gene dna", "brain blood heart"]
 PASSAGES = ["the cell shows high levels of protein", "a vaccine for the virus in mouse and human",

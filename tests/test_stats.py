@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from leadkd.runtime.errors import LeadkdError
 from leadkd.compare.stats import paired_interval, randomization_test
+from leadkd.runtime.errors import LeadkdError
 
 #: Student-t quantiles t_{0.975, df}, from tables.
 T975 = {1: 12.706204736, 2: 4.302652730, 4: 2.776445105}

@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from leadkd.runtime.errors import ConfigError
+from conftest import make_tiny_bert_folder
 from leadkd.models.base import block_outputs, load_backbone
 from leadkd.models.surgery import keep_layers
-
-from conftest import make_tiny_bert_folder
+from leadkd.runtime.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
 from leadkd.config import load_config
 from leadkd.data.datasets import load_corpus, load_queries
 from leadkd.distill.teacher_cache import TeacherVectorCache
 from leadkd.distill.trainer import Trainer, run_job
-from leadkd.runtime.errors import ConfigError, LeadkdError
 from leadkd.models.dual_encoder import DualEncoder
-
-from conftest import make_tiny_beir, make_tiny_bert_folder, make_tiny_groups
+from leadkd.runtime.errors import ConfigError, LeadkdError
 
 
 @pytest.fixture(scope="module")

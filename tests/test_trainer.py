@@ -10,11 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import free_port, make_tiny_beir, make_tiny_bert_folder, make_tiny_groups, run_processes
 from leadkd.config import load_config
 from leadkd.distill.trainer import Trainer, run_job
 from leadkd.runtime.errors import ConfigError, LeadkdError
-
-from conftest import free_port, make_tiny_beir, make_tiny_bert_folder, make_tiny_groups, run_processes
 
 
 @pytest.fixture(scope="module")
@@ -392,9 +391,9 @@ def test_two_processes_match_one_process_on_the_whole_batch(setup, tmp_path):
 
 
 def _eval_worker(rank: int, port: int, setup: dict, out_dir: str) -> None:
-    from leadkd.runtime import distributed as D
-    from leadkd.retrieval.pipeline import evaluate_retriever
     from leadkd.models import load_model
+    from leadkd.retrieval.pipeline import evaluate_retriever
+    from leadkd.runtime import distributed as D
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -412,8 +411,8 @@ def _eval_worker(rank: int, port: int, setup: dict, out_dir: str) -> None:
 def test_every_process_evaluates_a_share_and_rank_0_gets_the_whole_corpus_result(setup, tmp_path):
     """No process waits while rank 0 encodes everything: each encodes half the corpus, and the merged
     top-k lists give the single-process numbers (k = 3 cuts inside every share, k = 100 keeps all)."""
-    from leadkd.retrieval.pipeline import evaluate_retriever
     from leadkd.models import load_model
+    from leadkd.retrieval.pipeline import evaluate_retriever
 
     _run_gloo_workers(_eval_worker, setup, tmp_path)
     ranks = [torch.load(tmp_path / f"eval{r}.pt", weights_only=False) for r in range(WORLD)]
@@ -433,14 +432,14 @@ def test_hidden_state_mse_baseline_trains_and_resumes(setup, tmp_path):
     run_job(config, log=lambda m: None)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in line]
     assert all(row["hidden_mse"] > 0 and row["layer_kl"] == 0 for row in rows)
-    from leadkd.distill.checkpoint import load_state, list_checkpoints
+    from leadkd.distill.checkpoint import list_checkpoints, load_state
 
     state = load_state(list_checkpoints(out / "checkpoints")[-1])
     assert any(key.endswith("weight") for key in state["hidden_mse"])  # the projections travel with checkpoints
 
 
 def test_hidden_state_mse_refuses_different_tokenizers(setup, tiny_bert_other, tmp_path):
-    from leadkd.runtime.errors import ConfigError, LeadkdError as Error
+    from leadkd.runtime.errors import LeadkdError as Error
 
     config = distill_config(setup, tmp_path / "x", **{"loss.layer": "hidden_mse", "student.init": None,
                                                       "student.path": str(tiny_bert_other)})

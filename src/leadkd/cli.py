@@ -17,8 +17,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from .runtime.errors import LeadkdError  # noqa: E402
-from .runtime.stopping import Stopped  # noqa: E402
+from .runtime.errors import LeadkdError
+from .runtime.stopping import Stopped
 
 EXIT_USER_ERROR = 2
 #: ``--dtype`` choices: the torch dtypes a model may be cast to for inference.
@@ -161,8 +161,8 @@ def cmd_retrieve(args) -> None:
     Under torchrun each process encodes and searches its share of the corpus; rank 0 merges and writes."""
     from .data.runs import write_run
     from .retrieval.evaluate import evaluate, format_table, parse_measures, write_metrics, write_per_query
-    from .runtime.fileio import check_replaceable
     from .retrieval.pipeline import encode_corpus, encode_queries, search_run
+    from .runtime.fileio import check_replaceable
 
     started = time.perf_counter()
     parse_measures(args.measures, rel=args.rel)  # a typo must fail before minutes of encoding
@@ -219,9 +219,14 @@ def cmd_encode(args) -> None:
     qrels, else all); no judgments are needed. Under torchrun each process encodes its share and rank 0
     writes the folder."""
     from .data.datasets import load_corpus, load_split_queries
+    from .retrieval.pipeline import (
+        encode_corpus,
+        encode_corpus_share,
+        encode_queries,
+        encode_queries_share,
+        save_shards,
+    )
     from .runtime.fileio import check_replaceable
-    from .retrieval.pipeline import (encode_corpus, encode_corpus_share, encode_queries, encode_queries_share,
-                                     save_shards)
 
     check_replaceable(Path(args.output))  # before minutes of encoding
     if args.queries:
@@ -261,11 +266,10 @@ def cmd_index(args) -> None:
 
 def cmd_search(args) -> None:
     """Encode a split's queries and search a saved index; write a TREC run."""
+    from .data.datasets import load_split_queries
     from .data.runs import write_run
     from .retrieval.index import DenseIndex
     from .retrieval.pipeline import encode_queries
-
-    from .data.datasets import load_split_queries
 
     index = DenseIndex.load(args.index)
     split_queries = load_split_queries(args.data, split=args.split, lenient=args.lenient)  # judgments optional
@@ -279,10 +283,10 @@ def cmd_search(args) -> None:
 def cmd_rerank(args) -> None:
     """Rescore each query's top --depth of a run with a cross-encoder; write the new run and its evaluation."""
     from .data.runs import read_run, write_run
-    from .runtime.distributed import pick_device
-    from .retrieval.evaluate import evaluate, format_table, parse_measures, write_metrics, write_per_query
     from .models.loading import load_model
+    from .retrieval.evaluate import evaluate, format_table, parse_measures, write_metrics, write_per_query
     from .retrieval.rerank import rerank_run
+    from .runtime.distributed import pick_device
 
     parse_measures(args.measures, rel=args.rel)
     output = Path(args.output)
@@ -355,8 +359,8 @@ def _corpus_embeddings(folder: str):
 def cmd_mine(args) -> None:
     """Mine hard negatives with a retriever (dense: --model; bm25: no model); write a training-groups file."""
     from .data.groups import write_training_groups
-    from .runtime.fileio import atomic_write
     from .retrieval.mine import mine_hard_negatives, mine_with_ranker
+    from .runtime.fileio import atomic_write
 
     start, _, end = args.range.partition(":")
     try:
@@ -403,8 +407,8 @@ def cmd_quickstart(args) -> None:
 def cmd_report(args) -> None:
     """Rebuild a finished run's report (report.md and plots) from its results and logs; a comparison
     folder (or ledger file) gets compare.md and its plots."""
-    from .compare.run import load_ledger
     from .compare.report import render_compare, report_dir
+    from .compare.run import load_ledger
     from .reporting.report import build_report
 
     target = Path(args.run_dir)
@@ -417,8 +421,8 @@ def cmd_report(args) -> None:
 
 def cmd_compare(args) -> None:
     """Train every variant x seed of a comparison spec that is not done yet; write compare.json and compare.md."""
-    from .compare.run import load_spec, run_compare
     from .compare.report import render_compare, report_dir
+    from .compare.run import load_spec, run_compare
 
     spec = load_spec(args.spec)
     ledger = run_compare(spec, log=_say, max_rows=args.max_rows, only=set(args.only) if args.only else None)

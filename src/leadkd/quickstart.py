@@ -17,14 +17,15 @@ import hashlib
 import json
 import random
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from .reporting.results import RESULTS_NAME, Model, PairedComparison, RunResults, Stage, read_results, write_results
 from .runtime.errors import LeadkdError
 from .runtime.fileio import atomic_write
-from .reporting.results import RESULTS_NAME, Model, PairedComparison, RunResults, Stage, read_results, write_results
 
 Log = Callable[[str], None]
 #: The ir_datasets splits a quickstart looks for under a dataset id (``beir/scifact/train``, ...).
@@ -57,7 +58,7 @@ class QuickstartPlan:
     overrides: dict[str, Any] = field(default_factory=dict)  # extra distill options, nested as in a config file
 
     @classmethod
-    def fast(cls, **changes) -> "QuickstartPlan":
+    def fast(cls, **changes) -> QuickstartPlan:
         values = dict(max_passage_length=64, mine_depth=50, mine_range=(2, 30), mine_negatives=8,
                       batch_size=4, warmup_steps=6, distill_steps=12, eval_every=6, slice_queries=24,
                       slice_passages=400)
@@ -106,7 +107,7 @@ def irds_folder(dataset_id: str, target: Path, log: Log = print, named: str | No
         log(f"exporting irds:{base} ({', '.join(IRDS_SPLITS)} where they exist) to {target}")
         try:
             export_irds(base, target, IRDS_SPLITS)
-        except Exception as failed:  # noqa: BLE001 - offline, a blocked mirror, an unknown id: one line
+        except Exception as failed:
             if named is None:
                 raise
             raise _neither_way(named, base, str(failed).splitlines()[0] if str(failed) else type(failed).__name__
@@ -230,10 +231,10 @@ def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart"
 
 
 def _run_quickstart(data: str, output: str | Path, plan: QuickstartPlan | None, log: Log) -> Path:
+    from . import accel
     from .config import config_from_dict
     from .data.datasets import load_dataset
     from .data.groups import write_training_groups
-    from . import accel
     from .distill.build import student_from_teacher
     from .distill.trainer import run_job
     from .models.dual_encoder import DualEncoder
@@ -337,8 +338,8 @@ def _evaluated(results: RunResults, paths: dict[str, Path], test, teacher_corpus
                log: Log) -> RunResults:
     """``results`` with every model scored on the test split, per layer, and LEAD's paired difference to
     response-KD over the test queries."""
-    from .models.model_card import add_figures
     from .models.dual_encoder import DualEncoder
+    from .models.model_card import add_figures
     from .retrieval.pipeline import evaluate_layers
 
     log(f"evaluating on {results.test_split}")

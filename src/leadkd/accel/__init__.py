@@ -8,7 +8,8 @@ the maths beyond float rounding. :func:`encode` picks the one for the model's de
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -19,7 +19,8 @@ import contextlib
 import os
 import queue
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,7 +128,7 @@ def map_ahead(fn: Callable[[Any], Any], items: Iterator[Any], depth: int = 1) ->
             for item in items:
                 if not put((fn(item), None)):
                     return
-        except BaseException as error:  # noqa: BLE001 - handed to the consumer, who re-raises it
+        except BaseException as error:
             put((None, error))
             return
         put((_DONE, None))

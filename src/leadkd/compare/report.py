@@ -14,8 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..runtime.fileio import atomic_write
 from ..reporting.plots import new_figure, palette, save_png
+from ..runtime.fileio import atomic_write
 from .stats import paired_interval, randomization_test
 
 __all__ = ["variant_values", "measure_key", "paired_comparison", "render_compare", "report_dir", "mean_std",

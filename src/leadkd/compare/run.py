@@ -34,15 +34,16 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ..config import config_from_dict, config_to_dict, load_config, read_config_file, todays_spelling
-from ..runtime.errors import ConfigError, InputError, LeadkdError
-from ..runtime.fileio import atomic_write
 from ..reporting.results import read_json_object
 from ..reporting.stage_logs import load_metrics
+from ..runtime.errors import ConfigError, InputError, LeadkdError
+from ..runtime.fileio import atomic_write
 
 Log = Callable[[str], None]
 
@@ -264,8 +265,8 @@ def dev_curve(run_dir: Path) -> list[list[float]]:
 def score_model(model_dir: Path, target: EvalSet, default_data: str, measures, k: int) -> dict:
     """Aggregate and per-query metrics of a dual encoder on one evaluation set (exact search, top k)."""
     from ..data.datasets import load_dataset
-    from ..retrieval.evaluate import evaluate
     from ..models.dual_encoder import DualEncoder
+    from ..retrieval.evaluate import evaluate
     from ..retrieval.pipeline import encode_corpus, encode_queries, search_run
 
     dataset = load_dataset(target.data or default_data, split=target.split)

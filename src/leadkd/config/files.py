@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
-from .values import describe
 from ..runtime.errors import ConfigError
+from .values import describe
 
 __all__ = ["read_config_file", "read_sources", "origin_of", "dump_yaml"]
 

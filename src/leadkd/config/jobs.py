@@ -15,19 +15,34 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Sequence, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
-from .files import dump_yaml, origin_of, read_config_file, read_sources
-from .values import (Integer, MeasureName, NonNegativeInt, NonNegativeNumber, Number, PositiveInt,
-                            PositiveNumber, Problem, SplitName, StudentInit, check_failed, choice,
-                            parse_student_init, problem_of, within)
+from ..kinds import DEFAULT_KIND, MODEL_KINDS, owners
 from ..runtime.errors import ConfigError
 from ..runtime.fileio import atomic_write
-from ..kinds import DEFAULT_KIND, MODEL_KINDS, owners
+from .files import dump_yaml, origin_of, read_config_file, read_sources
 from .layer_strategy import STRATEGIES, Pair, StrategyError, parse_layer_map, resolve_strategy
+from .values import (
+    Integer,
+    MeasureName,
+    NonNegativeInt,
+    NonNegativeNumber,
+    Number,
+    PositiveInt,
+    PositiveNumber,
+    Problem,
+    SplitName,
+    StudentInit,
+    check_failed,
+    choice,
+    parse_student_init,
+    problem_of,
+    within,
+)
 
 __all__ = [
     "ModelConfig", "TeacherConfig", "StudentConfig", "DataConfig", "TrainLossConfig", "LossConfig",

@@ -15,7 +15,8 @@ import functools
 import re
 import types
 import typing
-from typing import Annotated, Any, Callable, Literal, Mapping, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Any, Literal, Union
 
 import ir_measures
 from pydantic import AfterValidator, BaseModel, BeforeValidator, FiniteFloat, ValidationError
@@ -144,7 +145,7 @@ def _did_you_mean(word: str, options: Sequence[str], cutoff: float) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _schema_keys(cls: type, prefix: str = "") -> tuple[str, ...]:
     """Every dotted key of a job, sections included (``optim``, ``optim.lr``, ...)."""
     keys: list[str] = []

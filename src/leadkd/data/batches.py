@@ -7,8 +7,8 @@ and item, so a resumed or multi-process run draws exactly what one uninterrupted
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -116,7 +116,7 @@ class GroupBatch:
     def negatives(self) -> int:
         return self.group_size - 1
 
-    def to(self, device: str | torch.device) -> "GroupBatch":
+    def to(self, device: str | torch.device) -> GroupBatch:
         teacher = None if self.teacher_scores is None else self.teacher_scores.to(device)
         return GroupBatch(self.query_ids, self.queries, self.passage_ids, self.passages, self.labels.to(device),
                           self.group_size, teacher, self.positive_ids)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 from array import array
-from typing import Iterable, Iterator, Sequence, TypeVar
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 

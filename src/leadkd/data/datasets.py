@@ -13,13 +13,20 @@ Nothing is downloaded. Qrels are always checked against the corpus and queries.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from leadkd.data.collection import Corpus, Qrels, Queries
-from leadkd.data.formats import (check_qrels, read_collection_tsv, read_corpus, read_corpus_jsonl, read_qrels,
-                                 read_queries_jsonl, read_queries_tsv)
+from leadkd.data.formats import (
+    check_qrels,
+    read_collection_tsv,
+    read_corpus,
+    read_corpus_jsonl,
+    read_qrels,
+    read_queries_jsonl,
+    read_queries_tsv,
+)
 from leadkd.runtime.errors import InputError, LeadkdError
 
 __all__ = ["Dataset", "load_dataset", "load_corpus", "load_split_queries", "resolve_dataset", "available_splits",

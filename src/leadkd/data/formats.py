@@ -17,8 +17,9 @@ import json
 import os
 import warnings
 import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Iterable, Iterator, Sequence
+from typing import IO
 
 from leadkd.data.collection import Corpus, Qrels, Queries, TextCollection
 from leadkd.runtime.errors import InputError, LeadkdError
@@ -45,7 +46,7 @@ class DataWarning(UserWarning):
 # -- line reading ------------------------------------------------------------------------------------
 def _open_binary(path: PathLike) -> IO[bytes]:
     try:
-        return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")  # noqa: SIM115
+        return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
     except FileNotFoundError:
         raise InputError(path, "file not found") from None
     except IsADirectoryError:
@@ -108,7 +109,7 @@ def _qrels_lines(path: PathLike) -> Iterator[tuple[int, bytes]]:
 
 def _record_lines(path: PathLike, rows: Sequence[int]) -> list[int]:
     """Line numbers of the given record numbers (one record per non-blank line); used only for errors."""
-    want = {r: None for r in rows}
+    want = dict.fromkeys(rows)
     for k, (lineno, _) in enumerate(_lines(path)):
         if k in want:
             want[k] = lineno

@@ -16,9 +16,10 @@ import json
 import math
 import os
 from array import array
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any
 
 import numpy as np
 

@@ -19,8 +19,9 @@ import gzip
 import io
 import math
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO, Iterator, Mapping
+from typing import IO
 
 from leadkd.runtime.errors import InputError, LeadkdError
 from leadkd.runtime.fileio import atomic_write, reporting_write_failures

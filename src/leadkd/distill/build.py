@@ -7,19 +7,20 @@ No model kind is named: what differs between kinds is asked of the models themse
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..accel.cpu_dropout import use_cpu_dropout
 from ..config import DistillConfig
-from ..runtime.errors import ConfigError
-from ..models.base import DenseRetriever
 from ..kinds import DEFAULT_KIND, model_class
+from ..models.base import DenseRetriever
 from ..models.loading import build_model
+from ..runtime.errors import ConfigError
 from .losses import HiddenStateMSE, check_same_tokenizer
 from .teacher_cache import TeacherVectorCache
 

@@ -23,12 +23,13 @@ layers without communicating (the paper's code relied on a shared seed for Pytho
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from ..runtime.errors import ConfigError, LeadkdError
 from ..config.layer_strategy import STRATEGIES, Pair, StrategyError, resolve_strategy
+from ..runtime.errors import ConfigError, LeadkdError
 
 #: The paper code's fixed ``(student, teacher)`` lists for its last/skip ablations, for every depth pair.
 PAPER_PAIRS: dict[str, tuple[Pair, ...]] = {

@@ -17,13 +17,13 @@ against; it needs hidden states and one shared tokenizer, and says so when that 
 
 from __future__ import annotations
 
-from typing import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..runtime.errors import ConfigError, LeadkdError
 from ..config.layer_strategy import Pair
+from ..runtime.errors import ConfigError, LeadkdError
 
 __all__ = [
     "contrastive_loss", "kl_distillation", "response_kl_loss", "margin_mse_loss", "layer_distillation_loss",

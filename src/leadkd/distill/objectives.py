@@ -18,8 +18,14 @@ import torch
 from ..runtime import distributed as dist
 from .build import Trained
 from .layers import pair_layers
-from .losses import (contrastive_loss, duplicate_positive_mask, group_labels, lead_total_loss, mask_candidates,
-                     own_group_scores)
+from .losses import (
+    contrastive_loss,
+    duplicate_positive_mask,
+    group_labels,
+    lead_total_loss,
+    mask_candidates,
+    own_group_scores,
+)
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,7 @@ class Layout:
     own_group: bool
 
     @classmethod
-    def of(cls, scores_whole_batch: bool, in_batch: bool, cross_process: bool, queries: int) -> "Layout":
+    def of(cls, scores_whole_batch: bool, in_batch: bool, cross_process: bool, queries: int) -> Layout:
         gathered = scores_whole_batch and cross_process and dist.is_distributed()
         return cls(gathered, dist.get_rank() * queries if gathered else 0, not (scores_whole_batch and in_batch))
 

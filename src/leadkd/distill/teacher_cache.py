@@ -35,15 +35,15 @@ import os
 import shutil
 import warnings
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
+from ..models.base import resolve_layers
 from ..runtime.errors import LeadkdError
 from ..runtime.fileio import atomic_write
-from ..models.base import resolve_layers
 
 META = "meta.json"
 #: Recorded in ``meta.json``: a cache written without these checksums does not match, and is rebuilt.

@@ -14,31 +14,39 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..runtime import distributed as dist
 from ..accel import cuda
 from ..config import DistillConfig, TrainConfig, save_config
-from ..data.datasets import load_corpus, load_queries
 from ..data.batches import GroupDataset, group_loader
+from ..data.datasets import load_corpus, load_queries
 from ..data.groups import read_training_groups
-from ..runtime.errors import LeadkdError
-from ..runtime.fileio import atomic_write
-from ..models.model_card import write_model_card
 from ..models.base import DenseRetriever
 from ..models.loading import build_model
+from ..models.model_card import write_model_card
 from ..retrieval.pipeline import evaluate_retriever
+from ..runtime import distributed as dist
+from ..runtime.errors import LeadkdError
+from ..runtime.fileio import atomic_write
+from ..runtime.stopping import StopOnSignal, Stopped, signal_name
 from .build import build_student, hidden_state_baseline, open_teacher_cache, prepare, world_batch_check
-from .checkpoint import (check_resumable, checkpoint_name, list_checkpoints, newest_checkpoint, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (
+    check_resumable,
+    checkpoint_name,
+    list_checkpoints,
+    newest_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .layers import LayerSchedule
 from .objectives import Distillation, GroundTruth
-from ..runtime.stopping import Stopped, StopOnSignal, signal_name
 
 Log = Callable[[str], None]
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -257,7 +258,7 @@ class LEADLoss(nn.Module):
         self.calls = 0
         self.last_terms: dict[str, Tensor] = {}
 
-    def train(self, mode: bool = True) -> "LEADLoss":
+    def train(self, mode: bool = True) -> LEADLoss:
         """A frozen teacher stays in eval mode (no dropout) whatever mode the loss is put in."""
         super().train(mode)
         if not self.train_teacher:

@@ -14,8 +14,9 @@ import json
 import logging
 import operator
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -51,7 +52,7 @@ class EncodedBatch(Protocol):
     that scores only its own group (``scores_whole_batch = False``).
     """
 
-    def gathered(self, with_grad: bool) -> "EncodedBatch": ...
+    def gathered(self, with_grad: bool) -> EncodedBatch: ...
 
     def scores(self) -> torch.Tensor: ...
 
@@ -150,7 +151,7 @@ def folder_file(root: str, name: str) -> Path | None:
         from huggingface_hub import hf_hub_download
 
         return Path(hf_hub_download(root, name))
-    except Exception:  # noqa: BLE001 - offline, missing file, unknown repo: all mean "absent"
+    except Exception:
         return None
 
 

@@ -12,8 +12,8 @@ not listed is refused rather than guessed at.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

@@ -29,19 +29,30 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import distributed as dist
 from ..runtime.errors import ConfigError, LeadkdError
 from ..runtime.fileio import atomic_directory
-from ..runtime import distributed as dist
-from .base import (block_outputs, check_overrides, freeze_pooler, load_backbone, loading_options, num_blocks, options_from_folder,
-                   position_limit, read_leadkd_config, resolve_layers, resolve_model_path)
+from .base import (
+    block_outputs,
+    check_overrides,
+    freeze_pooler,
+    load_backbone,
+    loading_options,
+    num_blocks,
+    options_from_folder,
+    position_limit,
+    read_leadkd_config,
+    resolve_layers,
+    resolve_model_path,
+)
 from .colbert_formats import read_foreign, skiplist_ids
 from .loading import write_leadkd_config
 
@@ -157,7 +168,7 @@ class TokenBatch:
     passages: list[torch.Tensor]        # [P, Tp, d_l] per layer
     passage_mask: torch.Tensor          # [P, Tp]
 
-    def gathered(self, with_grad: bool) -> "TokenBatch":
+    def gathered(self, with_grad: bool) -> TokenBatch:
         """Sequence lengths differ per process, so states are padded to the longest before gathering, and
         the mask goes with them (the paper's code gathered states but kept the local mask: spec §7.4-1)."""
         mask = dist.gather_padded(self.passage_mask.unsqueeze(-1).float(), pad_value=0.0, dim=1).squeeze(-1) > 0
@@ -229,7 +240,7 @@ class ColBERT(nn.Module):
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, trust_remote_code: bool = False, allow_partial: bool = False,
-                        use_safetensors: bool = True, **overrides) -> "ColBERT":
+                        use_safetensors: bool = True, **overrides) -> ColBERT:
         """Load a leadkd ColBERT folder, a PyLate or ColBERTv2 checkpoint, or start one from any HF encoder.
 
         ``overrides`` are :class:`ColBERTOptions` fields (``dim``, ``query_marker``, ``doc_marker``,
@@ -262,7 +273,7 @@ class ColBERT(nn.Module):
         return cls(tokenizer, backbone, options, projection).eval()
 
     @classmethod
-    def _from_foreign(cls, foreign, overrides: dict, **loading) -> "ColBERT":
+    def _from_foreign(cls, foreign, overrides: dict, **loading) -> ColBERT:
         """A PyLate / ColBERTv2 checkpoint with its own settings (``overrides`` still win) and projection."""
         check_overrides(KIND, ColBERTOptions, overrides)
         tokenizer, backbone = load_backbone(foreign.backbone_path, **loading)
@@ -285,7 +296,7 @@ class ColBERT(nn.Module):
         return cls(tokenizer, backbone, options, projection).eval()
 
     @classmethod
-    def from_config(cls, config, path: str | None = None) -> "ColBERT":
+    def from_config(cls, config, path: str | None = None) -> ColBERT:
         """From a :class:`~leadkd.config.ModelConfig`: ``colbert_dim`` 0 means no projection (the paper's)."""
         lengths = {key: value for key, value in (("max_query_length", config.max_query_length),
                                                  ("max_passage_length", config.max_passage_length)) if value}

@@ -126,7 +126,7 @@ def _load_weight(folder: Path, key: str, use_safetensors: bool) -> torch.Tensor:
                           "use_safetensors=False (--allow-pickle), which still unpickles tensors only")
     try:
         weights = torch.load(str(pickle), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a damaged or code-carrying pickle: one line either way
+    except Exception as exc:
         raise LeadkdError(f"{pickle}: cannot read its tensors ({str(exc).strip().splitlines()[0][:200]})") from None
     if key not in weights:
         raise LeadkdError(f"{pickle}: no {key!r} tensor (the projection)")

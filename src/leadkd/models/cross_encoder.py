@@ -32,9 +32,9 @@ import dataclasses
 import inspect
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -42,12 +42,26 @@ from torch import nn
 
 from ..runtime.errors import ConfigError, LeadkdError
 from ..runtime.fileio import atomic_directory
-from .base import (freeze_pooler, load_backbone, loading_options, num_blocks, options_from_folder, position_limit,
-                   read_leadkd_config, resolve_layers, resolve_model_path)
+from .base import (
+    freeze_pooler,
+    load_backbone,
+    loading_options,
+    num_blocks,
+    options_from_folder,
+    position_limit,
+    read_leadkd_config,
+    resolve_layers,
+    resolve_model_path,
+)
 from .classification_heads import SequenceClassificationHead, check_supported, is_sequence_classifier
 from .loading import write_leadkd_config
-from .st_cross_encoder import (DEFAULT_ACTIVATION, activation_module, read_st_cross_encoder, record_activation,
-                               write_st_files)
+from .st_cross_encoder import (
+    DEFAULT_ACTIVATION,
+    activation_module,
+    read_st_cross_encoder,
+    record_activation,
+    write_st_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +109,7 @@ class GroupScores:
 
     values: torch.Tensor
 
-    def gathered(self, with_grad: bool) -> "GroupScores":
+    def gathered(self, with_grad: bool) -> GroupScores:
         return self
 
     def scores(self) -> torch.Tensor:
@@ -168,7 +182,7 @@ class CrossEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, trust_remote_code: bool = False,
                         allow_partial: bool = False, use_safetensors: bool = True,
-                        **overrides) -> "CrossEncoder":
+                        **overrides) -> CrossEncoder:
         """Load a leadkd cross-encoder folder, a trained reranker, or start one from any HF encoder.
 
         ``overrides`` are :class:`CrossEncoderOptions` fields (``max_length``, ``use_token_type_ids``,
@@ -214,7 +228,7 @@ class CrossEncoder(nn.Module):
 
     @classmethod
     def _from_classifier(cls, location: str, config, architecture: str, options: CrossEncoderOptions,
-                         overrides: dict, loading: dict) -> "CrossEncoder":
+                         overrides: dict, loading: dict) -> CrossEncoder:
         """A sequence-classification checkpoint with its own head and its ST activation."""
         where = os.path.join(location, "config.json")
         if config.num_labels != 1:
@@ -234,7 +248,7 @@ class CrossEncoder(nn.Module):
         return cls(tokenizer, classifier, options, st_files=st_files).eval()
 
     @classmethod
-    def from_config(cls, config, path: str | None = None) -> "CrossEncoder":
+    def from_config(cls, config, path: str | None = None) -> CrossEncoder:
         """From a :class:`~leadkd.config.ModelConfig`: the pair's length is ``max_passage_length``, the
         head ``cross_encoder_head`` (unset: the folder's)."""
         length = {"max_length": config.max_passage_length} if config.max_passage_length else {}

@@ -20,8 +20,9 @@ import contextlib
 import dataclasses
 import os
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,8 +32,17 @@ from torch import nn
 from ..runtime import distributed as dist
 from ..runtime.errors import LeadkdError
 from ..runtime.fileio import atomic_directory
-from .base import (block_outputs, freeze_pooler, load_backbone, loading_options, num_blocks, pool, read_leadkd_config,
-                   resolve_layers, resolve_model_path)
+from .base import (
+    block_outputs,
+    freeze_pooler,
+    load_backbone,
+    loading_options,
+    num_blocks,
+    pool,
+    read_leadkd_config,
+    resolve_layers,
+    resolve_model_path,
+)
 from .loading import read_st_dense, read_st_settings, write_leadkd_config, write_st_metadata
 from .st_modules import DenseLayer, check_chain
 
@@ -105,7 +115,7 @@ class DenseBatch:
     scale: float = 1.0                  # the model's similarity scale (e.g. 20 for cosine models)
     states: tuple | None = None         # with_states: (query states, query mask, passage states, passage mask)
 
-    def gathered(self, with_grad: bool) -> "DenseBatch":
+    def gathered(self, with_grad: bool) -> DenseBatch:
         passages = self.passages.transpose(0, 1).contiguous()
         if with_grad:
             passages = dist.gather_with_grad(passages)
@@ -161,7 +171,7 @@ class DualEncoder(nn.Module):
                         passage_prefix: str | None = None, max_query_length: int | None = None,
                         max_passage_length: int | None = None, similarity_scale: float | None = None,
                         trust_remote_code: bool = False, allow_partial: bool = False,
-                        use_safetensors: bool = True) -> "DualEncoder":
+                        use_safetensors: bool = True) -> DualEncoder:
         """Load an HF encoder; each ``None`` setting comes from leadkd_config.json, else ST metadata, else the
         :class:`DualEncoderOptions` defaults.
 
@@ -199,12 +209,12 @@ class DualEncoder(nn.Module):
         return {name: getattr(config, name, None) for name in names if getattr(config, name, None) is not None}
 
     @classmethod
-    def from_config(cls, config, path: str | None = None) -> "DualEncoder":
+    def from_config(cls, config, path: str | None = None) -> DualEncoder:
         """From a :class:`~leadkd.config.ModelConfig` (its unset fields come from the folder)."""
         return cls.from_pretrained(path or config.path, **cls._config_overrides(config), **loading_options(config))
 
     @classmethod
-    def from_blocks(cls, teacher: nn.Module, layers: Sequence[int], config, keep_dense: bool = False) -> "DualEncoder":
+    def from_blocks(cls, teacher: nn.Module, layers: Sequence[int], config, keep_dense: bool = False) -> DualEncoder:
         """A student made of a subset of ``teacher``'s blocks (DistilBERT/PROD-style init), whatever the
         teacher's kind: its backbone and tokenizer; a dual-encoder teacher's settings too, under the
         config's.

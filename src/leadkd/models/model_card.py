@@ -12,8 +12,9 @@ in the card moves.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..runtime.fileio import atomic_write
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -151,7 +152,7 @@ def load_dense(root: str, module_path: str, *, use_safetensors: bool = True) -> 
                               "code; convert the folder to safetensors or opt in with use_safetensors=False")
         try:
             state = torch.load(pickled, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - the weights-only unpickler's refusals and damage alike
+        except Exception as exc:
             raise LeadkdError(f"{pickled}: cannot read the Dense weights ({str(exc).strip().splitlines()[0]})") from None
     weights_name = str(weights_file or pickled)
     expected = {name: tuple(p.shape) for name, p in layer.state_dict().items()}

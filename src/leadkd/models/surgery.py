@@ -7,7 +7,7 @@ This is how DistilBERT and PROD initialise students (e.g. blocks 0, 2, 4 of a 6-
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

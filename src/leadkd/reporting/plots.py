@@ -8,8 +8,8 @@ atomically, and the same inputs give the same bytes.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 from ..runtime.fileio import atomic_write
 from .results import finite_number

@@ -23,8 +23,9 @@ import math
 import os
 import re
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from ..runtime.errors import LeadkdError
 from ..runtime.fileio import atomic_write

@@ -119,7 +119,7 @@ class RunResults:
         return {"schema": SCHEMA, **_as_json(dataclasses.asdict(self))}
 
     @classmethod
-    def from_dict(cls, data: Any, source: str | os.PathLike = RESULTS_NAME) -> "RunResults":
+    def from_dict(cls, data: Any, source: str | os.PathLike = RESULTS_NAME) -> RunResults:
         """The results in ``data`` (as read from JSON), checked field by field; :class:`InputError` names
         ``source`` and the first bad field."""
         try:
@@ -195,7 +195,7 @@ def _describe(value: Any) -> str:
     return "null" if value is None else repr(value)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 

@@ -14,7 +14,8 @@ and a random passage is no hard negative. Such queries come out short, and the r
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 import faiss
 import numpy as np
 import torch
 
+from leadkd.retrieval.search import ArrayLike, exact_search, to_run
 from leadkd.runtime.errors import ConfigError, InputError, LeadkdError
 from leadkd.runtime.fileio import atomic_directory, reporting_write_failures
-from leadkd.retrieval.search import ArrayLike, exact_search, to_run
 
 Kind = Literal["flat", "hnsw"]
 Backend = Literal["torch", "faiss"]
@@ -49,7 +50,7 @@ def _sync_faiss_threads() -> None:
     faiss.omp_set_num_threads(torch.get_num_threads())
 
 
-def _add_chunked(index: "faiss.Index", vectors: np.ndarray) -> None:
+def _add_chunked(index: faiss.Index, vectors: np.ndarray) -> None:
     for start in range(0, len(vectors), _CHUNK):
         index.add(np.ascontiguousarray(vectors[start:start + _CHUNK], dtype=np.float32))
 
@@ -67,7 +68,7 @@ class DenseIndex:
     """Document embeddings plus their ids, searchable by inner product; see the module docstring."""
 
     def __init__(self, doc_ids: Sequence[str], kind: Kind, backend: Backend, *, embeddings: np.ndarray | None = None,
-                 faiss_index: "faiss.Index | None" = None, hnsw: dict[str, int] | None = None):
+                 faiss_index: faiss.Index | None = None, hnsw: dict[str, int] | None = None):
         """Use :meth:`build` or :meth:`load`; this only wires already-checked parts together."""
         self.doc_ids = list(doc_ids)
         self.kind = kind
@@ -80,7 +81,7 @@ class DenseIndex:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def build(cls, embeddings: ArrayLike, doc_ids: Sequence[str], kind: Kind = "flat", backend: Backend | None = None,
-              m: int = 32, ef_construction: int = 200, ef_search: int = 128) -> "DenseIndex":
+              m: int = 32, ef_construction: int = 200, ef_search: int = 128) -> DenseIndex:
         """Index ``embeddings[i]`` under ``doc_ids[i]``.
 
         ``backend`` defaults to ``"torch"`` for flat (fastest exact search here) and must be ``"faiss"``
@@ -196,7 +197,7 @@ class DenseIndex:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, backend: Backend | None = None, mmap: bool = True) -> "DenseIndex":
+    def load(cls, path: str | os.PathLike, backend: Backend | None = None, mmap: bool = True) -> DenseIndex:
         """Read an index folder; ``backend`` may switch a flat index between torch and faiss.
 
         ``mmap`` memory-maps ``embeddings.npy`` (torch backend) so only the pages searched are read.
@@ -303,7 +304,7 @@ def _read_npy(path: Path, mmap: bool) -> np.ndarray:
     return vectors
 
 
-def _read_faiss(path: Path, kind: Kind) -> "faiss.Index":
+def _read_faiss(path: Path, kind: Kind) -> faiss.Index:
     if not path.is_file():
         raise InputError(path, "missing: the folder is not a complete leadkd index")
     try:

@@ -22,9 +22,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..runtime import distributed as dist
 from .. import accel
 from ..data.groups import GroupsBuilder, TrainingGroups
+from ..runtime import distributed as dist
 from ..runtime.errors import ConfigError, LeadkdError
 from .pipeline import Embeddings, encode_corpus, search_shards, share_of
 from .search import exact_search

@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from ..runtime import distributed as dist
 from .. import accel
+from ..runtime import distributed as dist
 from ..runtime.errors import LeadkdError
 from ..runtime.fileio import atomic_directory, reporting_write_failures
 
@@ -41,7 +41,7 @@ class Embeddings:
         return Path(folder)
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "Embeddings":
+    def load(cls, folder: str | os.PathLike) -> Embeddings:
         """Read a folder written by :meth:`save`; never unpickles anything."""
         folder = Path(folder)
         for name in (EMBEDDINGS_FILE, IDS_FILE):

@@ -9,7 +9,7 @@ rerank is the first stage's).
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

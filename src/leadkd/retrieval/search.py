@@ -12,7 +12,7 @@ ranks first, also when the tie straddles the top-k cut (the set returned is the 
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch

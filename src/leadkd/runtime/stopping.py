@@ -19,8 +19,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -60,7 +60,7 @@ class StopOnSignal:
         self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
-    def install(self) -> "StopOnSignal":
+    def install(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread() and not self._previous:
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -72,7 +72,7 @@ class StopOnSignal:
             signal.signal(signum, handler)
         self._previous.clear()
 
-    def __enter__(self) -> "StopOnSignal":
+    def __enter__(self) -> StopOnSignal:
         return self.install()
 
     def __exit__(self, *exc_info) -> None:
