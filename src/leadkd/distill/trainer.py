@@ -10,14 +10,12 @@ optimizer steps. Checkpoints, dev evaluation and logs happen between steps. A si
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -27,15 +25,14 @@ from ..config import DistillConfig, TrainConfig, save_config
 from ..data.batches import GroupDataset, group_loader
 from ..data.datasets import load_corpus, load_queries
 from ..data.groups import read_training_groups
-from ..models.base import DenseRetriever
+from ..models.base import DenseRetriever, Retriever
 from ..models.loading import build_model
 from ..models.model_card import write_model_card
 from ..retrieval.pipeline import evaluate_retriever
 from ..runtime import distributed as dist
 from ..runtime.errors import LeadkdError
-from ..runtime.fileio import atomic_write
-from ..runtime.stopping import StopOnSignal, Stopped, signal_name
-from .build import build_student, hidden_state_baseline, open_teacher_cache, prepare, world_batch_check
+from ..runtime.stopping import StepBoundaryStop
+from .build import Trained, build_student, hidden_state_baseline, open_teacher_cache, prepare, world_batch_check
 from .checkpoint import (
     check_resumable,
     checkpoint_name,
@@ -46,13 +43,10 @@ from .checkpoint import (
     set_rng_state,
 )
 from .layers import LayerSchedule
+from .metrics_log import MetricsLog
 from .objectives import Distillation, GroundTruth
 
 Log = Callable[[str], None]
-
-#: Under torchrun a terminal's Ctrl-C reaches every worker twice (directly, then forwarded by torchrun):
-#: a repeat of the same signal this soon after the first is the same request, not "stop at once".
-TORCHRUN_REPEAT_WINDOW_S = 1.0
 
 
 # ---------------------------------------------------------------------------------------- trainer
@@ -72,6 +66,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig | DistillConfig, resume: bool = False, log: Log | None = None,
                  show_progress: bool = True):
+        # validate_config requires these; they default to unset only so that sections can be built in code
+        assert config.output_dir is not None and config.optim.steps is not None
         self.config = config
         self.ctx = dist.init_distributed(timeout_s=config.ddp_timeout)
         if self.ctx.device.type == "cuda":  # each step tokenises its batch on the host, whose cores are idle
@@ -80,8 +76,11 @@ class Trainer:
         self.show_progress = show_progress and self.ctx.is_main
         self.output = Path(config.output_dir)
         self.checkpoints = self.output / "checkpoints"
+        self.metrics = MetricsLog(self.output, self.ctx.is_main)
+        self.stop = StepBoundaryStop(self.ctx, lambda: self.step, self._newest_for_resume)
         self.total_steps = int(config.optim.steps)
         self.step = 0
+        self._saved_at: int | None = None
         self.non_finite_in_a_row = 0
         self.epoch = 0
         self.position = 0  # batches of the current epoch already consumed
@@ -103,6 +102,7 @@ class Trainer:
 
     def _build(self, resumed) -> None:
         cfg = self.config
+        assert cfg.data.corpus is not None and cfg.data.train_groups is not None  # required (validate_config)
         torch.manual_seed(cfg.seed + self.ctx.rank)
         if self.ctx.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
@@ -116,9 +116,10 @@ class Trainer:
         self.loader = group_loader(self.dataset, cfg.optim.batch_size, rank=self.ctx.rank,
                                    world_size=self.ctx.world_size, seed=cfg.seed)
         ckpt = resumed[0] if resumed else None
-        self.schedule = None
+        self.schedule: LayerSchedule | None = None
+        self.objective: Distillation | GroundTruth
         if isinstance(cfg, DistillConfig):
-            self.objective = self._distillation(ckpt, corpus, queries)
+            self.objective = self._distillation(cfg, ckpt, corpus, queries)
         else:
             model = build_model(cfg.model, str(ckpt / "model") if ckpt else None)
             self.objective = GroundTruth(self._prepare("model", model, trains=True, lr=cfg.optim.lr), cfg.loss,
@@ -135,8 +136,7 @@ class Trainer:
     def _prepare(self, name: str, model: nn.Module, **options):
         return prepare(name, model, self.config.optim, self.total_steps, self.ctx, **options)
 
-    def _distillation(self, ckpt: Path | None, corpus, queries) -> Distillation:
-        cfg = self.config
+    def _distillation(self, cfg: DistillConfig, ckpt: Path | None, corpus, queries) -> Distillation:
         teacher = build_model(cfg.teacher, str(ckpt / "teacher") if ckpt and cfg.teacher.train else None)
         student = build_student(cfg, teacher, ckpt)
         hidden_mse = hidden_state_baseline(student, teacher, self.ctx) if cfg.loss.layer == "hidden_mse" else None
@@ -150,7 +150,8 @@ class Trainer:
             objective.teacher_cache = open_teacher_cache(cfg, teacher, corpus, queries, self.output, self.ctx.rank,
                                                          self.log)
         if cfg.loss.layer in ("lead", "hidden_mse"):
-            self.schedule = LayerSchedule(cfg.layers.strategy, student.num_layers, teacher.num_layers, k=cfg.layers.k,
+            self.schedule = LayerSchedule(cfg.layers.strategy, cast(Retriever, student).num_layers, teacher.num_layers,
+                                          k=cfg.layers.k,
                                           seed=cfg.seed, resample_interval=cfg.layers.resample_every,
                                           pairs=cfg.layers.pairs)
         return objective
@@ -160,12 +161,12 @@ class Trainer:
         state = {"step": self.step, "epoch": self.epoch, "position": self.position, "best": dict(self.best),
                  "non_finite_in_a_row": self.non_finite_in_a_row,
                  "world_size": self.ctx.world_size, "rng": rng_state(),
-                 "optimizers": {n: t.optimizer.state_dict() for n, t in self.models.items() if t.trains},
+                 "optimizers": {n: _optimizer(t).state_dict() for n, t in self.models.items() if t.trains},
                  "schedulers": {n: t.scheduler.state_dict() for n, t in self.models.items() if t.trains}}
         if self.schedule is not None:
             state["layers"] = self.schedule.state_dict()
-        if getattr(self.objective, "hidden_mse", None) is not None:
-            state["hidden_mse"] = self.objective.hidden_mse.state_dict()
+        if (hidden_mse := getattr(self.objective, "hidden_mse", None)) is not None:
+            state["hidden_mse"] = hidden_mse.state_dict()
         return state
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -177,12 +178,12 @@ class Trainer:
         self.non_finite_in_a_row = int(state.get("non_finite_in_a_row", 0))
         for name, trained in self.models.items():
             if trained.trains:
-                trained.optimizer.load_state_dict(state["optimizers"][name])
+                _optimizer(trained).load_state_dict(state["optimizers"][name])
                 trained.scheduler.load_state_dict(state["schedulers"][name])
         if self.schedule is not None:
             self.schedule.load_state_dict(state["layers"])
-        if getattr(self.objective, "hidden_mse", None) is not None:
-            self.objective.hidden_mse.load_state_dict(state["hidden_mse"])
+        if (hidden_mse := getattr(self.objective, "hidden_mse", None)) is not None:
+            hidden_mse.load_state_dict(state["hidden_mse"])
         by_rank = state.get("rng_by_rank")  # absent in checkpoints of a single process (and older ones)
         set_rng_state(by_rank[self.ctx.rank] if by_rank and len(by_rank) == self.ctx.world_size else state["rng"])
 
@@ -207,7 +208,7 @@ class Trainer:
     def _batches(self) -> Iterator[Any]:
         """Batches forever, from the saved (epoch, position); every epoch reshuffled via set_epoch."""
         while True:
-            self.loader.sampler.set_epoch(self.epoch)
+            self.loader.sampler.set_epoch(self.epoch)  # type: ignore[attr-defined]  # group_loader's epoch sampler
             for index, batch in enumerate(self.loader):
                 if index < self.position:
                     continue  # resumed mid-epoch: the same batches as before, skipped cheaply
@@ -220,7 +221,7 @@ class Trainer:
     def train_step(self) -> StepResult:
         """One optimizer step (over ``grad_accum`` micro-batches) of every trained model."""
         cfg = self.config.optim
-        pairs = self.schedule.pairs_for_step(self.step) if self.schedule is not None else []
+        pairs: list[tuple[int, int]] = self.schedule.pairs_for_step(self.step) if self.schedule is not None else []
         trained = [t for t in self.models.values() if t.trains]
         totals: dict[str, float] = {}
         weights = pair_kl = None
@@ -247,13 +248,13 @@ class Trainer:
         for t in trained:
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.max_grad_norm)
-            t.optimizer.step()
+            _optimizer(t).step()
             t.scheduler.step()
-            t.optimizer.zero_grad(set_to_none=True)
+            _optimizer(t).zero_grad(set_to_none=True)
         self.step += 1
         if self.ctx.is_distributed:
             means = dist.all_reduce_mean(torch.tensor(list(totals.values()), dtype=torch.float64))  # one collective
-            totals = dict(zip(totals, means.tolist()))
+            totals = dict(zip(totals, cast(torch.Tensor, means).tolist(), strict=True))
         return StepResult(loss=totals["loss"], terms=totals, pairs=list(pairs),
                           weights=[] if weights is None else [float(w) for w in weights],
                           pair_kl=[] if pair_kl is None else [float(k) for k in pair_kl])
@@ -262,7 +263,7 @@ class Trainer:
         """Whether every process's loss is finite; all ranks must agree before any skips a backward."""
         finite = bool(torch.isfinite(loss.detach()))
         if self.ctx.is_distributed:  # so that every rank stops (or skips) together instead of hanging
-            finite = dist.all_reduce_mean(float(finite)) == 1.0
+            finite = bool(dist.all_reduce_mean(float(finite)) == 1.0)
         return finite
 
     def _skip_step(self, loss: torch.Tensor, trained: list) -> StepResult:
@@ -283,7 +284,7 @@ class Trainer:
         with warnings.catch_warnings():  # scheduler before optimizer is the point here
             warnings.simplefilter("ignore", UserWarning)
             for t in trained:
-                t.optimizer.zero_grad(set_to_none=True)
+                _optimizer(t).zero_grad(set_to_none=True)
                 t.scheduler.step()
         self.step += 1
         return StepResult(loss=float("nan"), skipped=True)
@@ -295,6 +296,7 @@ class Trainer:
         cfg = self.config.eval
         if not self.evaluates:
             return None
+        assert self.corpus_spec is not None and cfg.split is not None  # a run that evaluates has both
         return evaluate_retriever(self.evaluated.model, self.corpus_spec, cfg.split, cfg.metric, cfg.k, cfg.max_queries,
                                   corpus=self.corpus)
 
@@ -306,99 +308,74 @@ class Trainer:
             self._say(f"{self.output} already finished at step {self.step}; nothing to do")
             return {"final": None, "best": self.best}
         self._iterator = self._batches()
-        log_file = self.output / "metrics.jsonl"
-        if self.ctx.is_main:
-            _truncate_log(log_file, self.step)
+        self.metrics.resume_at(self.step)
         if self.step == 0 and cfg.eval.split is not None and cfg.eval.at_start:
-            self._eval_and_keep_best(log_file)  # the starting model competes for best/ too
-        progress = contextlib.nullcontext()
+            self._eval_and_keep_best()  # the starting model competes for best/ too
+        progress: Any = contextlib.nullcontext()
         if self.show_progress:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=self.total_steps, initial=self.step, desc=self._job,
                             unit="step")
-        under_torchrun = self.ctx.is_distributed or "TORCHELASTIC_RUN_ID" in os.environ
-        # Installed until the run ends; after an error, until close(), so that torchrun's SIGTERM to the
-        # survivors of a dead rank cannot cut a process down before it has printed why it stops.
-        self._stopper = StopOnSignal(self._stopped_at_once, TORCHRUN_REPEAT_WINDOW_S if under_torchrun else 0.0)
-        self._stopper.install()
+        self.stop.install()  # until the run ends; after an error, until close() (the stop's docstring says why)
         with dist.peers_answering(cfg.ddp_timeout, self._newest_for_resume):
             with progress:  # closed before an error is printed, so the error stays the last line
-                self._steps(progress if self.show_progress else None, log_file)
-                self._stop_if_asked()
-            final = self._eval_and_keep_best(log_file)
+                self._steps(progress if self.show_progress else None)
+                self.stop.after_step(self._checkpoint_this_step)
+            final = self._eval_and_keep_best()
             self.save()
             self._save_final(final)
-        self._stopper.restore()
+        self.stop.restore()
         return {"final": final, "best": self.best}
 
-    # ------------------------------------------------------------------ stopping on a signal
-    def _stop_if_asked(self) -> None:
-        """After a whole step: if any process got SIGTERM/SIGINT, all checkpoint this step and stop together.
-
-        The request is all-reduced (MAX of the signal number, one tiny collective per step, only when
-        distributed), so every rank stops after the same step and the checkpoint holds a step all took.
-        """
-        signum = self._stopper.signum or 0
-        if self.ctx.is_distributed:
-            signum = dist.all_reduce_max(signum)
-        if not signum:
-            return
-        if getattr(self, "_saved_at", None) != self.step:  # checkpoint.every may have just written it
+    def _checkpoint_this_step(self) -> Path:
+        """Every rank: the checkpoint of the current step, written unless ``checkpoint.every`` just did."""
+        if self._saved_at != self.step:
             self.save()
-        raise Stopped(signum, self.step, self.checkpoints / checkpoint_name(self.step),
-                      rank=self.ctx.rank if self.ctx.is_distributed else None)
+        return self.checkpoints / checkpoint_name(self.step)
 
     def _newest_for_resume(self) -> str:
         found = list_checkpoints(self.checkpoints)
         return (f"the newest complete checkpoint is {found[-1]}; resume with --resume" if found
                 else "no checkpoint was written yet")
 
-    def _stopped_at_once(self, signum: int) -> str:
-        """The line of a second signal (written from the handler just before the process leaves)."""
-        who = f" (rank {self.ctx.rank})" if self.ctx.is_distributed else ""
-        return (f"stopped at once by a second {signal_name(signum)}{who} after step {self.step}; "
-                f"{self._newest_for_resume()}")
-
-    def _steps(self, progress, log_file: Path) -> None:
+    def _steps(self, progress) -> None:
         """Train steps up to ``optim.steps``, logging, evaluating and checkpointing on their schedules."""
         cfg = self.config
         started = time.perf_counter()
         while self.step < self.total_steps:
             result = self.train_step()
-            record = {"step": self.step, "epoch": self.epoch, "loss": None if result.skipped else result.loss,
+            record: dict[str, Any] = {
+                      "step": self.step, "epoch": self.epoch, "loss": None if result.skipped else result.loss,
                       **result.terms, **({"skipped": True} if result.skipped else {}),
                       "lr": {n: t.scheduler.get_last_lr()[0] for n, t in self.models.items() if t.trains},
                       "seconds": round(time.perf_counter() - started, 3)}
             if result.pairs:
                 record.update(pairs=result.pairs, layer_weights=result.weights, layer_pair_kl=result.pair_kl)
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                self._write(log_file, record)
+                self.metrics.write(record)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss="skipped" if result.skipped else f"{result.loss:.4f}")
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps:
-                self._eval_and_keep_best(log_file)
+                self._eval_and_keep_best()
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:
                 self.save()
             if self.step < self.total_steps:
-                self._stop_if_asked()
+                self.stop.after_step(self._checkpoint_this_step)
 
-    def _eval_and_keep_best(self, log_file: Path) -> dict[str, float] | None:
+    def _eval_and_keep_best(self) -> dict[str, float] | None:
         started = time.perf_counter()
         result = self.evaluate()
         if result is None or not self.ctx.is_main:
             return result
         metric = self.config.eval.metric
-        self._write(log_file, {"step": self.step, "eval": result, "eval_seconds": round(time.perf_counter() - started, 1)})
+        self.metrics.write({"step": self.step, "eval": result, "eval_seconds": round(time.perf_counter() - started, 1)})
         self._say(f"step {self.step}: dev {metric} = {result[metric]:.4f}")
         if not self.best or result[metric] > self.best["value"]:
             self.best = {"step": self.step, "value": result[metric], "metric": metric}
-            self.evaluated.model.save_pretrained(self.output / "best")
-            write_model_card(self.output / "best", self.config, self.evaluated.model,
-                             {f"{self.config.eval.split} (step {self.step})": result},
-                             f"the checkpoint of a {self._job} run best on {self.config.eval.split} {metric} "
-                             f"(step {self.step} of {self.total_steps})")
+            self._save_model("best", self.evaluated, result, f"the checkpoint of a {self._job} run best on "
+                             f"{self.config.eval.split} {metric} (step {self.step} of {self.total_steps})")
         return result
 
     def _save_final(self, figures: dict[str, float] | None) -> None:
@@ -406,69 +383,37 @@ class Trainer:
             return
         for name, trained in self.models.items():
             if trained.trains:
-                final = "final" if trained is self.evaluated else f"final-{name}"
-                trained.model.save_pretrained(self.output / final)
-                scored = trained is self.evaluated and figures
-                write_model_card(self.output / final, self.config, trained.model,
-                                 {f"{self.config.eval.split} (step {self.step})": figures} if scored else {},
+                self._save_model("final" if trained is self.evaluated else f"final-{name}", trained,
+                                 figures if trained is self.evaluated else None,
                                  f"the final {name} of a {self._job} run (step {self.step})")
         self._say(f"wrote {self.output / 'final'}" + (f"; best dev step {self.best['step']} in {self.output / 'best'}"
                                                       if self.best else ""))
 
-    def _write(self, log_file: Path, record: dict[str, Any]) -> None:
-        if self.ctx.is_main:
-            with open(log_file, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-            self._tensorboard(record)
-
-    def _tensorboard(self, record: dict[str, Any]) -> None:
-        """Mirror the JSONL log to TensorBoard when it is installed (optional; never required)."""
-        if not hasattr(self, "_board"):
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._board = SummaryWriter(str(self.output / "tensorboard"))
-            except ImportError:
-                self._board = None
-        if self._board is None:
-            return
-        step = record["step"]
-        for name, value in {**record.get("eval", {}), **record}.items():
-            if isinstance(value, (int, float)) and name not in ("step", "epoch"):
-                self._board.add_scalar(("dev/" if name in record.get("eval", {}) else "train/") + name, value, step)
-        for k, weight in enumerate(record.get("layer_weights", [])):
-            self._board.add_scalar(f"layers/weight_{k}", weight, step)
-        self._board.flush()
+    def _save_model(self, folder: str, trained: Trained, figures: dict[str, float] | None, what: str) -> None:
+        """A model folder with its card; ``figures``: its dev scores at this step, if measured."""
+        cast(Retriever, trained.model).save_pretrained(self.output / folder)
+        write_model_card(self.output / folder, self.config, trained.model,
+                         {f"{self.config.eval.split} (step {self.step})": figures} if figures else {}, what)
 
     def close(self) -> None:
-        if getattr(self, "_stopper", None) is not None:
-            self._stopper.restore()  # the signal handlers in place before fit()
-        if getattr(self, "_board", None) is not None:
-            self._board.close()
+        self.stop.restore()  # the signal handlers in place before fit()
+        self.metrics.close()
         if getattr(getattr(self, "objective", None), "teacher_cache", None) is not None:
-            self.objective.teacher_cache.close()
+            self.objective.teacher_cache.close()  # type: ignore[union-attr]  # only a Distillation has one
         self.ctx.cleanup()
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log lines written after the checkpoint we resumed from (they will be redone)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-    with atomic_write(path) as handle:  # a crash here must not lose the log
-        handle.write("".join(f"{line}\n" for line in kept))
+def _optimizer(trained: Trained) -> torch.optim.Optimizer:
+    """A trained model's optimizer (``trains`` means it has one)."""
+    assert trained.optimizer is not None
+    return trained.optimizer
 
 
 def run_job(config: TrainConfig | DistillConfig, resume: bool = False, log: Log | None = None) -> dict[str, Any]:
     """Build a trainer, train, clean up — what `leadkd train` and `leadkd distill` call."""
     from ..runtime.run_lock import output_lock
 
+    assert config.output_dir is not None  # required (validate_config)
     with output_lock(config.output_dir, option="output_dir"):  # one writer per folder, before any rank joins
         trainer = Trainer(config, resume=resume, log=log)
         try:

@@ -7,8 +7,8 @@ the run ends with :class:`Stopped`, which the CLI turns into one stderr line and
 once with the same status, and the newest checkpoint is the last one written whole (a write it cuts stays
 under its temporary name, which is never read as a checkpoint).
 
-Under torchrun the ranks agree on the step to stop at (the trainer all-reduces the request once per step),
-so no rank saves a step the others did not take. Ctrl-C in a terminal reaches torchrun and every worker,
+Under torchrun the ranks agree on the step to stop at (:class:`StepBoundaryStop` all-reduces the request once
+per step), so no rank saves a step the others did not take. Ctrl-C in a terminal reaches torchrun and every worker,
 and torchrun then forwards the same signal to the workers again; a repeat of the same signal within
 ``repeat_window_s`` is therefore taken as the same request, not as the second one.
 """
@@ -21,8 +21,17 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the CLI imports this module at start; torch (under distributed) only when a run needs it
+    from .distributed import DistContext
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+#: Under torchrun a terminal's Ctrl-C reaches every worker twice (directly, then forwarded by torchrun):
+#: a repeat of the same signal this soon after the first is the same request, not "stop at once".
+TORCHRUN_REPEAT_WINDOW_S = 1.0
 
 
 def signal_name(signum: int) -> str:
@@ -50,15 +59,15 @@ class Stopped(Exception):
 class StopOnSignal:
     """While active, the first SIGTERM/SIGINT only records a request to stop (read :attr:`signum`); a second
     one writes ``at_once(signal)`` to stderr and leaves with ``os._exit(128 + signal)``. The handlers in place
-    before are put back by :meth:`restore` (or on leaving the ``with`` block). Outside the main thread (where Python cannot install handlers) it does
-    nothing."""
+    before are put back by :meth:`restore` (or on leaving the ``with`` block). Outside the main thread (where
+    Python cannot install handlers) it does nothing."""
 
     def __init__(self, at_once: Callable[[int], str], repeat_window_s: float = 0.0):
         self.at_once = at_once
         self.repeat_window_s = repeat_window_s
         self.signum: int | None = None
         self._first_at = 0.0
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread() and not self._previous:
@@ -78,7 +87,7 @@ class StopOnSignal:
     def __exit__(self, *exc_info) -> None:
         self.restore()
 
-    def _handle(self, signum: int, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         now = time.monotonic()
         if self.signum is None:
             self.signum, self._first_at = signum, now
@@ -90,3 +99,54 @@ class StopOnSignal:
             os.write(2, f"\nleadkd: {self.at_once(signum)}\n".encode("utf-8", "replace"))
         finally:
             os._exit(128 + signum)
+
+
+class StepBoundaryStop:
+    """A training loop's whole stop handling: the loop asks :meth:`after_step` once per step, nothing else.
+
+    While installed (:meth:`install` before the loop, :meth:`restore` after it, or after an error once its
+    line is printed, so that torchrun's SIGTERM to the survivors of a dead rank cannot cut a process down
+    before it has said why it stops), a first SIGTERM/SIGINT is recorded and a second leaves at once with
+    ``at_once`` naming the step and the newest checkpoint. ``newest()`` says where to resume from and
+    ``step()`` which step the run is at, so the line is right whenever the signal comes.
+    """
+
+    def __init__(self, ctx: DistContext, step: Callable[[], int], newest: Callable[[], str]):
+        self.ctx, self._step, self._newest = ctx, step, newest
+        under_torchrun = ctx.is_distributed or "TORCHELASTIC_RUN_ID" in os.environ
+        self._signals = StopOnSignal(self._at_once, TORCHRUN_REPEAT_WINDOW_S if under_torchrun else 0.0)
+
+    def install(self) -> StepBoundaryStop:
+        self._signals.install()
+        return self
+
+    def restore(self) -> None:
+        self._signals.restore()
+
+    @property
+    def _rank(self) -> int | None:
+        return self.ctx.rank if self.ctx.is_distributed else None
+
+    def requested(self) -> int:
+        """The signal any process got (0: none), the same on every rank.
+
+        MAX of the signal numbers, one tiny collective per step and only when distributed, so every rank
+        stops after the same step and the checkpoint holds a step all of them took.
+        """
+        signum = self._signals.signum or 0
+        if not self.ctx.is_distributed:
+            return signum
+        from .distributed import all_reduce_max
+
+        return all_reduce_max(signum)
+
+    def after_step(self, checkpoint: Callable[[], Path]) -> None:
+        """If a stop was asked: ``checkpoint()`` (every rank calls it; it returns the step's folder), then
+        raise :class:`Stopped`."""
+        signum = self.requested()
+        if signum:
+            raise Stopped(signum, self._step(), checkpoint(), rank=self._rank)
+
+    def _at_once(self, signum: int) -> str:
+        who = f" (rank {self._rank})" if self._rank is not None else ""
+        return f"stopped at once by a second {signal_name(signum)}{who} after step {self._step()}; {self._newest()}"
