@@ -1,11 +1,13 @@
 """The job configurations: what a run is told, read from YAML / JSON and ``key=value`` overrides.
 
 ``jobs`` holds the train and distill config models; ``values`` the option types and pydantic's report as
-one line; ``files`` reading and writing config files; ``layer_strategy`` the names of the layer-pair
-strategies. None of them imports torch (an import-linter contract in pyproject.toml checks it), so a config
-is validated before any model code loads.
+one line; ``files`` reading and writing config files; ``changes`` what differs between two configs (the
+resume guard, compare's ledger); ``layer_strategy`` the names of the layer-pair strategies. None of them
+imports torch (an import-linter contract in pyproject.toml checks it), so a config is validated before
+any model code loads.
 """
 
+from .changes import changed_settings, todays_spelling
 from .jobs import (
     JOB_KINDS,
     MODEL_KINDS,
@@ -22,7 +24,6 @@ from .jobs import (
     TeacherConfig,
     TrainConfig,
     TrainLossConfig,
-    changed_settings,
     config_from_dict,
     config_to_dict,
     load_config,
@@ -30,7 +31,6 @@ from .jobs import (
     parse_student_init,
     read_config_file,
     save_config,
-    todays_spelling,
     validate_config,
 )
 

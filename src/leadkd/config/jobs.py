@@ -17,7 +17,7 @@ import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
@@ -48,7 +48,7 @@ __all__ = [
     "ModelConfig", "TeacherConfig", "StudentConfig", "DataConfig", "TrainLossConfig", "LossConfig",
     "LayerConfig", "OptimConfig", "CheckpointConfig", "EvalConfig", "TrainConfig", "DistillConfig",
     "Config", "JOB_KINDS", "MODEL_KINDS", "load_config", "config_from_dict", "config_to_dict", "save_config",
-    "validate_config", "changed_settings", "todays_spelling", "parse_student_init", "parse_layer_map",
+    "validate_config", "parse_student_init", "parse_layer_map",
     "read_config_file",
 ]
 
@@ -62,11 +62,20 @@ def _registered_kind(value: Any) -> Any:
 
 
 ModelKind = Annotated[str, BeforeValidator(_registered_kind)]
-Pooling = choice("cls", "mean")
-ResponseLoss = choice("kl", "margin_mse", "none")
-LayerLoss = choice("lead", "hidden_mse", "none")
-CrossEncoderHead = choice("linear", "sequence_classification")
-ColbertLastLayer = choice("raw", "final")  # what a ColBERT teacher's last layer is in the layer loss
+if TYPE_CHECKING:  # the values as the type checker sees them; choice() adds any-case spelling at run time
+    Pooling = Literal["cls", "mean"]
+    ResponseLoss = Literal["kl", "margin_mse", "none"]
+    LayerLoss = Literal["lead", "hidden_mse", "none"]
+    CrossEncoderHead = Literal["linear", "sequence_classification"]
+    ColbertLastLayer = Literal["raw", "final"]
+    StrategyName = str
+else:
+    Pooling = choice("cls", "mean")
+    ResponseLoss = choice("kl", "margin_mse", "none")
+    LayerLoss = choice("lead", "hidden_mse", "none")
+    CrossEncoderHead = choice("linear", "sequence_classification")
+    ColbertLastLayer = choice("raw", "final")  # what a ColBERT teacher's last layer is in the layer loss
+    StrategyName = Literal[STRATEGIES]
 
 
 class _Section(BaseModel):
@@ -175,7 +184,7 @@ class LayerConfig(_Section):
     as the strategy (``strategy: "0:1,2:5"``), is read as ``map`` with those pairs.
     """
 
-    strategy: Literal[STRATEGIES] = "random"
+    strategy: StrategyName = "random"
     pairs: tuple[Pair, ...] | None = None
     k: PositiveInt = 5
     resample_every: PositiveInt | None = 10
@@ -285,8 +294,9 @@ class DistillConfig(_Job):
         return self
 
 
-Config = Union[TrainConfig, DistillConfig]
-JOB_KINDS: dict[str, type] = {"train": TrainConfig, "distill": DistillConfig}
+Config = TrainConfig | DistillConfig
+JobClass = type[TrainConfig] | type[DistillConfig]
+JOB_KINDS: dict[str, JobClass] = {"train": TrainConfig, "distill": DistillConfig}
 
 
 # --------------------------------------------------------------------------- validating, reading, writing
@@ -304,7 +314,7 @@ def _required(config: Config) -> list[str]:
     return models + ["data.corpus", "data.train_groups", "optim.steps", "output_dir"]
 
 
-def _checked(job: type, data: Any) -> Config:
+def _checked(job: JobClass, data: Any) -> Config:
     """A validated job config, or the Problem to report."""
     try:
         config = job.model_validate(data)
@@ -327,7 +337,7 @@ def validate_config(config: Config) -> Config:
         raise ConfigError(str(problem)) from None
 
 
-def _job_class(kind: str) -> type:
+def _job_class(kind: str) -> JobClass:
     try:
         return JOB_KINDS[kind]
     except KeyError:
@@ -366,16 +376,6 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return {key: data[key] for key in _FILE_ORDER if key in data} | data
 
 
-def todays_spelling(data: Mapping[str, Any]) -> dict[str, Any]:
-    """A stored config mapping (a ledger row's) with its layer strategy in today's spelling, so that an old
-    ``strategy: "0:1,2:5"`` compares equal to ``strategy: map`` with those pairs. Left as it is if unreadable."""
-    try:
-        layers = LayerConfig.model_validate(data["layers"])
-    except (KeyError, ValidationError):
-        return dict(data)
-    return {**data, "layers": layers.model_dump(mode="json")}
-
-
 def save_config(config: Config, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML, atomically; ``load_config(path, kind=...)`` gives it back."""
     kind = "distill" if isinstance(config, DistillConfig) else "train"
@@ -385,33 +385,3 @@ def save_config(config: Config, path: str | os.PathLike) -> Path:
         handle.write(f"# leadkd {kind} config, every option resolved; load_config(path, kind={kind!r}) reads it back\n")
         handle.write(text)
     return path
-
-
-#: Settings a resumed run may change: they decide what is evaluated, logged and kept, or how (not what)
-#: is computed: skipping non-finite batches after a NaN stop, trading compute for memory, the teacher cache.
-RESUMABLE_CHANGES = ("eval.", "log_every", "ddp_timeout", "checkpoint.keep_last", "checkpoint.every",
-                     "output_dir", "optim.skip_non_finite", "optim.cpu_dropout", "optim.gradient_checkpointing",
-                     "teacher.cache")
-#: Settings that name files: compared after resolving, so ./data and /abs/data are the same.
-_PATH_SETTINGS = ("data.corpus", "data.train_groups", "model.path", "teacher.path", "student.path")
-
-
-def changed_settings(before: Config, after: Config) -> list[str]:
-    """Dotted keys whose values differ between two configs of the same kind, as ``key: old -> new``."""
-    def flat(config: BaseModel, prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name in type(config).model_fields:
-            value = getattr(config, name)
-            out.update(flat(value, f"{prefix}{name}.") if isinstance(value, BaseModel) else {prefix + name: value})
-        return out
-
-    def same(key: str, a: Any, b: Any) -> bool:
-        if a == b:
-            return True
-        if key in _PATH_SETTINGS and isinstance(a, str) and isinstance(b, str) and os.path.exists(a):
-            return os.path.realpath(a) == os.path.realpath(b)
-        return False
-
-    old, new = flat(before), flat(after)
-    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
-            if not same(key, old.get(key), new.get(key)) and not key.startswith(RESUMABLE_CHANGES)]
