@@ -87,7 +87,7 @@ def check_formats(folder: Path, data: dict) -> dict:
                            return_tensors="pt")
         logits = hf(**inputs).logits[:, 0].numpy()
     st = STCrossEncoder(str(folder), max_length=ours.max_length, device="cpu")
-    predicted = st.predict(list(zip(queries, passages)), activation_fn=torch.nn.Identity())
+    predicted = st.predict(list(zip(queries, passages, strict=True)), activation_fn=torch.nn.Identity())
     config = json.loads((folder / "config.json").read_text())
     return {"architectures": config.get("architectures"), "kind": ours.kind, "head": ours.options.head,
             "max_abs_diff_transformers": float(np.abs(mine - logits).max()),
@@ -169,7 +169,8 @@ def main() -> None:
     stage("teacher_warmup", lambda: str(warm_up_teacher(data, teacher)))
     stage("formats", lambda: check_formats(teacher / "final", data))
     for split in ("dev", "test"):
-        stage(f"teacher_{split}", lambda split=split: first_stage_and_rerank(teacher / "final", data, data["splits"][split]))
+        stage(f"teacher_{split}",
+              lambda split=split: first_stage_and_rerank(teacher / "final", data, data["splits"][split]))
     stage("student_init_test", lambda: score_dense(data["init"], data, data["splits"]["test"]))
     student = Path(stage("student_lead_distill", lambda: str(distil(teacher / "final", data, base, work / "scifact"
                                                                      / f"ce-hf-lead-{DISTILL_STEPS}"))))

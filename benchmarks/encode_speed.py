@@ -147,7 +147,7 @@ def main() -> None:
                           ((n, statistics.median(wall[reference]) / statistics.median(wall[n])) for n in runs)}
     speed = {name: len(passages) / statistics.median(values) for name, values in wall.items()}
     cpu_speed = {name: len(passages) / statistics.median(values) for name, values in cpu.items()}
-    ratios = [b / a for a, b in zip(wall["leadkd"], wall[reference])]
+    ratios = [b / a for a, b in zip(wall["leadkd"], wall[reference], strict=True)]
     result = {
         "benchmark": "encode_speed",
         "model": args.model,

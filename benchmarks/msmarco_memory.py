@@ -56,7 +56,7 @@ def generate(path: Path, n: int, seed: int = 0) -> dict:
         for s in range(0, n, step):
             e = min(n, s + step)
             lines = [f"{pid}\t{pool[a:a + L].strip() or 'x'}\n"
-                     for pid, a, L in zip(range(s, e), starts[s:e].tolist(), lengths[s:e].tolist())]
+                     for pid, a, L in zip(range(s, e), starts[s:e].tolist(), lengths[s:e].tolist(), strict=True)]
             total_chars += sum(len(x) for x in lines)
             f.write("".join(lines).encode("utf-8"))
     return {"passages": n, "file_bytes": path.stat().st_size, "mean_text_chars": round(float(lengths.mean()), 1)}

@@ -69,7 +69,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=str(HERE / "results" / "quickstart_time.json"))
     parser.add_argument("--keep", default=None, help="run the quickstarts in this folder and keep them (reports, "
-                                                     "plots); it must not hold an earlier run (default: a temporary one)")
+                                                     "plots); it must not hold an earlier run (default: a temporary "
+                                                     "one)")
     args = parser.parse_args()
     import torch
 
@@ -83,7 +84,8 @@ def main() -> None:
     modes = [args.only] if args.only else ["fast", "default"]
     if args.keep and any((Path(args.keep) / mode).exists() for mode in modes):
         parser.error(f"--keep {args.keep}: holds an earlier run, which the quickstart would continue, not time")
-    with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="quickstart-time-")) as root:
+    with (contextlib.nullcontext(args.keep) if args.keep
+          else tempfile.TemporaryDirectory(prefix="quickstart-time-")) as root:
         for mode in modes:
             record[mode] = time_quickstart(mode, args.data, Path(root))
             print(f"{mode}: {record[mode]['total_seconds'] / 60:.1f} min (target {TARGETS[mode] / 60:.0f}): "

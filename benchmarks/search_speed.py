@@ -44,7 +44,7 @@ def agreement(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
     """How far two top-k results agree: id-set overlap, identical rankings, score differences."""
     (scores_a, ids_a), (scores_b, ids_b) = a, b
     k = ids_a.shape[1]
-    overlap = [len(set(x) & set(y)) / k for x, y in zip(ids_a.tolist(), ids_b.tolist())]
+    overlap = [len(set(x) & set(y)) / k for x, y in zip(ids_a.tolist(), ids_b.tolist(), strict=True)]
     return {
         "mean_topk_overlap": float(np.mean(overlap)),
         "min_topk_overlap": float(np.min(overlap)),

@@ -135,8 +135,8 @@ CELLS = {
     # Teacher kind: the paper's headline ColBERT and cross-encoder teachers (MiniLM's backbone, warmed up on
     # the training split first) over the same DE student, frozen as in scifact-frozen-150 (one factor from
     # it; the cache holds dense vectors only, so the frozen teacher runs forward at every step).
-    **{f"scifact-{short}-frozen-150": Cell("scifact", f"{kind} teacher (MiniLM backbone, {TEACHER_WARMUP_STEPS} warm-up "
-                                                      "steps), 150 steps, frozen", {
+    **{f"scifact-{short}-frozen-150": Cell("scifact", f"{kind} teacher (MiniLM backbone, {TEACHER_WARMUP_STEPS} "
+                                                      "warm-up steps), 150 steps, frozen", {
         **_budget(150, False), "eval.every": 150 // 4, "checkpoint.every": 150 // 4, "teacher.train": False,
         "teacher.path": teacher_folder(kind, "scifact"), "teacher.kind": kind}, {
         "response_kd": RESPONSE_KD,
@@ -263,7 +263,8 @@ def learning_curve(path: Path = RESULTS / "learning-curve.png") -> Path | None:
     figure = new_figure(9.5, 3.8)
     left, right = figure.subplots(1, 2)
     drawn, ticks = False, set()
-    for (label, cells), (style, marker, shade) in zip(CURVES, (("-", "o", "#d62728"), ("--", "s", "#9467bd"))):
+    for (label, cells), (style, marker, shade) in zip(CURVES, (("-", "o", "#d62728"), ("--", "s", "#9467bd")),
+                                                      strict=True):
         points = []
         for ledger_path, steps, reference in cells:
             if ledger_path.is_file():
@@ -280,15 +281,17 @@ def learning_curve(path: Path = RESULTS / "learning-curve.png") -> Path | None:
             xs = [steps for steps, *_ in points]
             runs = [list(point[2 - index].values()) for point in points]
             ys = [statistics.fmean(v) for v in runs]
-            bars = [[y - min(v) for y, v in zip(ys, runs)], [max(v) - y for y, v in zip(ys, runs)]]
+            bars = [[y - min(v) for y, v in zip(ys, runs, strict=True)],
+                    [max(v) - y for y, v in zip(ys, runs, strict=True)]]
             left.errorbar(xs, ys, yerr=bars, marker=marker, linestyle=style, color=color, capsize=3,
                           label=f"{variant}, {label}")
         xs = [steps for steps, *_ in points]
         right.plot(xs, [d["delta"] for *_, d in points], linestyle=style, color=shade, marker=marker, label=label)
         for steps, *_, delta in points:
             if delta["low"] is not None:
-                right.errorbar([steps], [delta["delta"]], yerr=[[delta["delta"] - delta["low"]],
-                                                               [delta["high"] - delta["delta"]]], color=shade, capsize=4)
+                right.errorbar([steps], [delta["delta"]],
+                               yerr=[[delta["delta"] - delta["low"]], [delta["high"] - delta["delta"]]],
+                               color=shade, capsize=4)
             note = f"n={len(delta['seeds'])}" + ("" if delta["p"] != delta["p"] else f", p={delta['p']:.2f}")
             right.annotate(note, (steps, delta["delta"]), fontsize="x-small", textcoords="offset points", xytext=(5, 5))
     if not drawn:
@@ -321,8 +324,9 @@ def study_table() -> list[str]:
     from leadkd.compare.report import delta_cell, mean_std, p_cell, paired_comparison, variant_values
     from leadkd.compare.run import load_ledger
 
-    lines = ["| cell | factor | variant | seeds | test nDCG@10 | Δ vs response-KD [95% CI over seeds] | p (per query) |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| cell | factor | variant | seeds | test nDCG@10 | Δ vs response-KD [95% CI over seeds] | p (per query) |",
+        "|---|---|---|---:|---:|---:|---:|"]
     wall = cpu = 0.0
     rows = 0
     commands = []
@@ -348,9 +352,9 @@ def study_table() -> list[str]:
         wall += sum(row.get("wall_seconds") or 0.0 for row in ledger["rows"].values())
         cpu += sum(row.get("cpu_seconds") or 0.0 for row in ledger["rows"].values())
         rows += len(ledger["rows"])
-    return lines + ["", f"Study compute so far: {rows} rows, {wall / 3600:.2f} h wall, {cpu / 3600:.2f} h CPU "
-                        "(2-core CPU, `nice`, often beside other work). Every row, reproduced (a rerun skips "
-                        "rows its ledger holds; delete a row to train it again):", "", "```bash", *commands, "```"]
+    return lines + ["", (f"Study compute so far: {rows} rows, {wall / 3600:.2f} h wall, {cpu / 3600:.2f} h CPU "
+                         "(2-core CPU, `nice`, often beside other work). Every row, reproduced (a rerun skips "
+                         "rows its ledger holds; delete a row to train it again):"), "", "```bash", *commands, "```"]
 
 
 def write_study_table() -> None:

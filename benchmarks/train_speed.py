@@ -54,12 +54,14 @@ def make_data(root: Path, docs: int, groups: int, negatives: int) -> tuple[Path,
     folder = root / "data"
     write_corpus_jsonl(folder / "corpus.jsonl", data.corpus.subset([data.corpus.index(d) for d in keep]))
     write_queries_jsonl(folder / "queries.jsonl", data.queries.subset(query_rows))
-    write_beir_qrels(folder / "qrels" / "train.tsv", {data.queries.id_at(i): {p: 1} for i, p in zip(query_rows, positives)})
+    write_beir_qrels(folder / "qrels" / "train.tsv",
+                     {data.queries.id_at(i): {p: 1} for i, p in zip(query_rows, positives, strict=True)})
     groups_file = root / "groups.jsonl"
     with open(groups_file, "w") as handle:
-        for i, positive in zip(query_rows, positives):
+        for i, positive in zip(query_rows, positives, strict=True):
             negs = rng.sample([d for d in keep if d != positive], negatives)
-            handle.write(json.dumps({"query_id": data.queries.id_at(i), "positives": [positive], "negatives": negs}) + "\n")
+            handle.write(json.dumps({"query_id": data.queries.id_at(i), "positives": [positive],
+                                     "negatives": negs}) + "\n")
     return folder, groups_file
 
 
@@ -72,7 +74,8 @@ def make_trainer(kind: str, root: Path, args, folder: Path, groups: Path, studen
               f"output_dir={root / kind}"]
     lengths = [f"max_query_length={args.query_length}", f"max_passage_length={args.passage_length}"]
     if kind == "contrastive":
-        config = load_config(None, common + [f"model.path={student_dir}"] + [f"model.{x}" for x in lengths], kind="train")
+        config = load_config(None, common + [f"model.path={student_dir}"] + [f"model.{x}" for x in lengths],
+                             kind="train")
     else:
         layer = "none" if kind == "response_kd" else "lead"
         frozen = ["teacher.train=false", "teacher.cache=true"] if kind == "lead_frozen_cached" else []
@@ -131,7 +134,7 @@ def time_steps(step, count: int) -> tuple[float, float]:
 def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     """Median over repeats of the ratio within each repeat: the two were timed back to back, so a slow
     spell of the machine hits both and cancels out, unlike a ratio of two separate medians."""
-    return statistics.median(a / b for a, b in zip(numerator, denominator))
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 def main() -> None:

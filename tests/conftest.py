@@ -57,7 +57,8 @@ TINY_WORDS = ("the a of and to in is for on with cell cells protein gene genes c
 
 
 def make_tiny_bert_folder(path: Path, words: list[str] = TINY_WORDS, layers: int = 2, hidden: int = 32,
-                          seed: int = 0, lowercase: bool = True, dropout: float = 0.1, init_range: float = 0.02) -> Path:
+                          seed: int = 0, lowercase: bool = True, dropout: float = 0.1,
+                          init_range: float = 0.02) -> Path:
     """Save a random BERT (``layers`` blocks, width ``hidden``) and its tokenizer as an HF folder."""
     from transformers import BertConfig, BertModel
 
@@ -84,6 +85,15 @@ def tiny_bert_other(tmp_path_factory) -> Path:
     words = [w.upper() for w in TINY_WORDS[::2]] + "alpha beta gamma delta tumour tumor".split()
     return make_tiny_bert_folder(tmp_path_factory.mktemp("tiny_bert_other"), words=words, layers=3, hidden=48,
                                  seed=1, lowercase=False)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_bert):
+    """One dual encoder per (pooling, normalize) setting, over the same tiny random BERT."""
+    from leadkd.models import DualEncoder
+
+    return {(pooling, normalize): DualEncoder.from_pretrained(tiny_bert, pooling=pooling, normalize=normalize)
+            for pooling in ("cls", "mean") for normalize in (False, True)}
 
 
 def make_tiny_beir(path: Path, docs: int = 24, queries: int = 12, seed: int = 0) -> Path:

@@ -8,7 +8,7 @@ import torch
 
 from leadkd.accel import cpu
 from leadkd.models import DualEncoder
-from test_dual_encoder import PASSAGES, models  # noqa: F401  (the fixture, one per pooling setting)
+from test_dual_encoder import PASSAGES
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -111,7 +111,8 @@ def test_evaluate_layers_scores_given_corpus_vectors_like_its_own_encoding(tmp_p
     vectors = model.encode_passages(corpus, batch_size=5, layers=[0, 1, 2])
     own = evaluate_layers(model, data, per_query=True)
     given = evaluate_layers(model, data, per_query=True, corpus_vectors=vectors)
-    assert len(own) == 3 and all(a["nDCG@10"] == pytest.approx(b["nDCG@10"], abs=1e-9) for a, b in zip(own, given))
+    assert len(own) == 3 and all(a["nDCG@10"] == pytest.approx(b["nDCG@10"], abs=1e-9)
+                                 for a, b in zip(own, given, strict=True))
     assert own[-1]["per_query"].keys() == given[-1]["per_query"].keys()
     with pytest.raises(ValueError, match="expected 3 layers"):
         evaluate_layers(model, data, corpus_vectors=vectors[:2])

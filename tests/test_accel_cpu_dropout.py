@@ -80,7 +80,7 @@ def test_attention_matches_the_naive_formula_with_padding_forward_and_backward()
     assert weights is None
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     expected = torch.autograd.grad(reference.sum(), (q, k, v))
-    for got, want in zip(grads, expected):
+    for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want)
     # Without dropout it is transformers' own SDPA path, and the same numbers as the formula.
     plain, _ = attention(module, q, k, v, additive, dropout=0.0, scaling=4 ** -0.5)
@@ -140,7 +140,7 @@ def test_a_patched_bert_trains_as_torchs_dropout_would_with_these_masks(bert_fol
     expected = torch.autograd.grad(reference.pow(2).sum(), _encoder_parameters(plain))
     assert len(seeds) == 1 + 2 * 3  # embeddings, then per block: attention probs, two hidden dropouts
     torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-10)
-    for got, want in zip(grads, expected):
+    for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 

@@ -13,7 +13,7 @@ import pytest
 from leadkd import accel
 from leadkd.accel import cuda
 from leadkd.runtime.errors import LeadkdError
-from test_dual_encoder import PASSAGES, models  # noqa: F401  (the fixture, one per pooling setting)
+from test_dual_encoder import PASSAGES
 
 
 def _threads() -> set[str]:

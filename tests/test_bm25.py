@@ -84,7 +84,7 @@ def corpus() -> Corpus:
 
 
 def passages() -> list[str]:
-    return [f"{t} {x}" if t else x for t, x in zip(TITLES, TEXTS)]
+    return [f"{t} {x}" if t else x for t, x in zip(TITLES, TEXTS, strict=True)]
 
 
 @pytest.mark.parametrize("k1,b", [(bm25.K1, bm25.B), (0.9, 0.4), (2.0, 1.0)])
@@ -115,7 +115,7 @@ def test_rankings_equal_the_naive_ranking():
     exclude = [{1}, {4}, set(), {6, 7}, set()]
     for depth in (1, 2, 3, 8):
         got = ranker.rank(QUERIES, exclude, depth)
-        for query, banned, rows in zip(QUERIES, exclude, got):
+        for query, banned, rows in zip(QUERIES, exclude, got, strict=True):
             scores = naive_bm25(passages(), query, bm25.K1, bm25.B)
             gaps = sorted({round(s, 9) for s in scores})
             assert min(np.diff(gaps), default=1) > 1e-4  # no near-tie a float32 could reorder

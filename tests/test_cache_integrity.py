@@ -89,8 +89,8 @@ def test_a_flipped_byte_is_found_on_open_and_only_that_row_recomputed(filled, fi
     offset, row_bytes = data_offset(path)
     flip_byte(path, offset + 5 * row_bytes + row_bytes // 2)  # inside row 5
     cache, said = reopen_warning(filled)
-    assert said == [f"{filled['folder'] / 'passages.npy'}: 1 of 24 cached rows fail their checksum (passages.crc.npy; "
-                    "a damaged or truncated cache file); the teacher computes them again"]
+    assert said == [(f"{filled['folder'] / 'passages.npy'}: 1 of 24 cached rows fail their checksum (passages.crc.npy; "
+                     "a damaged or truncated cache file); the teacher computes them again")]
     assert cache.filled()["passage"] == 23
     rows = [3, 5, 7, 20]
     served, calls = served_and_calls(filled, cache, rows)

@@ -166,7 +166,7 @@ def test_retrieve_writes_a_valid_run(env, retrieved):
     for row in rows:
         by_query.setdefault(row[0], []).append(row)
     assert list(by_query) == [f"q{i}" for i in range(NUM_QUERIES)]  # every test query, in order
-    for qid, hits in by_query.items():
+    for _qid, hits in by_query.items():
         assert [int(h[3]) for h in hits] == list(range(1, NUM_DOCS + 1))  # k=1000 > corpus: all, ranks from 1
         assert {h[2] for h in hits} == {f"d{i}" for i in range(NUM_DOCS)}
         scores = [float(h[4]) for h in hits]

@@ -40,7 +40,7 @@ def _reference_scores(model: ColBERT, query: str, passage: str, raw_last: bool =
         return states
 
     scores = []
-    for q_states, p_states in zip(layers(q_ids), layers(p_ids)):
+    for q_states, p_states in zip(layers(q_ids), layers(p_ids), strict=True):
         total = 0.0
         for i in range(q_states.shape[0]):
             total += max(float(q_states[i] @ p_states[j]) for j in range(p_states.shape[0]))

@@ -148,7 +148,7 @@ class Reference:
         table = torch.zeros(len(q_all[0]), len(queries), len(passages))
         for qi, q_states in enumerate(q_all):
             for pi, p_states in enumerate(p_all):
-                for layer, (q, p) in enumerate(zip(q_states, p_states)):
+                for layer, (q, p) in enumerate(zip(q_states, p_states, strict=True)):
                     table[layer, qi, pi] = sum(max(float(q[i] @ p[j]) for j in range(p.shape[0]))
                                                for i in range(q.shape[0]))
         return table

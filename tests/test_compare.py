@@ -174,7 +174,8 @@ def test_a_model_is_scored_once_and_an_ablation_runs_on_its_own_seeds(setup, tmp
     ({"variants": {"a": 3, "b": {}}, "reference": "b"}, "variants.a: expected a mapping"),
     ({"variants": {"a": {"eval.split": None}, "b": {}}, "reference": "b"}, "variants.a: sets no eval.split"),
     ({"variants": {"a": {"job": "eval"}, "b": {}}, "reference": "b"}, "variants.a.job: expected 'distill', 'train' or"),
-    ({"variants": {"a": {"job": "evaluate"}, "b": {}}, "reference": "b"}, "variants.a: a 'job: evaluate' variant names"),
+    ({"variants": {"a": {"job": "evaluate"}, "b": {}}, "reference": "b"},
+     "variants.a: a 'job: evaluate' variant names"),
     ({"variants": {"a": {"seeds": [7]}, "b": {}}, "reference": "b"}, "variants.a.seeds: expected a non-empty list"),
     ({"variants": {"a": {"loss.layr": "none"}, "b": {}}, "reference": "b"}, "variant 'a'"),
 ])
@@ -210,7 +211,7 @@ def test_paired_delta_interval_and_p_value_against_naive_computations():
     d = [statistics.fmean(new[s][q] for s in new) - statistics.fmean(ref[s][q] for s in ref) for q in range(4)]
     observed = abs(sum(d) / 4)
     patterns = [[1 if (bits >> i) & 1 else -1 for i in range(4)] for bits in range(16)]
-    extreme = sum(abs(sum(s * v for s, v in zip(p, d)) / 4) >= observed - 1e-12 for p in patterns)
+    extreme = sum(abs(sum(s * v for s, v in zip(p, d, strict=True)) / 4) >= observed - 1e-12 for p in patterns)
     assert found["p"] == pytest.approx(extreme / 16, abs=1e-12) and found["seeds"] == [0, 1, 2]
     only_shared = paired_comparison(_ledger({"ref": ref, "new": {0: new[0]}}), "test", "nDCG@10", "new", "ref")
     assert only_shared["seeds"] == [0] and only_shared["low"] is None
@@ -229,7 +230,8 @@ def test_a_set_with_a_relevance_threshold_reports_its_binary_measures_under_thei
         row["splits"]["test"]["aggregate"]["R(rel=2)@100"] = statistics.fmean(recall)
         for i, value in enumerate(recall):
             row["splits"]["test"]["per_query"][f"q{i}"]["R(rel=2)@100"] = value
-    assert measure_key(ledger, "test", "R@100") == "R(rel=2)@100" and measure_key(ledger, "test", "nDCG@10") == "nDCG@10"
+    assert (measure_key(ledger, "test", "R@100") == "R(rel=2)@100"
+            and measure_key(ledger, "test", "nDCG@10") == "nDCG@10")
     assert variant_values(ledger, "test", "R@100") == {"ref": {0: 0.75}, "new": {0: 1.0}}
     assert paired_comparison(ledger, "test", "R@100", "new", "ref")["delta"] == pytest.approx(0.25)
     text = render_compare(ledger, tmp_path).read_text()

@@ -231,13 +231,13 @@ def test_bad_files(tmp_path):
     ("seed=-1", "seed: must be in [0, 2**32)"),
     ("log_every=0", "log_every: must be > 0"),
     ("output_dir=", "output_dir: required but not set"),
-    ("layers.strategy=0-1", "layers.strategy: expected one of random, last, skip, paper_last, paper_skip, map, "
-                            "or old-style student:teacher pairs like '0:1,1:3,2:5', got '0-1'"),
+    ("layers.strategy=0-1", ("layers.strategy: expected one of random, last, skip, paper_last, paper_skip, map, "
+                             "or old-style student:teacher pairs like '0:1,1:3,2:5', got '0-1'")),
     ("layers.strategy=0:1,0:3", "layers.strategy: '0:1,0:3' uses a student layer twice (layer 0)"),
     ("layers.strategy=0:1,2:1", "uses a teacher layer twice"),
     ("layers.strategy=-1:3", "student:teacher pairs"),
-    ("layers.strategy=randm", "layers.strategy: expected one of random, last, skip, paper_last, paper_skip, map, "
-                              "got 'randm' (did you mean 'random'?)"),
+    ("layers.strategy=randm", ("layers.strategy: expected one of random, last, skip, paper_last, paper_skip, map, "
+                               "got 'randm' (did you mean 'random'?)")),
     ("layers.strategy=map", "layers.pairs: strategy 'map' needs its [student, teacher] pairs, e.g. [[0, 1], [2, 5]]"),
     ("layers.pairs=[[0, 1]]", "layers.pairs: only strategy 'map' takes pairs; set layers.pairs to null for 'random'"),
     ("layers.pairs=[[0, 1], [0, 3]]", "layers.pairs: only strategy 'map' takes pairs"),
@@ -291,14 +291,14 @@ def test_a_map_is_a_list_of_pairs_sorted_by_student_layer(tmp_path):
 @pytest.mark.parametrize("pairs, expected", [
     ("[[0, 1], [0, 3]]", "layers.pairs: [[0, 1], [0, 3]] uses a student layer twice (layer 0)"),
     ("[[0, 1], [2, 1]]", "layers.pairs: [[0, 1], [2, 1]] uses a teacher layer twice (layer 1)"),
-    ("[[0, -1]]", "layers.pairs: expected [student, teacher] pairs of layer numbers (>= 0) like [[0, 1], [2, 5]], "
-                  "got [[0, -1]]"),
+    ("[[0, -1]]", ("layers.pairs: expected [student, teacher] pairs of layer numbers (>= 0) like [[0, 1], [2, 5]], "
+                   "got [[0, -1]]")),
     ("[[0, 1, 2]]", "expected [student, teacher] pairs"),
     ("[[0, true]]", "expected [student, teacher] pairs"),
     ("[[0, 1.5]]", "expected [student, teacher] pairs"),
     ("[]", "expected [student, teacher] pairs"),
-    ("0:1", "layers.pairs: expected [student, teacher] pairs of layer numbers (>= 0) like [[0, 1], [2, 5]], "
-            "got '0:1'"),
+    ("0:1", ("layers.pairs: expected [student, teacher] pairs of layer numbers (>= 0) like [[0, 1], [2, 5]], "
+             "got '0:1'")),
 ])
 def test_bad_pairs_name_the_key(pairs, expected):
     message = error_of("layers.strategy=map", f"layers.pairs={pairs}")
@@ -318,7 +318,8 @@ def test_old_map_spelling_reads_as_map_with_pairs(tmp_path):
     assert parse_layer_map("2:5") == ((2, 5),) and parse_layer_map(311) == ((5, 11),)
     with pytest.raises(ValueError):
         parse_layer_map("2:5,")
-    assert "layers.pairs: set beside the old-style map '0:1'" in error_of("layers.strategy=0:1", "layers.pairs=[[0, 1]]")
+    assert ("layers.pairs: set beside the old-style map '0:1'"
+            in error_of("layers.strategy=0:1", "layers.pairs=[[0, 1]]"))
 
 
 def test_a_run_saved_in_the_old_spelling_resumes(tmp_path):

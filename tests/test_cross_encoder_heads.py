@@ -97,7 +97,7 @@ def st_folders(hf_folder, tmp_path_factory):
 def _st_predict(folder, **kwargs):
     from sentence_transformers import CrossEncoder as STCrossEncoder
 
-    return STCrossEncoder(str(folder), **kwargs).predict(list(zip(PAIR_QUERIES, PASSAGES)), batch_size=4)
+    return STCrossEncoder(str(folder), **kwargs).predict(list(zip(PAIR_QUERIES, PASSAGES, strict=True)), batch_size=4)
 
 
 def _naive_layer_scores(model, tokenizer, query: str, passage: str) -> list[float]:
@@ -142,7 +142,7 @@ def test_every_layer_equals_the_head_applied_by_hand(hf_folder):
     with torch.no_grad():
         scores = model.layer_scores(QUERIES, PASSAGES)
     expected = torch.tensor([_naive_layer_scores(reference, model.tokenizer, q, p)
-                             for q, p in zip(PAIR_QUERIES, PASSAGES)])  # [N, L]
+                             for q, p in zip(PAIR_QUERIES, PASSAGES, strict=True)])  # [N, L]
     assert scores.shape == (2, 2, GROUP)
     torch.testing.assert_close(scores.reshape(2, -1), expected.T, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(scores[0], scores[1])
@@ -304,7 +304,8 @@ def test_distill_from_a_sentence_transformers_reranker_teacher(st_folders, tmp_p
         "student.path": str(make_tiny_bert_folder(tmp_path / "student")), "student.max_query_length": 16,
         "student.max_passage_length": 32, "data.corpus": str(make_tiny_beir(tmp_path / "data")),
         "data.train_groups": str(make_tiny_groups(tmp_path / "groups.jsonl")), "data.num_negatives": 3,
-        "optim.steps": 2, "optim.batch_size": 4, "layers.k": 1, "eval.split": "null", "output_dir": str(tmp_path / "run"),
+        "optim.steps": 2, "optim.batch_size": 4, "layers.k": 1, "eval.split": "null",
+        "output_dir": str(tmp_path / "run"),
     }
     run_job(load_config(None, [f"{key}={value}" for key, value in values.items()], kind="distill"), log=lambda m: None)
     teacher = load_model(tmp_path / "run" / "final-teacher")
@@ -333,4 +334,4 @@ def test_train_job_writes_an_hf_reranker(tmp_path):
     assert final.options.head == "sequence_classification"
     ours = final.score_pairs(PAIR_QUERIES, PASSAGES, activation=True)
     torch.testing.assert_close(torch.tensor(STCrossEncoder(str(tmp_path / "run" / "final")).predict(
-        list(zip(PAIR_QUERIES, PASSAGES))).astype("float32")), torch.tensor(ours), atol=1e-5, rtol=1e-5)
+        list(zip(PAIR_QUERIES, PASSAGES, strict=True))).astype("float32")), torch.tensor(ours), atol=1e-5, rtol=1e-5)

@@ -1,4 +1,5 @@
-"""leadkd.runtime.distributed: single-process no-ops, and two real gloo processes against one process on the whole batch."""
+"""leadkd.runtime.distributed: single-process no-ops, and two real gloo processes against one process on the
+whole batch."""
 
 from __future__ import annotations
 
@@ -209,8 +210,8 @@ def _perfect_loss(batch, candidate_ids: list[str], labels: torch.Tensor, mask) -
     """A perfect model's LEAD loss: every judged positive scores 20 above every other candidate."""
     from leadkd.distill.losses import lead_total_loss
 
-    scores = torch.tensor([[20.0 if c in positives else 0.0 for c in candidate_ids] for positives in batch.positive_ids],
-                          dtype=torch.float64).expand(2, -1, -1)
+    scores = torch.tensor([[20.0 if c in positives else 0.0 for c in candidate_ids]
+                           for positives in batch.positive_ids], dtype=torch.float64).expand(2, -1, -1)
     return lead_total_loss(scores, scores, labels, [(0, 0)], candidate_mask=mask)["loss"]
 
 

@@ -20,13 +20,6 @@ PASSAGES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def models(tiny_bert):
-    """One dual encoder per (pooling, normalize) setting, over the same tiny random BERT."""
-    return {(pooling, normalize): DualEncoder.from_pretrained(tiny_bert, pooling=pooling, normalize=normalize)
-            for pooling in ("cls", "mean") for normalize in (False, True)}
-
-
 def naive_layer_vectors(de: DualEncoder, texts: list[str], prefix: str, max_length: int) -> torch.Tensor:
     """[L, N, d] by hand: one text at a time, HF hidden states, hand pooling and normalisation."""
     per_text = []

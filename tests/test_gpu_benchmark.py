@@ -102,7 +102,8 @@ def test_read_junit_counts_outcomes_and_names_the_failures(speed, tmp_path):
 def test_run_sh_dry_run_writes_every_result_and_a_table(tmp_path, table):
     """The accelerator machine's command end to end on the CPU (~1 minute): tests, speed, compiled step."""
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "OUT": str(out),
+           "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), "--dry-run"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

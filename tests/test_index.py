@@ -45,7 +45,7 @@ def test_hnsw_recall(corpus):
     index = DenseIndex.build(docs, ids, kind="hnsw", m=16, ef_construction=64, ef_search=64)
     _, indices = index.search(queries, 10)
     _, ref = exact_search(queries, docs, 10)
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(indices.tolist(), ref.tolist())])
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(indices.tolist(), ref.tolist(), strict=True)])
     assert recall >= 0.9
 
 

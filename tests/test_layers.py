@@ -81,7 +81,8 @@ def test_k_larger_than_a_model_names_both_depths(strategy):
 
 
 def test_unknown_strategy_and_missing_generator():
-    with pytest.raises(ConfigError, match=r"^layers.strategy: expected one of .*, got 'randm' \(did you mean 'random'\?\)$"):
+    with pytest.raises(ConfigError,
+                       match=r"^layers.strategy: expected one of .*, got 'randm' \(did you mean 'random'\?\)$"):
         select_layers("randm", 6, 12, 5, gen())
     with pytest.raises(LeadkdError, match="seeded torch.Generator"):
         select_layers("random", 6, 12, 5)
@@ -96,7 +97,8 @@ def test_one_list_of_strategy_names():
 
 def test_explicit_map_is_sorted():
     assert select_layers("map", 6, 12, 5, pairs=[(2, 5), (0, 1), (1, 3)]) == [(0, 1), (1, 3), (2, 5)]  # k ignored
-    assert select_layers("map", 2, 4, 2, pairs=[[0, 3], [1, 2]]) == [(0, 3), (1, 2)]  # crossing pairs: the user's choice
+    # crossing pairs: the user's choice
+    assert select_layers("map", 2, 4, 2, pairs=[[0, 3], [1, 2]]) == [(0, 3), (1, 2)]
 
 
 def test_old_map_spelling_is_read_as_map():
@@ -106,8 +108,8 @@ def test_old_map_spelling_is_read_as_map():
 
 
 @pytest.mark.parametrize("strategy,pairs,match", [
-    ("map", [(6, 1)], r"^layers.pairs: pair \[6, 1\] is out of range; the student has 6 layers \(0..5\) and the "
-                      r"teacher 12 \(0..11\)$"),
+    ("map", [(6, 1)], (r"^layers.pairs: pair \[6, 1\] is out of range; the student has 6 layers \(0..5\) and the "
+                       r"teacher 12 \(0..11\)$")),
     ("map", [(0, 12)], r"pair \[0, 12\] is out of range"),
     ("map", [(0, 1), (0, 2)], r"^layers.pairs: \[\(0, 1\), \(0, 2\)\] uses a student layer twice \(layer 0\)$"),
     ("map", [(0, 1), (1, 1)], r"uses a teacher layer twice \(layer 1\)"),
@@ -116,8 +118,8 @@ def test_old_map_spelling_is_read_as_map():
     ("map", None, r"^layers.pairs: strategy 'map' needs its \[student, teacher\] pairs"),
     ("skip", [(0, 1)], r"^layers.pairs: only strategy 'map' takes pairs"),
     ("0:1", [(0, 1)], r"^layers.pairs: set beside the old-style map '0:1'"),
-    ("0:1,", None, r"^layers.strategy: expected one of .* or old-style student:teacher pairs like '0:1,1:3,2:5', "
-                   r"got '0:1,'$"),
+    ("0:1,", None, (r"^layers.strategy: expected one of .* or old-style student:teacher pairs like '0:1,1:3,2:5', "
+                    r"got '0:1,'$")),
     (",", None, "old-style student:teacher pairs"),
     ("0-1", None, "old-style student:teacher pairs"),
     ("a:b", None, "old-style student:teacher pairs"),

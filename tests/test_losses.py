@@ -36,14 +36,14 @@ def py_log_softmax(row: list[float], tau: float = 1.0) -> list[float]:
 def py_kl(target: list[list[float]], inputs: list[list[float]], tau: float = 1.0) -> float:
     """(1/Q) sum_q sum_c p log(p / q), p = softmax(target/tau), q = softmax(input)."""
     total = 0.0
-    for t_row, i_row in zip(target, inputs):
+    for t_row, i_row in zip(target, inputs, strict=True):
         log_p, log_q = py_log_softmax(t_row, tau), py_log_softmax(i_row)
-        total += sum(math.exp(lp) * (lp - lq) for lp, lq in zip(log_p, log_q))
+        total += sum(math.exp(lp) * (lp - lq) for lp, lq in zip(log_p, log_q, strict=True))
     return total / len(target)
 
 
 def py_ce(rows: list[list[float]], labels: list[int]) -> float:
-    return -sum(py_log_softmax(row)[label] for row, label in zip(rows, labels)) / len(rows)
+    return -sum(py_log_softmax(row)[label] for row, label in zip(rows, labels, strict=True)) / len(rows)
 
 
 def rows(t: torch.Tensor) -> list[list[float]]:
@@ -156,7 +156,7 @@ def test_margin_mse_hand_case():
 def test_margin_mse_matches_naive_loops():
     teacher, student, labels = rand(4, 5, seed=7), rand(4, 5, seed=8), [2, 0, 4, 1]
     total, count = 0.0, 0
-    for t_row, s_row, label in zip(rows(teacher), rows(student), labels):
+    for t_row, s_row, label in zip(rows(teacher), rows(student), labels, strict=True):
         for j in range(5):
             if j != label:
                 total += ((s_row[label] - s_row[j]) - (t_row[label] - t_row[j])) ** 2
@@ -179,7 +179,7 @@ def naive_layer_loss(teacher, student, labels, pairs, layer_tau, tau, reweight, 
         return weight * sum(kls), [weight] * len(pairs)
     exps = [math.exp(-ce / layer_tau) for ce in ces]
     weights = [e / sum(exps) for e in exps]
-    return sum(w * d for w, d in zip(weights, kls)), weights
+    return sum(w * d for w, d in zip(weights, kls, strict=True)), weights
 
 
 @pytest.mark.parametrize("reweight,weight,layer_tau,tau", [(True, 1.0, 10.0, 1.0), (True, 3.0, 0.7, 2.0),
@@ -246,7 +246,7 @@ def test_layer_weights_carry_no_gradient():
     # the same gradient as sum_k const_k * D_k with the weights frozen by hand
     t2, s2 = teacher.detach().clone().requires_grad_(), student.detach().clone().requires_grad_()
     frozen = [float(w) for w in weights]
-    sum(w * kl_distillation(t2[t], s2[s]) for w, (s, t) in zip(frozen, pairs)).backward()
+    sum(w * kl_distillation(t2[t], s2[s]) for w, (s, t) in zip(frozen, pairs, strict=True)).backward()
     assert torch.allclose(teacher.grad, t2.grad) and torch.allclose(student.grad, s2.grad)
 
 
@@ -457,7 +457,8 @@ def test_a_perfect_model_reaches_zero_loss_only_with_duplicates_masked():
     plain = lead_total_loss(scores, scores, **kwargs)
     masked = lead_total_loss(scores, scores, candidate_mask=mask, **kwargs)
     # naive: each query's CE over the candidates it keeps
-    kept = [[c for c, m in zip(row, mrow) if not m] for row, mrow in zip(rows(scores[-1]), mask.tolist())]
+    kept = [[c for c, m in zip(row, mrow, strict=True) if not m]
+            for row, mrow in zip(rows(scores[-1]), mask.tolist(), strict=True)]
     assert masked["student_ce"].item() == pytest.approx(py_ce(kept, [0, 2]), abs=1e-12)
     assert masked["loss"].item() < 1e-6
     assert plain["student_ce"].item() >= (math.log(2) + math.log(2)) / 2 - 1e-6  # both queries lose a half

@@ -103,7 +103,8 @@ def _distill(tmp_path: Path, name: str, teacher: dict, student: dict) -> Path:
     config = {"teacher": {**teacher, "train": True}, "student": student,
               "data": {"corpus": str(data), "train_groups": str(groups), "num_negatives": 3},
               "optim": {"steps": 3, "batch_size": 4, "lr": 1e-2}, "layers": {"k": 2},
-              "eval": {"split": None}, "checkpoint": {"every": None}, "log_every": 1, "output_dir": str(tmp_path / name)}
+              "eval": {"split": None}, "checkpoint": {"every": None}, "log_every": 1,
+              "output_dir": str(tmp_path / name)}
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps(config))
     assert main(["distill", "--config", str(path)]) == 0

@@ -457,7 +457,8 @@ def test_checkpoint_with_a_task_head_loads_its_encoder(tmp_path, caplog, head):
     with caplog.at_level(logging.INFO, logger="leadkd"):
         de = DualEncoder.from_pretrained(tmp_path / "m")
     _no_warnings(caplog)
-    assert torch.equal(de.backbone.encoder.layer[1].output.dense.weight, model.bert.encoder.layer[1].output.dense.weight)
+    assert torch.equal(de.backbone.encoder.layer[1].output.dense.weight,
+                       model.bert.encoder.layer[1].output.dense.weight)
     if head == "BertForMaskedLM":  # no pooler in an MLM checkpoint: allowed, with a line
         assert "pooler" in caplog.text
     assert "cls." in caplog.text or "classifier." in caplog.text
@@ -470,7 +471,8 @@ def test_folders_leadkd_saves_load_strictly(tiny_bert, tmp_path, caplog):
     from leadkd.models.surgery import keep_layers
 
     deep = DualEncoder.from_pretrained(tiny_bert)
-    DualEncoder(keep_layers(deep.backbone, [1]), deep.tokenizer, max_passage_length=128).save_pretrained(tmp_path / "student")
+    DualEncoder(keep_layers(deep.backbone, [1]), deep.tokenizer,
+                max_passage_length=128).save_pretrained(tmp_path / "student")
     deep.save_pretrained(tmp_path / "de")
     ColBERT.from_pretrained(tiny_bert, max_passage_length=64).save_pretrained(tmp_path / "cb")
     CrossEncoder.from_pretrained(tiny_bert, max_length=64).save_pretrained(tmp_path / "ce")

@@ -178,4 +178,5 @@ def test_sharded_embeddings_on_a_full_disk(tmp_path, monkeypatch, where):
     assert str(error.value).startswith(f"{folder}: cannot write the embeddings folder (No space left on device; ")
     assert snapshot(folder) == before and np.array_equal(Embeddings.load(folder).vectors, vectors)
     assert not any(shards_folder(folder).rglob("*")) if shards_folder(folder).exists() else True
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".emb") and p.name != shards_folder(folder).name] == []
+    assert [p.name for p in tmp_path.iterdir()
+            if p.name.startswith(".emb") and p.name != shards_folder(folder).name] == []

@@ -34,8 +34,8 @@ from leadkd.data.runs import read_run, write_run
 from leadkd.runtime.errors import LeadkdError
 
 # LEADKD_PROPERTY_EXAMPLES=2000 for a deeper search than the default run's 50 examples per property.
-SETTINGS = settings(max_examples=int(os.environ.get("LEADKD_PROPERTY_EXAMPLES", "50")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                            HealthCheck.too_slow])
+SETTINGS = settings(max_examples=int(os.environ.get("LEADKD_PROPERTY_EXAMPLES", "50")), deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 CORPUS = Corpus.from_records(["d1", "d2", "7"], ["alpha", "beta", "gamma"])
 QUERIES = Queries.from_records(["q1", "q2"], ["what", "who"])
@@ -72,7 +72,7 @@ def _valid(name: str, result) -> None:
             # -1 is trec_eval's "pooled but not judged", read as it reads it (docs/data-formats.md)
             assert q and docs and all(d and isinstance(r, int) and r >= -1 for d, r in docs.items())
     elif name == "run":
-        for q, docs in result.items():
+        for _q, docs in result.items():
             assert all(math.isfinite(s) for s in docs.values())
     else:
         assert len(result) > 0

@@ -24,10 +24,11 @@ def test_quickstart_fast_writes_a_report_people_can_read(data_dir, tmp_path, mon
     table = report.split("## Test results", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("|")][2:]  # below the header and separator
     assert [row.split(" | ")[0][2:] for row in rows] == names  # the report's table, in the results' order
-    for model, row in zip(results.models, rows):
+    for model, row in zip(results.models, rows, strict=True):
         score = model.metrics["test"]["nDCG@10"]
         assert 0.0 <= score <= 1.0 and f"{score:.4f}" in row.split(" | ")[1]
-    assert len(results.model("teacher").layers["nDCG@10"]) == 6 and len(results.model("student_lead").layers["R@100"]) == 3
+    assert (len(results.model("teacher").layers["nDCG@10"]) == 6
+            and len(results.model("student_lead").layers["R@100"]) == 3)
     assert results.splits == {"train": "train-nodev", "dev": "dev", "test": "test"}
     assert results.dataset == "scifact" and "- Dataset: scifact" in report  # not the last model's name
     lead_card = output / "stages" / "distill" / "best" / "README.md"
@@ -53,8 +54,8 @@ def test_quickstart_fast_writes_a_report_people_can_read(data_dir, tmp_path, mon
     for arm in ("distill", "response_kd"):
         config = (output / "stages" / arm / "config.yaml").read_text()
         assert "train: false" in config and not (output / "stages" / arm / "teacher-cache").exists()
-        evals = [json.loads(line)["step"] for line in (output / "stages" / arm / "metrics.jsonl").read_text().splitlines()
-                 if '"eval"' in line]
+        evals = [json.loads(line)["step"]
+                 for line in (output / "stages" / arm / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
         assert evals and 0 not in evals
     # The teacher retrieves far better than chance even on 64-token passages of a 400-passage slice.
     assert results.model("teacher").metrics["test"]["nDCG@10"] > 0.5

@@ -64,7 +64,7 @@ def stage_rows(steps: int, seed: int, lead: bool, eval_every: int = 50) -> list[
             student = sorted(rng.sample(range(6), 3))
             teacher = sorted(rng.sample(range(12), 3))
             weights = [rng.uniform(0.1, 1) for _ in range(3)]
-            row.update(terms, loss=sum(terms.values()), pairs=[list(p) for p in zip(student, teacher)],
+            row.update(terms, loss=sum(terms.values()), pairs=[list(p) for p in zip(student, teacher, strict=True)],
                        layer_weights=[w / sum(weights) for w in weights],
                        layer_pair_kl=[rng.uniform(0, 1) for _ in range(3)])
         else:

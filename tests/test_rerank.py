@@ -48,7 +48,8 @@ def test_what_cannot_be_reranked_is_one_clear_line(tiny_bert, data):
     with pytest.raises(LeadkdError, match="no query"):
         rerank_run(model, {"unknown-query": {data.corpus.id_at(0): 1.0}}, data.queries, data.corpus)
     with pytest.raises(LeadkdError, match="rerank with a cross-encoder"):
-        rerank_run(DualEncoder.from_pretrained(tiny_bert), {qid: {data.corpus.id_at(0): 1.0}}, data.queries, data.corpus)
+        rerank_run(DualEncoder.from_pretrained(tiny_bert), {qid: {data.corpus.id_at(0): 1.0}}, data.queries,
+                   data.corpus)
 
 
 def test_the_rerank_command_writes_the_rescored_run_and_its_evaluation(tiny_bert, data, tmp_path):
@@ -66,7 +67,8 @@ def test_the_rerank_command_writes_the_rescored_run_and_its_evaluation(tiny_bert
     write_run({qid: {doc: float(-rank) for rank, doc in enumerate(docs)} for qid in qids}, tmp_path / "first.trec")
     out = tmp_path / "out"
     assert main(["rerank", "--model", str(folder), "--run", str(tmp_path / "first.trec"), "--data",
-                 str(data.source or ""), "--split", "dev", "--depth", "5", "--device", "cpu", "--output", str(out)]) == 0
+                 str(data.source or ""), "--split", "dev", "--depth", "5", "--device", "cpu",
+                 "--output", str(out)]) == 0
     run = read_run(out / "run.trec")
     model = load_model(folder)
     assert model.kind == "cross_encoder" and sorted(run) == sorted(qids)

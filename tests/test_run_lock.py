@@ -310,9 +310,9 @@ def test_distill_is_refused_by_a_live_holder_and_takes_over_after_a_kill(tmp_pat
         refused = _distill(tmp_path, output)
         assert refused.returncode == 2, refused.stderr[-3000:]
         assert refused.stderr.strip().splitlines() == [
-            f"leadkd: error: {output} is in use by pid {holder.pid} on {HOST} since "
-            f"{read_record(output / LOCK_NAME).since()} (its lock {output / LOCK_NAME}); "
-            "wait for it or choose another output_dir"]
+            (f"leadkd: error: {output} is in use by pid {holder.pid} on {HOST} since "
+             f"{read_record(output / LOCK_NAME).since()} (its lock {output / LOCK_NAME}); "
+             "wait for it or choose another output_dir")]
         assert sorted(p.name for p in output.iterdir()) == [LOCK_NAME], "the refused run wrote something"
     finally:
         holder.send_signal(signal.SIGKILL)

@@ -124,7 +124,7 @@ def test_merging_the_shards_top_k_gives_the_collections_top_k(bounds):
     full = q @ d.T
     expected = np.array([sorted(range(50), key=lambda j: (-row[j], j))[:k] for row in full])
     parts = []
-    for lo, hi in zip(bounds, bounds[1:]):
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
         if hi == lo:
             parts.append((np.empty((9, 0), np.float32), np.empty((9, 0), np.int64)))
             continue

@@ -48,7 +48,7 @@ def st_features(model, columns):
     from leadkd.integrations.sentence_transformers import text_collator
 
     names = ["query", "positive"] + [f"negative_{i + 1}" for i in range(len(columns) - 2)]
-    rows = [dict(zip(names, values)) for values in zip(*columns)]
+    rows = [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
     inputs = text_collator(model)(rows)
     return BaseTrainer.collect_features(None, inputs)
 
@@ -61,7 +61,8 @@ def leadkd_loss(student, teacher, train_teacher, pairs, **loss_settings):
     from leadkd.distill.objectives import Distillation
 
     group = 1 + len(NEGATIVES[0])
-    passages = [text for positive, negatives in zip(POSITIVES, NEGATIVES) for text in [positive, *negatives]]
+    passages = [text for positive, negatives in zip(POSITIVES, NEGATIVES, strict=True)
+                for text in [positive, *negatives]]
     ids = {text: f"d{i}" for i, text in enumerate(dict.fromkeys(passages))}
     batch = GroupBatch(query_ids=[f"q{i}" for i in range(len(QUERIES))], queries=QUERIES,
                        passage_ids=[ids[text] for text in passages], passages=passages,
@@ -98,7 +99,7 @@ def test_loss_equals_leadkd_trainers_loss_with_a_dual_encoder_teacher(folders, c
     de_student = DualEncoder.from_pretrained(student_folder, pooling="cls")
     student = st_student(student_folder)
     loss = LEADLoss(student, teacher, k=2, strategy="random", seed=5, train_teacher=train_teacher, **settings)
-    features, labels = st_features(student, [QUERIES, POSITIVES, *map(list, zip(*NEGATIVES))])
+    features, labels = st_features(student, [QUERIES, POSITIVES, *map(list, zip(*NEGATIVES, strict=True))])
     ours = loss(features, labels)
 
     pairs = LayerSchedule("random", 3, 4, k=2, seed=5, resample_interval=10).pairs_for_step(0)
@@ -131,7 +132,7 @@ def test_loss_equals_leadkd_trainers_loss_with_other_teacher_kinds(folders, kind
     student = st_student(student_folder)
     pairs = [(0, 1), (2, 3)]
     loss = LEADLoss(student, teacher, strategy="map", pairs=pairs, train_teacher=True, **settings)
-    features, labels = st_features(student, [QUERIES, POSITIVES, *map(list, zip(*NEGATIVES))])
+    features, labels = st_features(student, [QUERIES, POSITIVES, *map(list, zip(*NEGATIVES, strict=True))])
     ours = loss(features, labels)
     theirs = leadkd_loss(DualEncoder.from_pretrained(student_folder, pooling="cls"), teacher, True, pairs, **settings)
     assert torch.allclose(ours, theirs["loss"], atol=1e-5), (float(ours), float(theirs["loss"]))
@@ -167,7 +168,7 @@ def test_a_sentence_transformers_cross_encoder_teacher_keeps_its_trained_head(fo
         st_teacher.model.classifier.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(3))
     adapted = as_leadkd_teacher(st_teacher)
     assert isinstance(adapted, CrossEncoder) and adapted.options.head == "sequence_classification"
-    logits = st_teacher.predict(list(zip(QUERIES, POSITIVES)), activation_fn=torch.nn.Identity())
+    logits = st_teacher.predict(list(zip(QUERIES, POSITIVES, strict=True)), activation_fn=torch.nn.Identity())
     with torch.no_grad():
         ours = adapted.layer_scores(QUERIES, POSITIVES)[-1, :, 0]  # each query's one candidate
     assert float(torch.as_tensor(logits).std()) > 0.05
@@ -175,7 +176,7 @@ def test_a_sentence_transformers_cross_encoder_teacher_keeps_its_trained_head(fo
     st_teacher.save_pretrained(str(tmp_path / "ce"))
     assert load_model(tmp_path / "ce").kind == "cross_encoder"  # the saved folder is found a reranker too
     student = st_student(student_folder)
-    features, labels = st_features(student, [QUERIES, POSITIVES, *map(list, zip(*NEGATIVES))])
+    features, labels = st_features(student, [QUERIES, POSITIVES, *map(list, zip(*NEGATIVES, strict=True))])
     assert torch.isfinite(LEADLoss(student, st_teacher, strategy="map", pairs=[(0, 0), (2, 1)])(features, labels))
 
 
@@ -189,7 +190,7 @@ def test_missing_raw_texts_is_one_clear_error(folders):
     student_folder, teacher_folder = folders
     student = st_student(student_folder)
     loss = LEADLoss(student, DualEncoder.from_pretrained(teacher_folder), k=1)
-    rows = [{"query": q, "positive": p} for q, p in zip(QUERIES, POSITIVES)]
+    rows = [{"query": q, "positive": p} for q, p in zip(QUERIES, POSITIVES, strict=True)]
     from sentence_transformers.base.trainer import BaseTrainer
     features, labels = BaseTrainer.collect_features(None, SentenceTransformerDataCollator(student.preprocess)(rows))
     with pytest.raises(LeadkdError, match="text_collator"):
@@ -199,7 +200,7 @@ def test_missing_raw_texts_is_one_clear_error(folders):
 @pytest.mark.slow  # a fresh interpreter
 def test_importing_the_integration_leaves_the_trainer_and_config_alone():
     code = ("import sys, leadkd.integrations.sentence_transformers as m; "
-            "bad = [n for n in ('leadkd.distill.trainer', 'leadkd.config', 'leadkd.distill.objectives') "
+            "bad = [n for n in ('leadkd.distill.trainer', 'leadkd.config.jobs', 'leadkd.distill.objectives') "
             "if n in sys.modules]; print(bad); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -314,7 +315,7 @@ def test_twenty_steps_of_the_trainers_compute_loss_improve_dev_ndcg(data_dir, tm
 
     student = SentenceTransformer(str(start), device="cpu")
     columns = hard_negative_rows(DualEncoder.from_pretrained(start), data)  # cheaper than the teacher
-    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
     loss = LEADLoss(student, teacher, k=2, similarity_scale=20.0)
     trainer = types.SimpleNamespace(loss=loss, model=student, model_wrapped=student,
                                     collect_features=lambda inputs: BaseTrainer.collect_features(None, inputs))
@@ -398,8 +399,8 @@ def test_the_documented_example_runs(tiny_bert, tmp_path, monkeypatch):
 
     code = documented_example()
     for old, new in (('"path/to/small-student"', repr(str(tiny_bert))), ("max_steps=100", "max_steps=2"),
-                     ("per_device_train_batch_size=16", "per_device_train_batch_size=1, use_cpu=True, "
-                                                        "report_to='none'")):
+                     ("per_device_train_batch_size=16", ("per_device_train_batch_size=1, use_cpu=True, "
+                                                         "report_to='none'"))):
         assert old in code, old
         code = code.replace(old, new)
     monkeypatch.chdir(tmp_path)
@@ -446,7 +447,7 @@ def test_the_collator_keeps_raw_texts_without_prompts_or_labels(folders):
     from leadkd.integrations.sentence_transformers import text_collator
 
     student = st_student(folders[0])
-    rows = [{"query": q, "positive": p, "label": 1.0} for q, p in zip(QUERIES, POSITIVES)]
+    rows = [{"query": q, "positive": p, "label": 1.0} for q, p in zip(QUERIES, POSITIVES, strict=True)]
     plain = text_collator(student)(rows)
     prompted = text_collator(student, types.SimpleNamespace(prompts={"query": "the a "}, router_mapping={}))(rows)
     assert plain["query_text"] == prompted["query_text"] == QUERIES and plain["positive_text"] == POSITIVES

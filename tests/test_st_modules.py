@@ -231,7 +231,8 @@ def distill_setup(tmp_path_factory) -> dict[str, Path]:
     base = make_tiny_bert_folder(root / "bert", layers=4, seed=5)
     # wider than the encoder: the cached and gathered per-layer tensors are zero-padded to 48
     teacher = build_st(base, root / "teacher", [(32, 48, True, nn.Tanh())], normalize=True)
-    return {"teacher": teacher, "data": make_tiny_beir(root / "data"), "groups": make_tiny_groups(root / "groups.jsonl")}
+    return {"teacher": teacher, "data": make_tiny_beir(root / "data"),
+            "groups": make_tiny_groups(root / "groups.jsonl")}
 
 
 @pytest.mark.parametrize("mode", ["frozen", "cached", "joint"])

@@ -49,12 +49,12 @@ def test_one_seed_has_no_interval_and_bad_inputs_are_refused():
 
 def naive_exact_p(a: list[float], b: list[float]) -> float:
     """Every assignment of the two labels within each pair, counted with Python loops."""
-    d = [x - y for x, y in zip(a, b)]
+    d = [x - y for x, y in zip(a, b, strict=True)]
     observed = abs(sum(d) / len(d))
     extreme = total = 0
     for signs in itertools.product((1, -1), repeat=len(d)):
         total += 1
-        extreme += abs(sum(s * v for s, v in zip(signs, d)) / len(d)) >= observed - 1e-12
+        extreme += abs(sum(s * v for s, v in zip(signs, d, strict=True)) / len(d)) >= observed - 1e-12
     return extreme / total
 
 

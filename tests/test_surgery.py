@@ -37,7 +37,7 @@ def test_kept_blocks_compute_what_the_teacher_blocks_compute(four_layer):
     reference.load_state_dict(renamed, strict=False)
     with torch.no_grad():
         r_layers = block_outputs(reference, batch["input_ids"], batch["attention_mask"])
-    for got, want in zip(s_layers, r_layers):
+    for got, want in zip(s_layers, r_layers, strict=True):
         torch.testing.assert_close(got, want)
 
 

@@ -37,8 +37,8 @@ def distill_config(setup, output: Path, teacher: str = "teacher", **overrides):
         "checkpoint.every": 2, "eval.split": None, "log_every": 1, "output_dir": str(output),
     }
     values.update(overrides)
-    return load_config(None, [f"{key}={json.dumps(value) if value is None else value}" for key, value in values.items()],
-                       kind="distill")
+    return load_config(None, [f"{key}={json.dumps(value) if value is None else value}"
+                              for key, value in values.items()], kind="distill")
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -387,7 +387,8 @@ def test_two_processes_match_one_process_on_the_whole_batch(setup, tmp_path):
             scale = torch.cat([g.flatten() for g in single["grads"][model].values()]).norm()
             for key, grad in single["grads"][model].items():
                 error = (rank["grads"][model][key] - grad).norm()
-                assert error <= 1e-4 * grad.norm() + 1e-5 * scale, f"{model} {key}: |diff| {error:.3g}, |grad| {grad.norm():.3g}"
+                assert error <= 1e-4 * grad.norm() + 1e-5 * scale, \
+                    f"{model} {key}: |diff| {error:.3g}, |grad| {grad.norm():.3g}"
 
 
 def _eval_worker(rank: int, port: int, setup: dict, out_dir: str) -> None:

@@ -206,7 +206,8 @@ def load_encoders(device: torch.device, folder: Path, max_length: int, copies: i
 def passage_flops(model, texts: list[str], shapes: dict) -> tuple[float, list[int]]:
     """The forward FLOPs of encoding ``texts`` at their token counts, and those counts."""
     shape = shapes["encoder"]
-    lengths = [len(ids) for ids in model.tokenizer(texts, truncation=True, max_length=shapes["max_length"])["input_ids"]]
+    lengths = [len(ids) for ids in
+               model.tokenizer(texts, truncation=True, max_length=shapes["max_length"])["input_ids"]]
     return encoder_flops(lengths, shape["layers"], shape["hidden"], shape["intermediate"]), lengths
 
 
@@ -269,8 +270,9 @@ def bench_encode(device: torch.device, folder: Path, texts: list[str], shapes: d
                 "leadkd_without_accel": lambda: ours.encode_passages(subset, batch_size=gpu_batch),
                 best_st: lambda: theirs.encode(subset, batch_size=int(best_st.rsplit("bs", 1)[1]),
                                                convert_to_numpy=True)}
-    profiles = {f"encode {name} ({len(subset)} passages)": profile_steps(fn, device, 1) for name, fn in profiled.items()}
-    for name, prof in zip(profiled, profiles.values()):
+    profiles = {f"encode {name} ({len(subset)} passages)": profile_steps(fn, device, 1)
+                for name, fn in profiled.items()}
+    for name, prof in zip(profiled, profiles.values(), strict=True):
         variants[name]["gpu_busy_share"] = prof["gpu_busy_share"]
     return {
         "model": {**shape, "pooling": "mean", "normalize": True, "weights": "random (config-built)"},
@@ -403,8 +405,9 @@ def bench_train(device: torch.device, root: Path, texts: list[str], tokenizer_di
     for repeat in range(shapes["repeats"]):
         for name in names[repeat % len(names):] + names[:repeat % len(names)]:
             steps[name]()  # one untimed step after switching variants
-            seconds[name].append(clock.seconds(lambda: [steps[name]() for _ in range(shapes["steps"])])
-                                 / shapes["steps"])
+            seconds[name].append(
+                clock.seconds(lambda: [steps[name]() for _ in range(shapes["steps"])])  # noqa: B023  (called at once)
+                / shapes["steps"])
         print(f"train repeat {repeat + 1}: " + ", ".join(f"{n} {v[-1] * 1e3:.1f} ms" for n, v in seconds.items()),
               flush=True)
     host_tokenize_ms = tokenize_time(student, next(trainers["contrastive"]._batches()), shapes) * 1e3
@@ -426,7 +429,7 @@ def bench_train(device: torch.device, root: Path, texts: list[str], tokenizer_di
                           "tflops": flops[name] / median / 1e12,
                           "fraction_of_matmul": flops[name] / median / 1e12 / matmul}
     profiles = {f"train {name}": profile_steps(steps[name], device, shapes["profile_steps"]) for name in steps}
-    for name, prof in zip(steps, profiles.values()):
+    for name, prof in zip(steps, profiles.values(), strict=True):
         variants[name]["gpu_busy_share"] = prof["gpu_busy_share"]
     return {
         "shapes": {"teacher": shapes["teacher"], "student": shapes["student"],
@@ -462,8 +465,8 @@ def machine(device: torch.device) -> dict:
     info = {"platform": platform.platform(), "cpus": os.cpu_count(), "device": str(device)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
-                    memory_gib=round(props.total_memory / 2 ** 30, 1))
+        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
+                    multiprocessors=props.multi_processor_count, memory_gib=round(props.total_memory / 2 ** 30, 1))
         try:
             info["nvidia_smi"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.mem,power.draw,temperature.gpu",
@@ -477,7 +480,8 @@ def targets(result: dict) -> dict:
     """Each issue-16 target with its measured value and whether it is met (None when not measured)."""
     values = {
         "lead_over_response_kd": result.get("train", {}).get("ratios", {}).get("lead_over_response_kd"),
-        "ours_contrastive_speed_over_st": result.get("train", {}).get("ratios", {}).get("ours_contrastive_speed_over_st"),
+        "ours_contrastive_speed_over_st":
+            result.get("train", {}).get("ratios", {}).get("ours_contrastive_speed_over_st"),
         "encode_over_st_best": result.get("encode", {}).get("ratios", {}).get("leadkd_over_st_best"),
     }
     out = {}
@@ -545,7 +549,8 @@ def write_result(result: dict, output_dir: Path, name: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script, not the speed")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny shapes on the CPU: checks the script, not the speed")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--assets", type=Path, default=None, help="folder with BERT-base tokenizer files "
                         "(default: all-MiniLM-L6-v2's, from its package)")

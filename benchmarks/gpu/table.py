@@ -64,14 +64,14 @@ def render_table(result: dict, compiled: dict | None = None) -> str:
                          f"{'—' if busy is None else f'{100 * busy:.0f}%'} |")
     train = result.get("train") or {}
     if train.get("host_tokenize_ms_per_batch") is not None:
-        lines += ["", f"Tokenising one training batch on the host: {train['host_tokenize_ms_per_batch']:.1f} ms "
-                      "(per model that tokenises; the joint steps tokenise twice)."]
+        lines += ["", (f"Tokenising one training batch on the host: {train['host_tokenize_ms_per_batch']:.1f} ms "
+                       "(per model that tokenises; the joint steps tokenise twice).")]
     if compiled_block:
         ratios, block = compiled_block["ratios"], compiled_block
-        lines += ["", f"Compiled: {_fmt(ratios['compiled_over_st'])}x sentence-transformers' speed and "
-                      f"{_fmt(ratios['compiled_over_plain'])}x leadkd's plain encode, after a first call of "
-                      f"{block['first_call_s']:.0f} s that compiles (max abs difference to the plain vectors "
-                      f"{block['max_abs_diff_compiled_vs_plain']:.1e})."]
+        lines += ["", (f"Compiled: {_fmt(ratios['compiled_over_st'])}x sentence-transformers' speed and "
+                       f"{_fmt(ratios['compiled_over_plain'])}x leadkd's plain encode, after a first call of "
+                       f"{block['first_call_s']:.0f} s that compiles (max abs difference to the plain vectors "
+                       f"{block['max_abs_diff_compiled_vs_plain']:.1e}).")]
     return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # Before torch is imported: with the default OpenMP spin-wait, torch threads stall 10-50x on a busy CPU.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -19,6 +20,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from .runtime.errors import LeadkdError
 from .runtime.stopping import Stopped
+
+if TYPE_CHECKING:
+    from .data.collection import TextCollection
+    from .data.groups import TrainingGroups
 
 EXIT_USER_ERROR = 2
 #: ``--dtype`` choices: the torch dtypes a model may be cast to for inference.
@@ -229,6 +234,7 @@ def cmd_encode(args) -> None:
     from .runtime.fileio import check_replaceable
 
     check_replaceable(Path(args.output))  # before minutes of encoding
+    texts: TextCollection  # the queries or the corpus
     if args.queries:
         texts = load_split_queries(args.data, split=args.split, lenient=args.lenient)
     else:
@@ -368,6 +374,7 @@ def cmd_mine(args) -> None:
     except ValueError:
         raise LeadkdError(f"--range must look like 10:100, got {args.range!r}") from None
     settings = {"depth": args.depth, "rank_range": rank_range, "negatives": args.negatives, "seed": args.seed}
+    groups: TrainingGroups | None  # None under torchrun off rank 0
     if args.retriever == "bm25":  # BM25 ranks by words: no model is loaded
         from .retrieval.bm25 import BM25Ranker, import_bm25s
 
@@ -490,8 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="the first stage's TREC run")
     _add_data_options(p)
     _add_eval_options(p)
-    p.add_argument("--depth", type=_positive("--depth"), default=100, help="candidates rescored per query "
-                                                                            "(default %(default)s); the rest are dropped")
+    p.add_argument("--depth", type=_positive("--depth"), default=100,
+                   help="candidates rescored per query (default %(default)s); the rest are dropped")
     p.add_argument("--activation", action="store_true", help="write the checkpoint's activated scores (e.g. ST's "
                                                              "sigmoid) instead of logits; the ranking is the same")
     p.add_argument("--batch-size", type=int, default=32, help="pairs per forward pass (default %(default)s)")
@@ -513,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     _add_data_options(p, split_default="train")
     p.add_argument("--depth", type=_positive("--depth"), default=200, help="passages retrieved per query")
-    p.add_argument("--range", default="10:100", help="ranks to sample negatives from, start:end (1-based, end excluded)")
+    p.add_argument("--range", default="10:100",
+                   help="ranks to sample negatives from, start:end (1-based, end excluded)")
     p.add_argument("--negatives", type=_positive("--negatives"), default=30, help="negatives kept per query")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retriever", choices=["dense", "bm25"], default="dense",

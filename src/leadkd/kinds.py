@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import Any
 
 from .runtime.errors import LeadkdError
 
@@ -40,7 +41,7 @@ PROTOCOL = ("kind", "scores_whole_batch", "from_config", "from_pretrained", "enc
             "settings")
 
 
-def register(cls: type, options: tuple[str, ...] = ()) -> type:
+def register(cls: type[Any], options: tuple[str, ...] = ()) -> type[Any]:
     """Make ``cls`` the model of kind ``cls.kind`` everywhere; ``options``: the ModelConfig fields only it
     reads. Nothing else needs to change for a new kind to train as teacher or student."""
     missing = [name for name in PROTOCOL if not hasattr(cls, name)]
@@ -56,7 +57,7 @@ def known(kind: str) -> None:
         raise LeadkdError(f"unknown model kind {kind!r}; known kinds: {', '.join(sorted(MODEL_KINDS))}")
 
 
-def model_class(kind: str) -> type:
+def model_class(kind: str) -> type[Any]:
     """The class registered for ``kind``, imported on first use."""
     known(kind)
     target = MODEL_KINDS[kind].target

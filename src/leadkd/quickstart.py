@@ -21,11 +21,14 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .reporting.results import RESULTS_NAME, Model, PairedComparison, RunResults, Stage, read_results, write_results
 from .runtime.errors import LeadkdError
 from .runtime.fileio import atomic_write
+
+if TYPE_CHECKING:
+    from .models.base import Retriever
 
 Log = Callable[[str], None]
 #: The ir_datasets splits a quickstart looks for under a dataset id (``beir/scifact/train``, ...).
@@ -59,9 +62,9 @@ class QuickstartPlan:
 
     @classmethod
     def fast(cls, **changes) -> QuickstartPlan:
-        values = dict(max_passage_length=64, mine_depth=50, mine_range=(2, 30), mine_negatives=8,
-                      batch_size=4, warmup_steps=6, distill_steps=12, eval_every=6, slice_queries=24,
-                      slice_passages=400)
+        values: dict[str, Any] = dict(max_passage_length=64, mine_depth=50, mine_range=(2, 30), mine_negatives=8,
+                                      batch_size=4, warmup_steps=6, distill_steps=12, eval_every=6,
+                                      slice_queries=24, slice_passages=400)
         values.update(changes)
         return cls(**values)
 
@@ -169,6 +172,7 @@ def write_slice(source: Path, target: Path, splits: dict[str, str | None], queri
                 if doc not in seen:
                     seen.add(doc)
                     keep_docs.append(doc)
+    assert corpus is not None  # the splits name at least a train and a test split
     fillers = [corpus.id_at(i) for i in rng.sample(range(len(corpus)), min(len(corpus), passages * 2))]
     for doc in fillers:
         if len(keep_docs) >= passages:
@@ -180,8 +184,8 @@ def write_slice(source: Path, target: Path, splits: dict[str, str | None], queri
     write_corpus_jsonl(target / "corpus.jsonl", corpus.subset(rows))
     from .data.collection import Queries
 
-    ids, texts = zip(*query_rows.values())
-    write_queries_jsonl(target / "queries.jsonl", Queries.from_records(list(ids), list(texts)))
+    query_ids, texts = zip(*query_rows.values(), strict=True)
+    write_queries_jsonl(target / "queries.jsonl", Queries.from_records(list(query_ids), list(texts)))
     return target
 
 
@@ -232,7 +236,7 @@ def run_quickstart(data: str = "scifact", output: str | Path = "runs/quickstart"
 
 def _run_quickstart(data: str, output: str | Path, plan: QuickstartPlan | None, log: Log) -> Path:
     from . import accel
-    from .config import config_from_dict
+    from .config import DistillConfig, config_from_dict
     from .data.datasets import load_dataset
     from .data.groups import write_training_groups
     from .distill.build import student_from_teacher
@@ -263,7 +267,7 @@ def _run_quickstart(data: str, output: str | Path, plan: QuickstartPlan | None, 
         write_results(results_file, results)
     stages = {stage.name: stage for stage in results.stages}
 
-    lengths = {"max_query_length": plan.max_query_length, "max_passage_length": plan.max_passage_length}
+    lengths: dict[str, Any] = {"max_query_length": plan.max_query_length, "max_passage_length": plan.max_passage_length}
     teacher = DualEncoder.from_pretrained(plan.teacher, similarity_scale=plan.similarity_scale, **lengths)
     teacher_dir = output / "teacher"
     if not teacher_dir.is_dir():
@@ -274,18 +278,22 @@ def _run_quickstart(data: str, output: str | Path, plan: QuickstartPlan | None, 
     if not groups_file.is_file():
         log("mining hard negatives with the teacher")
         with timings("mining"):
+            assert splits["train"] is not None  # choose_splits finds one or fails
             train = load_dataset(folder, split=splits["train"])
-            teacher_corpus = accel.encode_passages(teacher, train.corpus.passages(range(len(train.corpus))), batch_size=32,
-                                                   layers=list(range(teacher.num_layers)), show_progress=True)
+            teacher_corpus = accel.encode_passages(teacher, train.corpus.passages(range(len(train.corpus))),
+                                                   batch_size=32, layers=list(range(teacher.num_layers)),
+                                                   show_progress=True)
             groups, report = mine_hard_negatives(teacher, train, depth=plan.mine_depth, rank_range=plan.mine_range,
                                                  negatives=plan.mine_negatives, seed=plan.seed,
                                                  corpus_embeddings=teacher_corpus[-1][:, :teacher.embedding_size],
                                                  show_progress=True)
         log(report.summary())
+        assert groups is not None  # one process (no process group): the groups are all here
         write_training_groups(groups, groups_file)
     init_dir = output / "student-init"
     if not init_dir.is_dir():
-        student_from_teacher(teacher, plan.student_layers, _Lengths(**lengths)).save_pretrained(init_dir)
+        student = cast("Retriever", student_from_teacher(teacher, plan.student_layers, _Lengths(**lengths)))
+        student.save_pretrained(init_dir)
 
     common = {"data": {"corpus": str(folder), "train_groups": str(groups_file), "num_negatives": plan.negatives},
               "optim": {"batch_size": plan.batch_size, "lr": plan.lr}, "seed": plan.seed, "log_every": 1,
@@ -317,6 +325,7 @@ def _run_quickstart(data: str, output: str | Path, plan: QuickstartPlan | None, 
                 common, {"teacher": {"path": str(teacher_dir), **teaching}, "student": {"path": str(warm)},
                          "optim": {"steps": plan.distill_steps}, "layers": {"k": plan.layer_k},
                          "output_dir": str(stage_dir)}, plan.overrides, extra), "distill")
+            assert isinstance(config, DistillConfig)  # the kind asked for
             with timings(stage):
                 if teacher_corpus is not None and config.teacher.cache:
                     _prefill_cache(config, teacher_dir, teacher_corpus, stage_dir, log)
@@ -326,15 +335,16 @@ def _run_quickstart(data: str, output: str | Path, plan: QuickstartPlan | None, 
 
     if not results.evaluated:
         paths = {"teacher": teacher_dir, "student_init": init_dir, "student_warmup": warm, **chosen}
+        assert splits["test"] is not None  # choose_splits finds one or fails
         results = _evaluated(results, paths, load_dataset(folder, split=splits["test"]), teacher_corpus, timings, log)
         write_results(results_file, replace(results, timings=dict(timings.seconds), settings={
             **results.settings, "seconds": round(time.perf_counter() - started, 1)}))
-    report = build_report(output)
-    log(f"wrote {report} in {time.perf_counter() - started:.0f} s")
-    return report
+    report_file = build_report(output)
+    log(f"wrote {report_file} in {time.perf_counter() - started:.0f} s")
+    return report_file
 
 
-def _evaluated(results: RunResults, paths: dict[str, Path], test, teacher_corpus, timings: _Timings,
+def _evaluated(results: RunResults, paths: dict[str | None, Path], test, teacher_corpus, timings: _Timings,
                log: Log) -> RunResults:
     """``results`` with every model scored on the test split, per layer, and LEAD's paired difference to
     response-KD over the test queries."""
@@ -342,21 +352,25 @@ def _evaluated(results: RunResults, paths: dict[str, Path], test, teacher_corpus
     from .models.model_card import add_figures
     from .retrieval.pipeline import evaluate_layers
 
-    log(f"evaluating on {results.test_split}")
+    test_split = results.test_split
+    assert test_split is not None  # planned from choose_splits, which finds one or fails
+    log(f"evaluating on {test_split}")
     measures = list(results.measures)
     models, per_query = [], {}
     for model in results.models:
         with timings(f"test_{model.name}"):
             rows = evaluate_layers(DualEncoder.from_pretrained(paths[model.name]), test, measures=measures,
                                    per_query=True, corpus_vectors=teacher_corpus if model.role == "teacher" else None)
-        add_figures(paths[model.name], results.test_split, {m: rows[-1][m] for m in measures})
-        models.append(replace(model, metrics={results.test_split: {m: rows[-1][m] for m in measures}},
+        add_figures(paths[model.name], test_split, {m: rows[-1][m] for m in measures})
+        models.append(replace(model, metrics={test_split: {m: rows[-1][m] for m in measures}},
                               layers={m: [row[m] for row in rows] for m in measures}))
         per_query[model.name] = {qid: values[measures[0]] for qid, values in rows[-1]["per_query"].items()}
         log(f"  {model.name}: {measures[0]} {rows[-1][measures[0]]:.4f}")
-    lead, base = results.with_role("lead").name, results.with_role("response_kd").name
+    lead_model, base_model = results.with_role("lead"), results.with_role("response_kd")
+    assert lead_model is not None and base_model is not None  # planned_results makes both
+    lead, base = lead_model.name, base_model.name
     return replace(results, models=tuple(models),
-                   lead_vs_response_kd=_paired(per_query, lead, base, measures[0], results.test_split))
+                   lead_vs_response_kd=_paired(per_query, lead, base, measures[0], test_split))
 
 
 def _prefill_cache(config, teacher_dir: Path, vectors, stage_dir: Path, log: Log) -> None:

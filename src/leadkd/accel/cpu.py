@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -126,7 +126,7 @@ def fused_cpu_inference(model: nn.Module) -> Iterator[int]:
                 elif type(module).__name__.endswith("Output") and isinstance(getattr(module, "LayerNorm", None),
                                                                               nn.LayerNorm):  # Bert(Self)Output
                     module.forward = (lambda w, b, norm: lambda hidden_states, input_tensor: norm(linear.binary(
-                        hidden_states, input_tensor, w, b, "add")))(weight, bias, module.LayerNorm)
+                        hidden_states, input_tensor, w, b, "add")))(weight, bias, cast(nn.LayerNorm, module.LayerNorm))
                 else:
                     continue
                 patched.append(module)
@@ -164,5 +164,5 @@ def fusion_reproduces(backbone: nn.Module) -> bool:
     verdict = count > 0 and float((fused - reference).abs().max()) <= 1e-4 * scale
     if count > 0 and not verdict:
         warnings.warn("fused CPU inference does not reproduce this model; using the plain forward", stacklevel=3)
-    backbone._leadkd_fusion_verdict = verdict
+    backbone._leadkd_fusion_verdict = verdict  # type: ignore[assignment]  # torch types attributes Tensor | Module
     return verdict

@@ -102,5 +102,5 @@ def use_cpu_dropout(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     if (getattr(config, "_attn_implementation", None) == "sdpa" and hasattr(model, "set_attn_implementation")
             and _register()):
-        model.set_attn_implementation(ATTENTION)
+        model.set_attn_implementation(ATTENTION)  # type: ignore[operator]  # hasattr above; torch: Tensor | Module
     return replaced

@@ -123,7 +123,7 @@ def _plot_dev(ledger: dict, path: Path) -> bool:
         return False
     figure = new_figure(6.4, 3.8)
     axes = figure.add_subplot()
-    for color, (name, runs) in zip(palette(len(curves)), curves.items()):
+    for color, (name, runs) in zip(palette(len(curves)), curves.items(), strict=True):
         steps = sorted({point[0] for run in runs for point in run})
         by_step = [[v for run in runs for s, v in run if s == step] for step in steps]
         axes.plot(steps, [statistics.fmean(v) for v in by_step], color=color, label=f"{name} (n={len(runs)})")
@@ -147,7 +147,7 @@ def _plot_deltas(ledger: dict, splits: list[str], measure: str, reference: str, 
     figure = new_figure(6.4, 3.8)
     axes = figure.add_subplot()
     width = 0.8 / max(1, len(names))
-    for offset, (color, name) in enumerate(zip(palette(len(names)), names)):
+    for offset, (color, name) in enumerate(zip(palette(len(names)), names, strict=True)):
         for index, split in enumerate(splits):
             item = found[(split, name)]
             if item is None:
@@ -182,12 +182,13 @@ def render_compare(ledger: dict, out_dir: str | Path) -> Path:
     rows = ledger["rows"].values()
     cpu = sum(row.get("cpu_seconds") or 0.0 for row in rows)
     wall = sum(row.get("wall_seconds") or 0.0 for row in rows)
-    lines = ["# Comparison", "", f"Spec: `{spec.get('source', '?')}` (base `{spec.get('base', '?')}`); reference "
-             f"`{reference}`; {len(ledger['rows'])} rows; compute {wall / 3600:.2f} h wall, {cpu / 3600:.2f} h CPU.",
-             "", "Mean ± sample std over seeds. Δ: mean of per-seed differences against the reference (same seed: "
-             "same data order and init) with a 95% Student-t interval; p: two-sided paired randomization test "
-             "on each query's metric averaged over the shared seeds. Checkpoints were chosen on the dev split; "
-             "none of these sets chose anything.", ""]
+    lines = ["# Comparison", "",
+             (f"Spec: `{spec.get('source', '?')}` (base `{spec.get('base', '?')}`); reference `{reference}`; "
+              f"{len(ledger['rows'])} rows; compute {wall / 3600:.2f} h wall, {cpu / 3600:.2f} h CPU."),
+             "", ("Mean ± sample std over seeds. Δ: mean of per-seed differences against the reference (same seed: "
+                  "same data order and init) with a 95% Student-t interval; p: two-sided paired randomization test "
+                  "on each query's metric averaged over the shared seeds. Checkpoints were chosen on the dev split; "
+                  "none of these sets chose anything."), ""]
     lines += _tables(ledger, splits, measures, reference)
     if _plot_dev(ledger, out / "dev_curves.png"):
         lines += ["![dev curves](dev_curves.png)", ""]
@@ -195,7 +196,8 @@ def render_compare(ledger: dict, out_dir: str | Path) -> Path:
         lines += ["![paired differences](deltas.png)", ""]
     lines += ["## Rows", "", "| row | wall s | CPU s | model |", "|---|---:|---:|---|"]
     for key, row in ledger["rows"].items():
-        lines.append(f"| {key} | {row.get('wall_seconds') or 0:.0f} | {row.get('cpu_seconds') or 0:.0f} | `{row['model']}` |")
+        lines.append(f"| {key} | {row.get('wall_seconds') or 0:.0f} | {row.get('cpu_seconds') or 0:.0f} "
+                     f"| `{row['model']}` |")
     page = out / "compare.md"
     with atomic_write(page) as handle:
         handle.write("\n".join(lines) + "\n")

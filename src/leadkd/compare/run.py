@@ -149,7 +149,8 @@ def load_spec(path: str | os.PathLike) -> CompareSpec:
     if data["reference"] not in names:
         _fail(source, "reference", f"{data['reference']!r} is not one of the variants ({', '.join(names)})")
     seeds = data["seeds"]
-    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) \
+    if not isinstance(seeds, list) \
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) \
             or len(set(seeds)) != len(seeds):
         _fail(source, "seeds", f"expected a list of distinct integers >= 0, got {seeds!r}")
     if not isinstance(data["evaluate"], dict):
@@ -317,7 +318,8 @@ def _run_compare(spec: CompareSpec, log: Log, max_rows: int | None, only: set[st
     rows = [(v, s) for v, s in spec.rows() if only is None or v.name in only]
     pending = []
     for variant, seed in rows:
-        config = {"model": variant.model} if variant.job == "evaluate" else config_to_dict(row_config(spec, variant, seed))
+        config = {"model": variant.model} if variant.job == "evaluate" else \
+            config_to_dict(row_config(spec, variant, seed))
         done = ledger["rows"].get(row_key(variant.name, seed))
         if done is None:
             pending.append((variant, seed, config))
@@ -330,9 +332,11 @@ def _run_compare(spec: CompareSpec, log: Log, max_rows: int | None, only: set[st
     for index, (variant, seed, config) in enumerate(pending[:total], start=1):
         wall, cpu = time.perf_counter(), time.process_time()
         if variant.job == "evaluate":
+            assert variant.model is not None  # the spec's parser requires one of an evaluate variant
             model_dir, corpus, trained = Path(variant.model), spec.default_corpus(), {}
         else:
             job = config_from_dict(config, variant.job)
+            assert job.output_dir is not None and job.data.corpus is not None  # a job requires both
             run_job(job, resume=True, log=lambda message: None)
             run_dir = Path(job.output_dir)
             model_dir = run_dir / "best" if (run_dir / "best").is_dir() else run_dir / "final"

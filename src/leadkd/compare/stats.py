@@ -40,7 +40,7 @@ class Interval:
 
     @property
     def excludes_zero(self) -> bool:
-        return self.low is not None and (self.low > 0 or self.high < 0)
+        return self.low is not None and self.high is not None and (self.low > 0 or self.high < 0)
 
 
 def paired_interval(deltas: Sequence[float], confidence: float = 0.95) -> Interval:

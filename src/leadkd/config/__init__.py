@@ -5,34 +5,43 @@ one line; ``files`` reading and writing config files; ``changes`` what differs b
 resume guard, compare's ledger); ``layer_strategy`` the names of the layer-pair strategies. None of them
 imports torch (an import-linter contract in pyproject.toml checks it), so a config is validated before
 any model code loads.
+
+The names below load on first use (PEP 562): ``distill.layers`` and the sentence-transformers integration
+read ``config.layer_strategy`` alone, and importing the package for it must not load the job models.
 """
 
-from .changes import changed_settings, todays_spelling
-from .jobs import (
-    JOB_KINDS,
-    MODEL_KINDS,
-    CheckpointConfig,
-    Config,
-    DataConfig,
-    DistillConfig,
-    EvalConfig,
-    LayerConfig,
-    LossConfig,
-    ModelConfig,
-    OptimConfig,
-    StudentConfig,
-    TeacherConfig,
-    TrainConfig,
-    TrainLossConfig,
-    config_from_dict,
-    config_to_dict,
-    load_config,
-    parse_layer_map,
-    parse_student_init,
-    read_config_file,
-    save_config,
-    validate_config,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .changes import changed_settings, todays_spelling
+    from .jobs import (
+        JOB_KINDS,
+        MODEL_KINDS,
+        CheckpointConfig,
+        Config,
+        DataConfig,
+        DistillConfig,
+        EvalConfig,
+        LayerConfig,
+        LossConfig,
+        ModelConfig,
+        OptimConfig,
+        StudentConfig,
+        TeacherConfig,
+        TrainConfig,
+        TrainLossConfig,
+        config_from_dict,
+        config_to_dict,
+        load_config,
+        parse_layer_map,
+        parse_student_init,
+        read_config_file,
+        save_config,
+        validate_config,
+    )
 
 __all__ = [
     "ModelConfig", "TeacherConfig", "StudentConfig", "DataConfig", "TrainLossConfig", "LossConfig",
@@ -41,3 +50,13 @@ __all__ = [
     "validate_config", "changed_settings", "todays_spelling", "parse_student_init", "parse_layer_map",
     "read_config_file",
 ]
+
+_HOME = {name: "changes" if name in ("changed_settings", "todays_spelling") else "jobs" for name in __all__}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value

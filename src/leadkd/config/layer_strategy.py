@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any
+from typing import Any, cast
 
 Pair = tuple[int, int]
 
@@ -71,7 +71,8 @@ def parse_layer_map(text: str | int) -> tuple[Pair, ...]:
     if not isinstance(text, str) or not all(entries):
         raise StrategyError("strategy", f"expected one of {', '.join(STRATEGIES)}, or old-style student:teacher "
                                         f"pairs like '0:1,1:3,2:5', got {text!r}")
-    return _checked([(int(match.group(1)), int(match.group(2))) for match in entries], "strategy", text)
+    matches = cast("list[re.Match[str]]", entries)  # all(entries) above: every entry matched
+    return _checked([(int(match.group(1)), int(match.group(2))) for match in matches], "strategy", text)
 
 
 def _is_old_map(strategy: Any) -> bool:

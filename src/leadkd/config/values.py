@@ -16,7 +16,7 @@ import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, TypeGuard, Union
 
 import ir_measures
 from pydantic import AfterValidator, BaseModel, BeforeValidator, FiniteFloat, ValidationError
@@ -136,7 +136,7 @@ def describe(value: Any) -> str:
     return "a list" if isinstance(value, (list, tuple)) else repr(value)
 
 
-def _is_section(annotation: Any) -> bool:
+def _is_section(annotation: Any) -> TypeGuard[type[BaseModel]]:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
@@ -146,7 +146,7 @@ def _did_you_mean(word: str, options: Sequence[str], cutoff: float) -> str:
 
 
 @functools.cache
-def _schema_keys(cls: type, prefix: str = "") -> tuple[str, ...]:
+def _schema_keys(cls: type[BaseModel], prefix: str = "") -> tuple[str, ...]:
     """Every dotted key of a job, sections included (``optim``, ``optim.lr``, ...)."""
     keys: list[str] = []
     for name, info in cls.model_fields.items():
@@ -156,7 +156,7 @@ def _schema_keys(cls: type, prefix: str = "") -> tuple[str, ...]:
     return tuple(keys)
 
 
-def _suggest(dotted: str, job: type) -> str:
+def _suggest(dotted: str, job: type[BaseModel]) -> str:
     """`` (did you mean 'x.y'?)`` for the nearest real key, searching all sections for a misplaced leaf."""
     keys = _schema_keys(job)
     by_leaf = {key.rsplit(".", 1)[-1]: key for key in reversed(keys)}
@@ -183,7 +183,7 @@ def _wrong_type(annotation: Any, value: Any) -> str:
     return f"expected {expected}, got {describe(value)}{hint}"
 
 
-def problem_of(error: ValidationError, job: type, file_order: Sequence[str] = ()) -> Problem:
+def problem_of(error: ValidationError, job: type[BaseModel], file_order: Sequence[str] = ()) -> Problem:
     """The one error of pydantic's list to report for a ``job`` model, as one line: by kind of error, then in
     ``file_order`` of the top-level keys (pydantic's own order lists a base class's fields first)."""
     def rank(item: Mapping[str, Any]) -> tuple[int, int]:
@@ -200,5 +200,6 @@ def problem_of(error: ValidationError, job: type, file_order: Sequence[str] = ()
         return Problem(dotted, f"unknown option {where}{_suggest(dotted, job)}")
     if kind == "value_error":
         return Problem(dotted, str(context["error"]))
-    annotation = functools.reduce(lambda cls, name: cls.model_fields[name].annotation, loc, job)
+    # Each step but the last lands on a section's model class; the last on the option's annotation, of any type.
+    annotation = functools.reduce(lambda cls, name: cls.model_fields[name].annotation, loc, typing.cast(Any, job))
     return Problem(dotted, _wrong_type(annotation, first.get("input")))

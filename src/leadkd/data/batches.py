@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -132,7 +133,9 @@ def collate_groups(samples: Sequence[GroupSample]) -> GroupBatch:
     with_scores = [s.teacher_scores is not None for s in samples]
     if any(with_scores) and not all(with_scores):
         raise ValueError("teacher scores are present for some groups of the batch but not all")
-    teacher = torch.from_numpy(np.stack([s.teacher_scores for s in samples])) if all(with_scores) else None
+    # With all(with_scores), every sample's teacher_scores is an array (mypy cannot see it through the list).
+    teacher = (torch.from_numpy(np.stack(cast("list[np.ndarray]", [s.teacher_scores for s in samples])))
+               if all(with_scores) else None)
     return GroupBatch(
         query_ids=[s.query_id for s in samples],
         queries=[s.query for s in samples],
@@ -181,8 +184,8 @@ def group_loader(dataset: GroupDataset, batch_size: int, rank: int = 0, world_si
     """
     if batch_size < 1:
         raise LeadkdError(f"batch size must be >= 1, got {batch_size}")
-    base = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                              drop_last=drop_last)
+    base: DistributedSampler[int] = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
+                                                       seed=seed, drop_last=drop_last)
     # Its own generator: a DataLoader iterator otherwise draws a seed from torch's global RNG, which would
     # shift dropout masks between a straight run and a resumed one.
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(base), collate_fn=collate_groups,

@@ -42,7 +42,7 @@ class IdView(Sequence[str]):
     def __len__(self) -> int:
         return len(self._c)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         if isinstance(i, slice):
             return [self._c.id_at(j) for j in range(*i.indices(len(self._c)))]
         return self._c.id_at(i)
@@ -110,7 +110,7 @@ class TextCollection:
         lengths = np.diff(self._id_off)
         width = max(int(lengths.max()) if n else 0, 1)
         keys = np.zeros(n, dtype=f"S{width}")
-        mv = memoryview(self._id_buf)
+        mv = memoryview(self._id_buf)  # type: ignore[arg-type]  # numpy types ndarray.__buffer__ for 3.12+ only
         off = self._id_off
         for s in range(0, n, _ROWS):
             e = min(n, s + _ROWS)
@@ -171,7 +171,7 @@ class TextCollection:
         keys = self._sorted_keys
         width = keys.dtype.itemsize
         ok = np.fromiter((0 < len(e) <= width and b"\0" not in e for e in enc), dtype=bool, count=len(enc))
-        cand = np.array([e for e, o in zip(enc, ok) if o], dtype=keys.dtype)
+        cand = np.array([e for e, o in zip(enc, ok, strict=True) if o], dtype=keys.dtype)
         pos = np.searchsorted(keys, cand)
         pos_c = np.minimum(pos, len(keys) - 1)
         hit = keys[pos_c] == cand
@@ -214,7 +214,7 @@ class TextCollection:
         if self._title_off is None:
             self._row(i)
             return ""
-        return _span(self._title_buf, self._title_off, self._row(i))  # type: ignore[arg-type]
+        return _span(self._title_buf, self._title_off, self._row(i))  # type: ignore[arg-type]  # set with _title_off
 
     def passage(self, i: int, sep: str = " ") -> str:
         """Title and text joined by ``sep``, the title left out when empty (BEIR / sentence-transformers)."""
@@ -243,7 +243,7 @@ class TextCollection:
         """
         n = _char_counts(self._text_buf, self._text_off)
         if self._title_off is not None:
-            t = _char_counts(self._title_buf, self._title_off)  # type: ignore[arg-type]
+            t = _char_counts(self._title_buf, self._title_off)  # type: ignore[arg-type]  # set with _title_off
             n = n + t + np.where(t > 0, len(sep), 0)
         return n
 
@@ -263,7 +263,9 @@ class TextCollection:
         idx = np.where(idx < 0, idx + len(self), idx)
         ids = _gather(self._id_buf, self._id_off, idx)
         texts = _gather(self._text_buf, self._text_off, idx)
-        titles = _gather(self._title_buf, self._title_off, idx) if self._title_off is not None else (None, None)
+        titles: tuple[np.ndarray | None, np.ndarray | None] = (
+            _gather(self._title_buf, self._title_off, idx)  # type: ignore[arg-type]  # set with _title_off
+            if self._title_off is not None else (None, None))
         if titles[0] is not None and titles[0].size == 0:
             titles = (None, None)
         return type(self)(*ids, *texts, *titles, source=self.source, check_unique=True)
@@ -273,8 +275,8 @@ def _gather(buf: np.ndarray, off: np.ndarray, idx: np.ndarray) -> tuple[np.ndarr
     starts, ends = off[idx], off[idx + 1]
     new_off = np.zeros(len(idx) + 1, dtype=np.int64)
     np.cumsum(ends - starts, out=new_off[1:])
-    mv = memoryview(buf)
-    joined = b"".join(mv[a:b] for a, b in zip(starts.tolist(), ends.tolist()))
+    mv = memoryview(buf)  # type: ignore[arg-type]  # numpy types ndarray.__buffer__ for Python 3.12+ only
+    joined = b"".join(mv[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True))
     return np.frombuffer(joined, dtype=np.uint8) if joined else _EMPTY_U8, new_off
 
 
@@ -346,7 +348,7 @@ class CollectionBuilder:
         def frozen(buffer: bytearray | array | None, dtype: type) -> np.ndarray | None:
             if buffer is None:
                 return None
-            out = np.frombuffer(buffer, dtype=dtype) if len(buffer) else np.zeros(0, dtype=dtype)
+            out: np.ndarray = np.frombuffer(buffer, dtype=dtype) if len(buffer) else np.zeros(0, dtype=dtype)
             out.flags.writeable = False
             return out
 
@@ -363,8 +365,8 @@ class CollectionBuilder:
         empty = np.flatnonzero(off[1:] == off[:-1])  # a bool temporary, not an int64 one
         if len(empty):
             raise InputError(where, f"empty id (record {int(empty[0]) + 1})", field="id")
-        out = self._cls(u8(self._ids), i64(self._id_off),  # type: ignore[arg-type]
-                        u8(self._texts), i64(self._text_off),
+        out = self._cls(u8(self._ids), i64(self._id_off),  # type: ignore[arg-type]  # None only for a None buffer
+                        u8(self._texts), i64(self._text_off),  # type: ignore[arg-type]  # None only for a None buffer
                         u8(self._titles), i64(self._title_off), source=self.source, check_unique=check_unique)
         self._ids = self._texts = self._titles = None  # type: ignore[assignment]
         return out

@@ -286,7 +286,7 @@ def _irds_judged(ds, dataset_id: str, corpus: Corpus, lenient: bool) -> tuple[Qu
     _require_judgments(ds, dataset_id)
     queries = _irds_query_collection(ds, source)
     qrels = check_qrels(_irds_raw_qrels(ds), corpus=corpus, queries=queries, lenient=lenient, source=source)
-    return _judged(queries, qrels), qrels  # type: ignore[arg-type]
+    return _judged(queries, qrels), qrels
 
 
 def _irds_raw_qrels(ds) -> dict[str, dict[str, int]]:
@@ -316,7 +316,7 @@ def _irds_queries(dataset_id: str, lenient: bool) -> Queries:
     queries = _irds_query_collection(ds, source)
     if not ds.has_qrels():
         return queries
-    return _judged(queries, check_qrels(_irds_raw_qrels(ds), queries=queries, lenient=lenient, source=source))  # type: ignore[arg-type]
+    return _judged(queries, check_qrels(_irds_raw_qrels(ds), queries=queries, lenient=lenient, source=source))
 
 
 def _require_judgments(ds, dataset_id: str) -> None:

@@ -13,13 +13,13 @@ Writers go through :func:`leadkd.runtime.fileio.atomic_write`.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO
 
 from leadkd.data.collection import Corpus, Qrels, Queries, TextCollection
 from leadkd.runtime.errors import InputError, LeadkdError
@@ -44,7 +44,7 @@ class DataWarning(UserWarning):
 
 
 # -- line reading ------------------------------------------------------------------------------------
-def _open_binary(path: PathLike) -> IO[bytes]:
+def _open_binary(path: PathLike) -> io.BufferedIOBase:
     try:
         return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
     except FileNotFoundError:
@@ -177,6 +177,7 @@ def _read_jsonl(path: PathLike, cls: type[TextCollection], with_title: bool) -> 
         if type(text) is not str:
             what = "missing" if "text" not in obj else f"must be a string, found {_json_type(text)}"
             raise InputError(path, what, line=n, field="text")
+        title: str | None  # None only until a missing JSON title becomes ""
         title = ""
         if with_title:
             title = obj.get("title")
@@ -329,7 +330,7 @@ def _beir_rows(path: PathLike, lines: Iterator[tuple[int, bytes]]) -> _Judgments
     if header is None:
         raise InputError(path, "empty file: expected the header 'query-id<TAB>corpus-id<TAB>score'")
     n, raw = header
-    cols = tuple(_decode(path, n, raw).split("\t"))
+    cols: Sequence[str] = tuple(_decode(path, n, raw).split("\t"))
     if tuple(c.strip() for c in cols) != BEIR_QRELS_HEADER:
         shown = "<TAB>".join(cols)
         raise InputError(path, f"expected the header 'query-id<TAB>corpus-id<TAB>score', found {shown!r}", line=n)
@@ -438,7 +439,7 @@ def _missing(coll: TextCollection | None, ids: list[str]) -> set[str]:
         return set()
     unique = list(dict.fromkeys(ids))
     rows = coll.lookup(unique)
-    return {i for i, r in zip(unique, rows.tolist()) if r < 0}
+    return {i for i, r in zip(unique, rows.tolist(), strict=True) if r < 0}
 
 
 def _assemble(j: _Judgments, corpus: TextCollection | None, queries: TextCollection | None,
@@ -447,7 +448,7 @@ def _assemble(j: _Judgments, corpus: TextCollection | None, queries: TextCollect
     miss_q, miss_d = _missing(queries, j.qids), _missing(corpus, j.dids)
     drop: set[int] = set()
     if miss_q or miss_d:
-        drop = {k for k, (q, d) in enumerate(zip(j.qids, j.dids)) if q in miss_q or d in miss_d}
+        drop = {k for k, (q, d) in enumerate(zip(j.qids, j.dids, strict=True)) if q in miss_q or d in miss_d}
         if not lenient:
             k = min(drop)
             line = j.lines[k] if j.lines is not None else None
@@ -464,7 +465,7 @@ def _assemble(j: _Judgments, corpus: TextCollection | None, queries: TextCollect
                       f"queries/corpus ({len(miss_q)} query ids, {len(miss_d)} document ids)", DataWarning,
                       stacklevel=3)
     out = Qrels()
-    for k, (q, d, r) in enumerate(zip(j.qids, j.dids, j.rels)):
+    for k, (q, d, r) in enumerate(zip(j.qids, j.dids, j.rels, strict=True)):
         if k in drop:
             continue
         docs = out.get(q)

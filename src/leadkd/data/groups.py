@@ -225,10 +225,11 @@ class GroupsBuilder:
             keep = [int(k) not in pos_keys for k in negatives]
         dropped = len(keep) - sum(keep)
         if dropped:
-            negatives = [k for k, ok in zip(negatives, keep) if ok]
+            negatives = [k for k, ok in zip(negatives, keep, strict=True) if ok]
             if teacher_scores is not None:
                 n = len(positives)
-                teacher_scores = list(teacher_scores[:n]) + [s for s, ok in zip(teacher_scores[n:], keep) if ok]
+                teacher_scores = (list(teacher_scores[:n])
+                                  + [s for s, ok in zip(teacher_scores[n:], keep, strict=True) if ok])
         g = len(self._query_ids)
         self._query_ids.append(query_id)
         self._query_rows.append(query_row)
@@ -326,6 +327,7 @@ class _LineReader:
         positions: list[int] = []
         for i, entry in enumerate(entries):
             key: int | None = None
+            pid: str | None
             if type(entry) is str and entry:
                 pid = entry
             elif isinstance(entry, dict):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -18,11 +18,14 @@ from torch import nn
 from ..accel.cpu_dropout import use_cpu_dropout
 from ..config import DistillConfig
 from ..kinds import DEFAULT_KIND, model_class
-from ..models.base import DenseRetriever
+from ..models.base import DenseRetriever, Retriever
 from ..models.loading import build_model
 from ..runtime.errors import ConfigError
 from .losses import HiddenStateMSE, check_same_tokenizer
 from .teacher_cache import TeacherVectorCache
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Log = Callable[[str], None]
 
@@ -51,7 +54,8 @@ def student_from_teacher(teacher: nn.Module, layers: Sequence[int], config) -> n
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, eps: float) -> torch.optim.AdamW:
     """AdamW with biases and LayerNorm weights exempt from weight decay (the paper's grouping)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
@@ -82,7 +86,8 @@ class EncodeForward(nn.Module):
         self.raw_last_layer = raw_last_layer
 
     def forward(self, queries: Sequence[str], passages: Sequence[str], layers: Sequence[int], **options: Any):
-        return self.model.encode_batch(queries, passages, layers, raw_last_layer=self.raw_last_layer, **options)
+        return cast(Retriever, self.model).encode_batch(queries, passages, layers, raw_last_layer=self.raw_last_layer,
+                                                       **options)
 
 
 @dataclass
@@ -100,7 +105,7 @@ class Trained:
         return self.optimizer is not None
 
 
-def _checkpoint_activations(backbone: nn.Module) -> None:
+def _checkpoint_activations(backbone: PreTrainedModel) -> None:
     """Recompute each block's activations in the backward pass (transformers >= 5.x names it activation
     checkpointing; older versions gradient checkpointing). Non-reentrant, so the RNG state is restored."""
     kwargs = {"use_reentrant": False}
@@ -117,9 +122,9 @@ def prepare(name: str, model: nn.Module, optim, total_steps: int, ctx, *, trains
     torchrun. ``extra``: more trained parameters stepped by the same optimizer (the baseline's projections)."""
     model.to(ctx.device)
     if optim.gradient_checkpointing and trains:
-        _checkpoint_activations(model.backbone)
+        _checkpoint_activations(cast("PreTrainedModel", model.backbone))  # every kind's backbone is one
     if optim.cpu_dropout and trains and ctx.device.type == "cpu":
-        use_cpu_dropout(model.backbone)
+        use_cpu_dropout(cast(Retriever, model).backbone)
     forward: nn.Module = EncodeForward(model, raw_last_layer=raw_last_layer)
     if not trains:
         model.eval()
@@ -151,6 +156,7 @@ def hidden_state_baseline(student: nn.Module, teacher: nn.Module, ctx) -> Hidden
     if ctx.is_distributed:
         raise ConfigError("loss.layer=hidden_mse is a single-process baseline (its projections are not "
                           "synchronised across processes)")
+    assert isinstance(student, DenseRetriever) and isinstance(teacher, DenseRetriever)  # checked above
     check_same_tokenizer(teacher.tokenizer, student.tokenizer)
     for name in ("max_query_length", "max_passage_length"):
         if getattr(teacher, name) != getattr(student, name):
@@ -164,6 +170,7 @@ def open_teacher_cache(config: DistillConfig, teacher, corpus, queries, output: 
     """The frozen teacher's vector cache of a distill run (each process in its own files: processes never
     write the same one), keyed by what its vectors depend on; the quickstart opens it to fill it ahead."""
     check_dense_teacher(teacher, "teacher.cache stores per-text vectors")
+    assert config.data.corpus is not None  # a distill job requires one
     corpus_path = Path(config.data.corpus)
     fingerprint = {
         "teacher": config.teacher.path, "settings": teacher.settings(),

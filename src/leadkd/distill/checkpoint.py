@@ -14,7 +14,7 @@ import random
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -33,7 +33,8 @@ def checkpoint_name(step: int) -> str:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG a training step draws from (dropout, shuffles), in a weights-only-loadable form."""
-    numpy_state = np.random.get_state()
+    # the legacy tuple (MT19937's): numpy's stub types the default call as the dict of legacy=False
+    numpy_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     state = {
         "torch": torch.get_rng_state(),
         "python": _python_state_to_tensor(random.getstate()),
@@ -123,7 +124,8 @@ def check_weights(folder: str | os.PathLike) -> None:
             with safe_open(str(file), "pt") as handle:
                 handle.keys()
         except Exception as exc:  # SafetensorError, OSError: unreadable either way
-            raise LeadkdError(f"{file}: damaged weights ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            raise LeadkdError(f"{file}: damaged weights "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
 
 def newest_checkpoint(root: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:

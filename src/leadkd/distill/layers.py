@@ -102,7 +102,7 @@ def select_layers(strategy: str, student_layers: int, teacher_layers: int, k: in
                               f"which needs {2 * k - 1} teacher layers; the teacher has {teacher_layers}")
         student = list(range(student_layers - k, student_layers))
         teacher = list(range(0, 2 * k, 2))
-    return list(zip(student, teacher))
+    return list(zip(student, teacher, strict=True))
 
 
 def _plain_pairs(pairs: Sequence[Pair] | None) -> list[list[int]] | None:

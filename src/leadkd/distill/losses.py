@@ -18,6 +18,7 @@ against; it needs hidden states and one shared tokenizer, and says so when that 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -514,11 +515,13 @@ class HiddenStateMSE(nn.Module):
         self.projections = nn.ModuleList(nn.Linear(student_dim, teacher_dim) for _ in range(count))
 
     def _projection(self, student_layer: int) -> nn.Linear:
-        return self.projections[0 if self.shared_projection else student_layer]
+        # nn.ModuleList is not generic: its items are typed Module; each of these is a Linear
+        return cast(nn.Linear, self.projections[0 if self.shared_projection else student_layer])
 
     def _pool(self, hidden: Tensor, mask: Tensor | None) -> Tensor:
         from ..models.base import pool
 
+        assert self.pooling is not None  # only pooled comparisons pool
         if mask is None:
             mask = hidden.new_ones(hidden.shape[:2])
         return pool(hidden, mask, self.pooling)

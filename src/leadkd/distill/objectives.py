@@ -11,10 +11,13 @@ cross-encoder) sees its own group. The losses themselves are the pure functions 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
+from ..models.base import Retriever
 from ..runtime import distributed as dist
 from .build import Trained
 from .layers import pair_layers
@@ -91,7 +94,7 @@ class GroundTruth(_Objective):
         self.evaluated = model
 
     def __call__(self, batch, pairs=()) -> dict[str, torch.Tensor]:
-        model = self.model.model
+        model = cast(Retriever, self.model.model)
         encoded = self.model.forward(batch.queries, batch.passages, [], final=True)
         layout = self._layout(model, batch)
         if layout.gathered:
@@ -130,7 +133,7 @@ class Distillation(_Objective):
 
     def _scores(self, student_enc, teacher_enc, batch):
         """Both models' scores over one candidate set, the labels, and the duplicate-positive mask."""
-        student, teacher = self.student.model, self.teacher.model
+        student, teacher = cast(Retriever, self.student.model), cast(Retriever, self.teacher.model)
         layout = Layout.of(teacher.scores_whole_batch and student.scores_whole_batch, self.loss.in_batch_negatives,
                            self.loss.cross_process_negatives, len(batch.queries))
         if layout.gathered:
@@ -149,7 +152,8 @@ class Distillation(_Objective):
         student_enc = self.student.forward(batch.queries, batch.passages, s_layers, final=True, **options)
         teacher_enc = self._encode_teacher(batch, t_layers, hidden)
         student_scores, teacher_scores, labels, duplicates = self._scores(student_enc, teacher_enc, batch)
-        reduce = dist.all_reduce_mean if dist.is_distributed() else None
+        # a tensor's mean comes back as a tensor (all_reduce_mean is typed for floats and tensors alike)
+        reduce = cast("Callable[[torch.Tensor], torch.Tensor]", dist.all_reduce_mean) if dist.is_distributed() else None
         terms = lead_total_loss(
             teacher_scores, student_scores, labels.to(student_scores.device), positions,
             train_teacher=self.teacher.trains, response=cfg.response, temperature=cfg.temperature,

@@ -61,7 +61,7 @@ def row_checksums(vectors: np.ndarray, hashes: np.ndarray) -> np.ndarray:
     """CRC-32 of each row's float32 vectors followed by its int64 text hash, as the files hold them."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     hashes = np.ascontiguousarray(hashes, dtype=np.int64)
-    return np.array([zlib.crc32(h.tobytes(), zlib.crc32(v.tobytes())) for v, h in zip(vectors, hashes)],
+    return np.array([zlib.crc32(h.tobytes(), zlib.crc32(v.tobytes())) for v, h in zip(vectors, hashes, strict=True)],
                     dtype=np.uint32)
 
 
@@ -103,7 +103,7 @@ class _RowFile:
     def write(self, rows: np.ndarray, values: np.ndarray) -> None:
         values = np.ascontiguousarray(values, dtype=self.array.dtype)
         try:
-            for row, value in zip(rows.tolist(), values):
+            for row, value in zip(rows.tolist(), values, strict=True):
                 data, position = memoryview(value.tobytes()), self.offset + row * self.row_bytes
                 while data:  # a nearly full disk may take part of a write without an error; finish or raise
                     written = os.pwrite(self.fd, data, position)
@@ -178,7 +178,7 @@ class _Side:
         missing = np.flatnonzero(~hit)
         if len(missing):
             with torch.no_grad():
-                fresh = encode([texts[i] for i in missing])
+                fresh = encode([texts[int(i)] for i in missing])
             out[missing] = fresh.float().transpose(0, 1).cpu().numpy()
             store = missing[known[missing]]
             if len(store):
@@ -209,8 +209,8 @@ class TeacherVectorCache:
         self.model = model
         self.layers = sorted(set(resolve_layers(layers, model.num_layers)))
         width = getattr(model, "layer_width", model.hidden_size)  # a projected final layer may be wider
-        meta = {**fingerprint, "checksums": CHECKSUMS, "layers": self.layers, "dim": int(width), "passages": len(corpus),
-                "queries": len(queries) if queries is not None else 0}
+        meta = {**fingerprint, "checksums": CHECKSUMS, "layers": self.layers, "dim": int(width),
+                "passages": len(corpus), "queries": len(queries) if queries is not None else 0}
         stored = json.loads((folder / META).read_text()) if (folder / META).is_file() else None
         if stored is not None and set(self.layers) <= set(stored.get("layers", ())) \
                 and {**stored, "layers": None} == {**meta, "layers": None}:
@@ -258,7 +258,8 @@ class TeacherVectorCache:
                              f"{len(corpus)} passages")
         for begin in range(0, len(corpus), chunk):
             rows = np.arange(begin, min(begin + chunk, len(corpus)))
-            values = np.ascontiguousarray(np.asarray(vectors[self.layers][:, rows], dtype=np.float32).transpose(1, 0, 2))
+            values = np.ascontiguousarray(np.asarray(vectors[self.layers][:, rows], dtype=np.float32)
+                                          .transpose(1, 0, 2))
             side.store(rows, values, np.array([text_hash(t) for t in corpus.passages(rows)], dtype=np.int64))
         return len(corpus)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -26,11 +26,16 @@ from torch import Tensor, nn
 try:  # sentence-transformers >= 6 (its modules moved under sentence_transformer/)
     from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
 except ImportError:  # 3 to 5
-    from sentence_transformers.data_collator import SentenceTransformerDataCollator
+    from sentence_transformers.data_collator import (  # type: ignore[no-redef]  # only one of the two runs
+        SentenceTransformerDataCollator,
+    )
 
 from ..distill.layers import LayerSchedule, pair_layers
 from ..distill.losses import duplicate_positive_mask, group_labels, lead_total_loss, own_group_scores
 from ..runtime.errors import ConfigError, LeadkdError
+
+if TYPE_CHECKING:
+    from ..models.base import Retriever
 
 __all__ = ["LEADLoss", "TextKeepingDataCollator", "text_collator", "as_leadkd_teacher", "student_layer_embeddings"]
 
@@ -60,7 +65,7 @@ def text_collator(model, args=None):
     ``args`` (the trainer's arguments) passes on their ``prompts`` and ``router_mapping``, as the trainer
     does for its default collator; the teacher always gets the texts without the student's prompts.
     """
-    options = {}
+    options: dict[str, Any] = {}
     if args is not None:
         options = {"router_mapping": getattr(args, "router_mapping", None) or {},
                    "prompts": getattr(args, "prompts", None) or {}}
@@ -79,7 +84,11 @@ def _st_dual_encoder(model, similarity_scale: float | None):
         from sentence_transformers.base.modules import Normalize, Transformer
         from sentence_transformers.sentence_transformer.modules import Pooling
     except ImportError:  # 3 to 5
-        from sentence_transformers.models import Normalize, Pooling, Transformer
+        from sentence_transformers.models import (  # type: ignore[no-redef]  # only one of the two runs
+            Normalize,
+            Pooling,
+            Transformer,
+        )
 
     from ..models.dual_encoder import DualEncoder
     from ..models.loading import st_prompts
@@ -106,8 +115,9 @@ def _st_dual_encoder(model, similarity_scale: float | None):
     transformer = modules[0]
     length = transformer.max_seq_length or 256
     query, passage = st_prompts(getattr(model, "prompts", None), getattr(model, "default_prompt_name", None))
-    options = {"pooling": pooling, "normalize": normalize, "max_query_length": length, "max_passage_length": length,
-               "query_prefix": query or "", "passage_prefix": passage or ""}
+    options: dict[str, Any] = {"pooling": pooling, "normalize": normalize, "max_query_length": length,
+                               "max_passage_length": length, "query_prefix": query or "",
+                               "passage_prefix": passage or ""}
     if similarity_scale is not None:
         options["similarity_scale"] = similarity_scale
     return DualEncoder(transformer.auto_model, transformer.tokenizer, **options)
@@ -237,10 +247,10 @@ class LEADLoss(nn.Module):
         self.teacher.train(self.train_teacher)
         if not self.train_teacher:
             self.teacher.requires_grad_(False)
-        self.terms = {"temperature": temperature, "layer_temperature": layer_temperature, "reweight": reweight,
-                      "student_weight": student_ce, "teacher_weight": teacher_ce, "response": response,
-                      "response_weight": response_weight, "layer_weight": layer_weight,
-                      "detach_teacher_targets": detach_teacher_targets}
+        self.terms: dict[str, Any] = {"temperature": temperature, "layer_temperature": layer_temperature,
+                                      "reweight": reweight, "student_weight": student_ce, "teacher_weight": teacher_ce,
+                                      "response": response, "response_weight": response_weight,
+                                      "layer_weight": layer_weight, "detach_teacher_targets": detach_teacher_targets}
         self.settings = {"k": k, "strategy": strategy, "pairs": pairs, "resample_every": resample_every, "seed": seed,
                          "layer": layer, **self.terms, "train_teacher": self.train_teacher,
                          "in_batch_negatives": in_batch_negatives, "mask_duplicate_positives": mask_duplicate_positives,
@@ -252,8 +262,9 @@ class LEADLoss(nn.Module):
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.schedule = None
         if layer == "lead":
-            self.schedule = LayerSchedule(strategy, _num_student_layers(model), self.teacher.num_layers, k=k,
-                                          seed=seed, resample_interval=resample_every, pairs=pairs)
+            self.schedule = LayerSchedule(strategy, _num_student_layers(model),
+                                          cast("Retriever", self.teacher).num_layers, k=k, seed=seed,
+                                          resample_interval=resample_every, pairs=pairs)
         #: Training calls so far; ``calls // gradient_accumulation_steps`` is the optimizer step for the pairs.
         self.calls = 0
         self.last_terms: dict[str, Tensor] = {}
@@ -358,8 +369,8 @@ class LEADLoss(nn.Module):
 
     def _teacher_scores(self, queries, passages, layers) -> Tensor:
         with contextlib.nullcontext() if self.train_teacher else torch.no_grad():
-            encoded = self.teacher.encode_batch(queries, passages, layers, final=True,
-                                                raw_last_layer=self.raw_last_layer)
+            encoded = cast("Retriever", self.teacher).encode_batch(queries, passages, layers, final=True,
+                                                                  raw_last_layer=self.raw_last_layer)
             return encoded.scores()
 
     def _layout(self, student: Tensor, teacher: Tensor, queries, texts, passages, group: int):

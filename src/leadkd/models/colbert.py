@@ -32,6 +32,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,9 @@ from .base import (
 )
 from .colbert_formats import read_foreign, skiplist_ids
 from .loading import write_leadkd_config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +180,8 @@ class TokenBatch:
         return TokenBatch(self.queries, states, mask)
 
     def scores(self) -> torch.Tensor:
-        return torch.stack([maxsim_scores(q, p, self.passage_mask) for q, p in zip(self.queries, self.passages)])
+        return torch.stack([maxsim_scores(q, p, self.passage_mask)
+                            for q, p in zip(self.queries, self.passages, strict=True)])
 
 
 def _token_id(tokenizer, token: str | None, message: str) -> int:
@@ -195,8 +200,9 @@ class ColBERT(nn.Module):
 
     kind = KIND
     scores_whole_batch = True
+    skip_ids: torch.Tensor  # a buffer (registered in __init__), which nn.Module's attribute typing does not know
 
-    def __init__(self, tokenizer, backbone: nn.Module, options: ColBERTOptions = ColBERTOptions(),
+    def __init__(self, tokenizer, backbone: PreTrainedModel, options: ColBERTOptions = ColBERTOptions(),
                  projection: nn.Linear | None = None):
         super().__init__()
         self.tokenizer = tokenizer
@@ -300,7 +306,7 @@ class ColBERT(nn.Module):
         """From a :class:`~leadkd.config.ModelConfig`: ``colbert_dim`` 0 means no projection (the paper's)."""
         lengths = {key: value for key, value in (("max_query_length", config.max_query_length),
                                                  ("max_passage_length", config.max_passage_length)) if value}
-        width = {} if config.colbert_dim is None else {"dim": config.colbert_dim or None}
+        width: dict[str, Any] = {} if config.colbert_dim is None else {"dim": config.colbert_dim or None}
         return cls.from_pretrained(path or config.path, **lengths, **width, **loading_options(config))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -410,7 +416,8 @@ class ColBERT(nn.Module):
         hidden = block_outputs(self.backbone, ids, mask, all_layers=any(layer != last for layer in wanted))
         finals = self._final_states(hidden[-1]) if final or (last in wanted and not raw_last) else None
         states = [finals if layer == last and not raw_last else hidden[layer - last - 1] for layer in wanted]
-        return states + [finals] if final else states
+        # finals is None only where no state is taken from it (neither final nor an unraw last layer wanted)
+        return cast("list[torch.Tensor]", states + [finals] if final else states)
 
     def query_layer_states(self, queries: Sequence[str], layers: Sequence[int] | None = None,
                            raw_last: bool = False, final: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -439,7 +446,7 @@ class ColBERT(nn.Module):
         """MaxSim of every query against every passage at each requested layer: ``[L', Q, P]``."""
         q_states, _ = self.query_layer_states(queries, layers)
         p_states, p_mask = self.passage_layer_states(passages, layers)
-        return torch.stack([maxsim_scores(q, p, p_mask) for q, p in zip(q_states, p_states)])
+        return torch.stack([maxsim_scores(q, p, p_mask) for q, p in zip(q_states, p_states, strict=True)])
 
     def forward(self, queries: Sequence[str], passages: Sequence[str],
                 layers: Sequence[int] | None = None) -> torch.Tensor:

@@ -35,6 +35,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -62,6 +63,9 @@ from .st_cross_encoder import (
     record_activation,
     write_st_files,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +133,7 @@ class CrossEncoder(nn.Module):
     kind = KIND
     scores_whole_batch = False
 
-    def __init__(self, tokenizer, backbone: nn.Module, options: CrossEncoderOptions = CrossEncoderOptions(),
+    def __init__(self, tokenizer, backbone: PreTrainedModel, options: CrossEncoderOptions = CrossEncoderOptions(),
                  head: nn.Linear | None = None, *, st_files: dict | None = None):
         super().__init__()
         self.tokenizer = tokenizer
@@ -142,29 +146,32 @@ class CrossEncoder(nn.Module):
             classifier = _classifier_around(backbone)
         if options.activation is None:
             options = dataclasses.replace(options, activation=DEFAULT_ACTIVATION)
+        assert options.activation is not None  # filled in just above
         self.activation_fn = activation_module(options.activation)
         self.options = options
         # The HF classifier, kept outside the module tree (its modules are the backbone and head below), so
         # that save_pretrained can write it whole without the model's parameters being registered twice.
         self.__dict__["_classifier_model"] = classifier
+        score_head: nn.Module | None = head  # a Linear, or the classifier's own head
         if classifier is not None:
             if head is not None:
                 raise ConfigError("a cross-encoder with a sequence-classification head takes no separate head")
             if classifier.config.num_labels != 1:
                 raise LeadkdError(f"{type(classifier).__name__} has num_labels {classifier.config.num_labels}; "
                                   "a cross-encoder needs one score (num_labels 1)")
-            backbone = classifier.base_model
-            head = SequenceClassificationHead(classifier)
+            backbone = cast("PreTrainedModel", classifier.base_model)  # the encoder inside an HF classifier
+            score_head = SequenceClassificationHead(classifier)
         self.backbone = backbone
         self.num_layers = num_blocks(backbone)
         hidden = backbone.config.hidden_size
         if classifier is None:
             freeze_pooler(backbone)  # no linear-head score reads it; a BERT classifier's head is its pooler
             if head is None:
-                head = _seeded_head(hidden)
+                score_head = _seeded_head(hidden)
             elif tuple(head.weight.shape) != (1, hidden) or head.bias is None:
                 raise ConfigError(f"cross-encoder head must be Linear({hidden}, 1) with a bias")
-        self.head = head
+        assert score_head is not None  # given, the classifier's or a fresh one: each branch above sets it
+        self.head = score_head
         limit = position_limit(tokenizer, backbone)
         self.max_length = options.max_length
         if limit is not None and self.max_length > limit:
@@ -198,8 +205,8 @@ class CrossEncoder(nn.Module):
         """
         location = resolve_model_path(path)
         options = options_from_folder(location, KIND, CrossEncoderOptions, overrides)
-        loading = {"trust_remote_code": trust_remote_code, "allow_partial": allow_partial,
-                   "use_safetensors": use_safetensors}
+        loading: dict[str, Any] = {"trust_remote_code": trust_remote_code, "allow_partial": allow_partial,
+                                   "use_safetensors": use_safetensors}
         config = _model_config(location, trust_remote_code)
         architecture = next(iter(getattr(config, "architectures", None) or []), "")
         if is_sequence_classifier(architecture):
@@ -258,7 +265,7 @@ class CrossEncoder(nn.Module):
         return cls.from_pretrained(path or config.path, **length, **segments, **heads, **loading_options(config))
 
     @property
-    def classifier_model(self) -> nn.Module | None:
+    def classifier_model(self) -> PreTrainedModel | None:
         """The HF ``*ForSequenceClassification`` model of a sequence-classification head, else None."""
         return self.__dict__["_classifier_model"]
 
@@ -273,6 +280,7 @@ class CrossEncoder(nn.Module):
 
         with atomic_directory(path) as tmp:
             if self.classifier_model is not None:
+                assert self.options.activation is not None  # __init__ fills it in (the options are frozen)
                 st_files = record_activation(self.classifier_model.config, self.st_files, self.options.activation)
                 self.classifier_model.save_pretrained(tmp)
                 write_st_files(tmp, st_files)
@@ -304,7 +312,7 @@ class CrossEncoder(nn.Module):
         budget = self.max_length - self.tokenizer.num_special_tokens_to_add(pair=True)
         encoded = self.tokenizer(queries, add_special_tokens=False, return_offsets_mapping=True)
         fitted = []
-        for query, offsets in zip(queries, encoded["offset_mapping"]):
+        for query, offsets in zip(queries, encoded["offset_mapping"], strict=True):
             if len(offsets) >= budget:
                 query = query[:offsets[max(1, budget // 2) - 1][1]]
             fitted.append(query)
@@ -362,7 +370,8 @@ class CrossEncoder(nn.Module):
                      final: bool = False, raw_last_layer: bool = True) -> GroupScores:
         """The training view: the head's scores at ``layers`` (then the last layer, the score, with
         ``final``) of each query's own group, query-major as :meth:`layer_scores` takes them."""
-        return GroupScores(self.layer_scores(queries, passages, list(layers) + ([self.num_layers - 1] if final else [])))
+        return GroupScores(self.layer_scores(queries, passages,
+                                             list(layers) + ([self.num_layers - 1] if final else [])))
 
     def score(self, queries: Sequence[str], passages: Sequence[str]) -> torch.Tensor:
         """The ordinary cross-encoder score (last layer) of each query's own group: ``[Q, G]``."""
@@ -409,7 +418,7 @@ def _model_config(location: str, trust_remote_code: bool):
         return None
 
 
-def _classifier_around(backbone: nn.Module) -> nn.Module:
+def _classifier_around(backbone: PreTrainedModel) -> PreTrainedModel:
     """The HF sequence classifier (``num_labels`` 1) of ``backbone``'s architecture, holding its weights.
 
     The head starts as transformers initialises it, under torch seed :data:`HEAD_SEED` (the global RNG is

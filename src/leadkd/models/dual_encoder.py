@@ -22,7 +22,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from .base import (
 )
 from .loading import read_st_dense, read_st_settings, write_leadkd_config, write_st_metadata
 from .st_modules import DenseLayer, check_chain
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Side = Literal["query", "passage"]
 
@@ -134,7 +137,7 @@ class DualEncoder(nn.Module):
     kind = "dual_encoder"
     scores_whole_batch = True
 
-    def __init__(self, backbone: nn.Module, tokenizer: Any, dense: Sequence[DenseLayer] = (), **options: Any):
+    def __init__(self, backbone: PreTrainedModel, tokenizer: Any, dense: Sequence[DenseLayer] = (), **options: Any):
         """``options``: :class:`DualEncoderOptions` fields (the paper's DE where not given); ``dense``: the
         sentence-transformers projections of the final embedding, in order (none: the paper's DE)."""
         super().__init__()
@@ -229,8 +232,12 @@ class DualEncoder(nn.Module):
 
         settings = teacher.settings() if isinstance(teacher, DualEncoder) else {}
         settings.update(cls._config_overrides(config))
-        dense = copy.deepcopy(list(teacher.dense)) if keep_dense and isinstance(teacher, DualEncoder) else ()
-        return cls(keep_layers(teacher.backbone, layers), teacher.tokenizer, dense, **settings)
+        # The casts only name types torch's annotations lose: a ModuleList's items are plain modules to a type
+        # checker (a dual encoder's ``dense`` holds DenseLayers), and every kind's backbone is a Hugging Face model.
+        dense = (copy.deepcopy(cast("list[DenseLayer]", list(teacher.dense)))
+                 if keep_dense and isinstance(teacher, DualEncoder) else ())
+        return cls(keep_layers(cast("PreTrainedModel", teacher.backbone), layers), teacher.tokenizer, dense,
+                   **settings)
 
     def settings(self) -> dict[str, Any]:
         """The options that, with the weights, define this model (what ``leadkd_config.json`` stores)."""
@@ -267,7 +274,7 @@ class DualEncoder(nn.Module):
     @property
     def embedding_size(self) -> int:
         """Width of the final embedding (what ``encode`` returns and an index holds): the last projection's."""
-        return self.dense[-1].out_features if len(self.dense) else self.hidden_size
+        return cast(DenseLayer, self.dense[-1]).out_features if len(self.dense) else self.hidden_size
 
     @property
     def layer_width(self) -> int:
@@ -310,7 +317,7 @@ class DualEncoder(nn.Module):
         final embedding's own width when ``layer_ids`` is None (the final embedding alone)."""
         last = self.num_layers - 1
         vectors = []
-        for layer, hidden in zip([last] if layer_ids is None else layer_ids, states):
+        for layer, hidden in zip([last] if layer_ids is None else layer_ids, states, strict=True):
             vector = pool(hidden, attention_mask, self.pooling)
             if layer == last:
                 for projection in self.dense:
@@ -327,7 +334,8 @@ class DualEncoder(nn.Module):
         """``[L', N, d]`` vectors of the requested layers (see :meth:`_layer_vectors`); final embedding when None."""
         last_only = layer_ids is None or layer_ids == [self.num_layers - 1]
         hidden = block_outputs(self.backbone, input_ids, attention_mask, all_layers=not last_only)
-        states = hidden if last_only else [hidden[i] for i in layer_ids]
+        # layer_ids is a list whenever last_only is False (mypy cannot follow the condition through last_only)
+        states = hidden if last_only else [hidden[i] for i in cast("list[int]", layer_ids)]
         return self._layer_vectors(states, attention_mask, layer_ids)
 
     def layer_embeddings(self, texts: Sequence[str], side: Side,
@@ -444,11 +452,13 @@ class DualEncoder(nn.Module):
                 order = np.argsort(-lengths, kind="stable")
 
                 def encode_batch(rows: np.ndarray) -> None:  # every call returns within this chunk's loop
-                    width = int(lengths[rows[0]])
+                    # B023 (noqa below): run_batches returns only once every batch is done, so before the loop
+                    # moves on to the next chunk and rebinds the names this closure reads.
+                    width = int(lengths[rows[0]])  # noqa: B023
                     index = torch.from_numpy(rows)
-                    vectors = self._pooled(input_ids[index, :width].to(device), attention[index, :width].to(device),
-                                           layer_ids)
-                    out[:, begin + rows] = vectors.float().cpu().numpy()
+                    vectors = self._pooled(input_ids[index, :width].to(device),  # noqa: B023
+                                           attention[index, :width].to(device), layer_ids)  # noqa: B023
+                    out[:, begin + rows] = vectors.float().cpu().numpy()  # noqa: B023
                     if progress is not None:
                         with lock:
                             progress.update(len(rows))

@@ -50,6 +50,7 @@ def load_model(path: str | os.PathLike, **overrides: Any):
     """
     resolved = resolve_model_path(path)
     config = read_leadkd_config(resolved) if os.path.isdir(resolved) else None
+    kind: str | None
     if config is None:
         from .classification_heads import is_sequence_classifier  # a reranker is a cross-encoder
         from .colbert_formats import detect_format  # a PyLate / ColBERTv2 checkpoint is a ColBERT

@@ -46,7 +46,8 @@ def _origin(config) -> tuple[str | None, list[tuple[str, Any]]]:
     base = teacher.path if cut is not None else student.path
     lines = [("base model", f"{teacher.path}, blocks {list(cut)} (the student cut from its teacher)" if cut is not None
               else student.path),
-             ("teacher", f"{teacher.path} ({teacher.kind}, " + ("trained jointly" if teacher.train else "frozen") + ")")]
+             ("teacher", f"{teacher.path} ({teacher.kind}, "
+                         + ("trained jointly" if teacher.train else "frozen") + ")")]
     return base, lines
 
 
@@ -61,8 +62,8 @@ def _settings(config) -> list[tuple[str, Any]]:
                                 f"{loss.temperature}) + layer {loss.layer}"
                                 + (f" (weight {loss.layer_weight}, temperature {loss.layer_temperature}, "
                                    f"re-weighting {'on' if loss.reweight else 'off'})" if layered else "")),
-                  *([("layer pairs", f"{config.layers.strategy}, K = {config.layers.k}, re-drawn every "
-                                     f"{config.layers.resample_every} steps")] if layered else [])]
+                  *([("layer pairs", (f"{config.layers.strategy}, K = {config.layers.k}, re-drawn every "
+                                      f"{config.layers.resample_every} steps"))] if layered else [])]
     return lines
 
 
@@ -88,14 +89,16 @@ def model_card(config, model, figures: Mapping[str, Mapping[str, float]], what: 
     front = ["---", *([f"base_model: {base}"] if base and not os.path.isabs(base) else []),
              f"library_name: {'sentence-transformers' if dense else 'leadkd'}",
              *(["pipeline_tag: sentence-similarity"] if dense else []), "tags:", *[f"- {tag}" for tag in tags], "---"]
-    title = "LEAD-distilled dual encoder" if hasattr(config, "teacher") else f"{kind.replace('_', ' ')} trained with leadkd"
+    title = ("LEAD-distilled dual encoder" if hasattr(config, "teacher")
+             else f"{kind.replace('_', ' ')} trained with leadkd")
     load = ["```python", "from leadkd.models import load_model", "", 'model = load_model("path/to/this/folder")', "```"]
     if dense:
         load = ["```python", "from sentence_transformers import SentenceTransformer", "",
                 'model = SentenceTransformer("path/to/this/folder")',
                 'embeddings = model.encode(["a query", "a passage"])', "```", "", "or, with leadkd:", "", *load]
-    lines = [*front, "", f"# {title}", "", f"This folder is {what}, saved by [leadkd](https://arxiv.org/abs/2212.05225) "
-             "(LEAD: liberal feature-based distillation for dense retrieval).", "", "## Model", "",
+    lines = [*front, "", f"# {title}", "",
+             (f"This folder is {what}, saved by [leadkd](https://arxiv.org/abs/2212.05225) "
+              "(LEAD: liberal feature-based distillation for dense retrieval)."), "", "## Model", "",
              *[f"- {key}: {value}" for key, value in [*origin, *_model_facts(model).items()] if value is not None],
              "", "## Training", "", *[f"- {key}: {value}" for key, value in _settings(config) if value is not None],
              "", "The run's whole configuration is `config.yaml` in its output folder.", "", "## Figures", "",
@@ -117,7 +120,9 @@ def _read_figures(lines: list[str]) -> dict[str, dict[str, float]]:
     if len(rows) < 2:
         return {}
     measures = [cell.strip() for cell in rows[0][1:]]
-    return {cells[0].strip(): {m: float(v) for m, v in zip(measures, (c.strip() for c in cells[1:])) if v}
+    # Not strict: a card is a file people edit, and a row may have fewer or more cells than the header.
+    return {cells[0].strip(): {m: float(v) for m, v in zip(measures, (c.strip() for c in cells[1:]), strict=False)
+                               if v}
             for cells in rows[2:]}
 
 

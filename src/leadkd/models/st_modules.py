@@ -56,7 +56,8 @@ def check_pipeline(modules: list, where: str) -> None:
                               f"follows only {', '.join(SUPPORTED)} (in that order); its embeddings would differ "
                               "from sentence-transformers' - remove the module or use a model without it")
         if kind == "Dense" and ("Pooling" not in seen or "Normalize" in seen):
-            raise LeadkdError(f"{where}: {label} (Dense) comes {'before Pooling' if 'Pooling' not in seen else 'after Normalize'}"
+            raise LeadkdError(f"{where}: {label} (Dense) comes "
+                              f"{'before Pooling' if 'Pooling' not in seen else 'after Normalize'}"
                               "; leadkd applies Dense projections to the pooled vector and then Normalize - "
                               "reorder modules.json or use a model without it")
         if kind in ("Transformer", "Pooling", "Normalize") and kind in seen:
@@ -153,7 +154,8 @@ def load_dense(root: str, module_path: str, *, use_safetensors: bool = True) -> 
         try:
             state = torch.load(pickled, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise LeadkdError(f"{pickled}: cannot read the Dense weights ({str(exc).strip().splitlines()[0]})") from None
+            raise LeadkdError(f"{pickled}: cannot read the Dense weights "
+                              f"({str(exc).strip().splitlines()[0]})") from None
     weights_name = str(weights_file or pickled)
     expected = {name: tuple(p.shape) for name, p in layer.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in state.items()}

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 
 from ..runtime.errors import ConfigError
+
+#: Any module type: :func:`keep_layers` returns a copy of the model it is given, of the same class.
+_M = TypeVar("_M", bound=torch.nn.Module)
 
 # Where the list of blocks lives, by architecture family.
 _BLOCK_LISTS = ("encoder.layer", "transformer.layer", "encoder.layers", "layers", "h")
@@ -36,7 +40,7 @@ def check_layers(layers: Sequence[int], depth: int) -> None:
         raise ConfigError(f"layers {bad} are out of range for a model of {depth} layers (0..{depth - 1})")
 
 
-def keep_layers(model: torch.nn.Module, layers: Sequence[int]) -> torch.nn.Module:
+def keep_layers(model: _M, layers: Sequence[int]) -> _M:
     """A copy of ``model`` with only the given blocks (in order); embeddings and the rest are shared copies."""
     _, _, blocks = _find_blocks(model)
     check_layers(layers, len(blocks))

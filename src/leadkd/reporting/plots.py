@@ -102,7 +102,7 @@ def plot_per_layer(layers: Mapping[str, Sequence[float | None]], measure: str, c
             axes.plot(xs, ys, color="black", marker="s", linewidth=2.2, markersize=6, label=name)
         else:
             axes.plot(xs, ys, color=colors[name], marker="o", linewidth=1.6, markersize=5, label=name)
-        known = [(x, y) for x, y in zip(xs, ys) if not math.isnan(y)]
+        known = [(x, y) for x, y in zip(xs, ys, strict=True) if not math.isnan(y)]
         if known:  # the last layer's value, written beside it
             axes.annotate(f"{known[-1][1]:.3f}", known[-1], textcoords="offset points", xytext=(6, 0),
                           va="center", fontsize=8, color="black" if name == teacher else colors[name])
@@ -142,7 +142,7 @@ def plot_training(stages: Sequence, terms: list[str], measures: list[str], color
     panels = [("term", term) for term in terms] + [("eval", measure) for measure in measures]
     figure = new_figure(5.2 * columns, 3.4 * rows + 0.6)
     grid = figure.add_gridspec(rows, columns)
-    for (kind, key), (row, column) in zip(panels, places):
+    for (kind, key), (row, column) in zip(panels, places, strict=True):
         axes = figure.add_subplot(grid[row, column])
         plotted: list[float] = []
         for stage in stages:
@@ -204,7 +204,7 @@ def plot_layer_weights(rows: Sequence[tuple], student_depth: int, teacher_depth:
     k_max = max(len(row.get("layer_weights") or []) for _, row in rows)
     fixed = rows[0][1]["pairs"] if all(row["pairs"] == rows[0][1]["pairs"] for _, row in rows) else None
     axes = panels["weights"]
-    for k, color in zip(range(k_max), palette(k_max)):
+    for k, color in zip(range(k_max), palette(k_max), strict=True):
         series = [(offset + row["step"], row["layer_weights"][k]) for offset, row in rows
                   if len(row.get("layer_weights") or []) > k and finite_number(row["layer_weights"][k])]
         if not series:

@@ -49,7 +49,7 @@ _DIGITS = 4
 
 # =============================================================================== Markdown tables
 
-def _escape(text: str) -> str:
+def _escape(text: object) -> str:
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
@@ -94,7 +94,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], bo
         bolded = set(bold_best)
     best: dict[str, float] = {}
     for column in columns:
-        numbers = [round(row.get(column), digits) for row in rows if finite_number(row.get(column))]
+        numbers = [round(row[column], digits) for row in rows if finite_number(row.get(column))]
         if column in bolded and len(numbers) >= 2:
             best[column] = max(numbers)
     headers = headers or {}
@@ -120,6 +120,7 @@ def _scored(results: RunResults | None) -> dict[str, dict[str, float | None]]:
     """Test metrics by model name, for the models that have them, in the file's order."""
     if results is None:
         return {}
+    assert results.test_split is not None  # read_results checks that the splits name one
     return {model.name: model.metrics[results.test_split] for model in results.models
             if model.metrics.get(results.test_split)}
 
@@ -127,7 +128,7 @@ def _scored(results: RunResults | None) -> dict[str, dict[str, float | None]]:
 def _lead_and_start(results: RunResults | None, scored: Mapping[str, Any]) -> tuple[Model, Model] | None:
     """The LEAD student and the model its stage started from (its Δ baseline), both scored on test."""
     lead = results.with_role("lead") if results else None
-    start = results.start_of(lead.name) if lead else None
+    start = results.start_of(lead.name) if results and lead else None
     return (lead, start) if lead and start and lead.name in scored and start.name in scored else None
 
 
@@ -231,11 +232,11 @@ def _lead_vs_response_kd(results: RunResults) -> list[str]:
     found = results.lead_vs_response_kd
     if found is None:
         return []
-    return [f"**LEAD against response-only KD** (same warm start, teacher, data and budget; the layer term is "
-            f"the only difference): Δ {_escape(found.measure)} = {found.delta:+.{_DIGITS}f} "
-            f"over {found.queries} test queries, paired randomization test p = {found.p:.3g}. One seed: "
-            "another seed can move Δ by about as much as the seed-to-seed spread; `leadkd compare` runs several "
-            "seeds and gives a confidence interval.", ""]
+    return [(f"**LEAD against response-only KD** (same warm start, teacher, data and budget; the layer term is "
+             f"the only difference): Δ {_escape(found.measure)} = {found.delta:+.{_DIGITS}f} "
+             f"over {found.queries} test queries, paired randomization test p = {found.p:.3g}. One seed: "
+             "another seed can move Δ by about as much as the seed-to-seed spread; `leadkd compare` runs several "
+             "seeds and gives a confidence interval."), ""]
 
 
 def _per_layer_section(results: RunResults | None, layers: dict, measure: str, image: str | None) -> list[str]:
@@ -249,7 +250,8 @@ def _per_layer_section(results: RunResults | None, layers: dict, measure: str, i
                  "final layer). **Bold**: each model's best layer.")
     lines.append("")
     depth = max(len(values) for values in layers.values())
-    rows = [{"layer": layer, **{name: values[layer] if layer < len(values) else None for name, values in layers.items()}}
+    rows = [{"layer": layer,
+             **{name: values[layer] if layer < len(values) else None for name, values in layers.items()}}
             for layer in range(depth)]
     lines.append(markdown_table(rows, ["layer", *layers], bold_best=list(layers)))
     if image:
@@ -260,9 +262,9 @@ def _per_layer_section(results: RunResults | None, layers: dict, measure: str, i
 def _training_section(stages: Sequence[StageLog], notes: list[str], image: str | None) -> list[str]:
     lines = ["## Training", ""]
     if image:
-        lines += ["Loss terms against optimizer step (faint: each logged value; bold: trailing moving average), "
-                  "one colour per stage, stages laid end to end (dotted lines mark where a stage starts); "
-                  "dev metrics from the eval rows.", "", f"![Training curves]({image})", ""]
+        lines += [("Loss terms against optimizer step (faint: each logged value; bold: trailing moving average), "
+                   "one colour per stage, stages laid end to end (dotted lines mark where a stage starts); "
+                   "dev metrics from the eval rows."), "", f"![Training curves]({image})", ""]
     elif stages:
         lines += ["The training logs hold no loss terms or dev metrics to plot.", ""]
     lines += [f"{note}" for note in notes] + ([""] if notes else [])
@@ -275,9 +277,9 @@ def _layer_section(pair_rows: list, image: str | None, has_distill: bool) -> lis
         why = ("the distill logs have no `pairs` (the LEAD layer loss was off)" if has_distill
                else "no distill stage logs")
         return lines + [f"No layer-selection data: {why}.", ""]
-    lines += ["Top: the weight w_k of each chosen pair position k over steps. Bottom left: the teacher layer "
-              "taught to each student layer over time; bottom right: how often each (student, teacher) pair "
-              "was chosen among the logged steps.", ""]
+    lines += [("Top: the weight w_k of each chosen pair position k over steps. Bottom left: the teacher layer "
+               "taught to each student layer over time; bottom right: how often each (student, teacher) pair "
+               "was chosen among the logged steps."), ""]
     if image:
         lines += [f"![Layer weights and chosen layers]({image})", ""]
     return lines
@@ -315,9 +317,11 @@ def _result_facts(results: RunResults | None, scored: dict, measures: list[str],
     lead = results.with_role("lead") if results else None
     top = scored.get(teacher.name, {}).get(main) if teacher and main else None
     if top is not None:
+        assert teacher is not None  # top is the teacher's score
         sentence = f"{_sentence_case(teacher.label)} scores {top:.{_DIGITS}f} test {main}"
         reached = scored.get(lead.name, {}).get(main) if lead else None
         if reached is not None and top > 0:
+            assert lead is not None  # reached is the LEAD student's score
             sentence += f"; {lead.label} reaches {100 * reached / top:.1f}% of that"
         facts.append(sentence + ".")
     elif main and scored and not pair:
@@ -392,7 +396,8 @@ def _colors(results: RunResults | None, stages: Sequence[StageLog]) -> dict[str,
     declared = results.stages if results else ()
     names = list(dict.fromkeys([stage.name for stage in declared] + [stage.name for stage in stages]))
     students = [model for model in (results.models if results else ()) if model.role != "teacher"]
-    made_by = {model.name: getattr(results.stage_producing(model.name), "name", None) for model in students}
+    made_by = {model.name: getattr(results.stage_producing(model.name) if results else None, "name", None)
+               for model in students}
     return run_colors(names, made_by)
 
 
@@ -437,8 +442,8 @@ def build_report(run_dir: str | os.PathLike) -> Path:
     pair_rows = _pair_rows(stages)
     student_depth = max([s + 1 for _, row in pair_rows for s, _ in row["pairs"]]
                         + [len(values) for name, values in layers.items() if name != teacher], default=1)
-    teacher_depth = max([t + 1 for _, row in pair_rows for _, t in row["pairs"]] + [len(layers.get(teacher, []))],
-                        default=1)
+    teacher_depth = max([t + 1 for _, row in pair_rows for _, t in row["pairs"]]
+                        + [len(layers.get(teacher, [])) if teacher is not None else 0], default=1)
     weights = _emit(run / PLOTS["layer_weights"], plot_layer_weights if pair_rows else None,
                     pair_rows, student_depth, teacher_depth, len({stage.name for stage, _ in pair_rows}) > 1)
 

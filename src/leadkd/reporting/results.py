@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeGuard, Union
 
 from ..runtime.errors import InputError
 from ..runtime.fileio import atomic_write
@@ -97,7 +97,8 @@ class RunResults:
     @property
     def evaluated(self) -> bool:
         """Every model has its test metrics (a run writes its models first, and scores them last)."""
-        return all(model.metrics.get(self.test_split) for model in self.models)
+        split = self.test_split
+        return all(split is not None and model.metrics.get(split) for model in self.models)
 
     def model(self, name: str | None) -> Model | None:
         return next((model for model in self.models if model.name == name), None)
@@ -168,7 +169,7 @@ def write_results(path: str | os.PathLike, results: RunResults) -> Path:
 
 # --------------------------------------------------------------------------- decoding and checks
 
-def finite_number(value: Any) -> bool:
+def finite_number(value: Any) -> TypeGuard[float]:
     """A JSON value that is a finite number (a bool is not one, though Python says it is an int)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -216,7 +217,7 @@ def _decode(value: Any, hint: Any, where: str, nullable: bool = False) -> Any:
         (inner,) = [arg for arg in args if arg is not type(None)]
         return _decode(value, inner, where, nullable=True)
     if dataclasses.is_dataclass(hint):
-        return _decode_dataclass(value, hint, where)
+        return _decode_dataclass(value, typing.cast(type, hint), where)  # a hint is a class, not an instance
     if origin in (list, tuple):
         if not isinstance(value, list):
             raise _FieldError(where, f"expected a list, got {_describe(value)}")

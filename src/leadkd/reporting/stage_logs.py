@@ -109,8 +109,11 @@ def read_stage_logs(run: Path, declared: Sequence[Stage] = ()) -> tuple[list[Sta
     for name, shown, folder in wanted:
         found = _read_log(run, name, folder) if folder.is_dir() else \
             f"No {name} logs (`{shown}/metrics.jsonl` not found)."
-        (logs if isinstance(found, StageLog) else notes).append(found)
-    producer = {stage.produces: stage.name for stage in declared if stage.produces}
+        if isinstance(found, StageLog):
+            logs.append(found)
+        else:
+            notes.append(found)
+    producer: dict[str | None, str] = {stage.produces: stage.name for stage in declared if stage.produces}
     start = {stage.name: stage.start for stage in declared}
     ends: dict[str, int] = {}
     offset = 0

@@ -92,7 +92,7 @@ class BM25Ranker:
         if len(exclude) != len(query_texts):
             raise LeadkdError(f"internal error: {len(exclude)} exclusion sets for {len(query_texts)} queries")
         return [top_rows(self._scores(tokens), banned, depth)
-                for tokens, banned in zip(self.tokenize(query_texts, return_ids=False), exclude)]
+                for tokens, banned in zip(self.tokenize(query_texts, return_ids=False), exclude, strict=True)]
 
     def _scores(self, tokens: list[str]) -> np.ndarray:
         retriever = self.index()

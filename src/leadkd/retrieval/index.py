@@ -19,7 +19,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import faiss
 import numpy as np
@@ -95,6 +95,7 @@ class DenseIndex:
             raise ConfigError(f"index backend must be 'torch' or 'faiss', got {backend!r}")
         if kind == "hnsw" and backend == "torch":
             raise ConfigError("backend 'torch' only does exact (flat) search; an HNSW index needs backend 'faiss'")
+        vectors: np.ndarray | None  # None once the vectors live in a faiss index
         vectors = _as_numpy(embeddings)
         if vectors.ndim != 2:
             raise LeadkdError(f"embeddings must be a 2-d array [count, dim], got shape {vectors.shape}")
@@ -103,7 +104,7 @@ class DenseIndex:
         _check_ids(doc_ids)
         _check_finite(vectors)
         hnsw: dict[str, int] = {}
-        faiss_index = None
+        faiss_index: faiss.Index | None = None
         if backend == "faiss":
             _sync_faiss_threads()
             if kind == "flat":
@@ -126,7 +127,8 @@ class DenseIndex:
 
     @property
     def dim(self) -> int:
-        return int(self._embeddings.shape[1]) if self._faiss is None else int(self._faiss.d)
+        # Exactly one of the two is set (build and load make sure of it).
+        return int(cast(np.ndarray, self._embeddings).shape[1]) if self._faiss is None else int(self._faiss.d)
 
     def position(self, doc_id: str) -> int | None:
         """Row of ``doc_id`` in the index, or None when it is not indexed."""
@@ -148,11 +150,13 @@ class DenseIndex:
             raise LeadkdError(f"queries have shape {tuple(queries.shape)} but the index holds {self.dim}-dimensional "
                               "vectors (were queries and documents encoded by the same model?)")
         if self._faiss is None:
+            assert self._embeddings is not None  # an index holds its vectors or a faiss index
             return exact_search(queries, self._embeddings, k, exclude=exclude)
         return self._faiss_search(_as_numpy(queries), min(k, self.count), exclude)
 
     def _faiss_search(self, queries: np.ndarray, k: int, exclude: Sequence[Iterable[int] | None] | None
                       ) -> tuple[np.ndarray, np.ndarray]:
+        assert self._faiss is not None  # called by search for a faiss index only
         _sync_faiss_threads()
         sets = [set(map(int, e or ())) for e in exclude] if exclude is not None else None
         if sets is not None and len(sets) != len(queries):
@@ -160,7 +164,8 @@ class DenseIndex:
         fetch = min(self.count, k + max((len(s) for s in sets), default=0)) if sets else k
         params = None
         if self.kind == "hnsw":  # a beam narrower than k cannot return k results
-            params = faiss.SearchParametersHNSW(efSearch=max(self.hnsw["ef_search"], fetch))
+            params = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]  # faiss has it; its stubs do not
+                efSearch=max(self.hnsw["ef_search"], fetch))
         scores, indices = self._faiss.search(np.ascontiguousarray(queries), fetch, params=params)
         if sets:
             for row, banned in enumerate(sets):
@@ -190,6 +195,7 @@ class DenseIndex:
             with open(tmp / IDS_FILE, "w", encoding="utf-8", newline="\n") as handle:
                 handle.writelines(f"{doc_id}\n" for doc_id in self.doc_ids)
             if self._faiss is None:
+                assert self._embeddings is not None  # an index holds its vectors or a faiss index
                 np.save(tmp / NPY_FILE, self._embeddings)
             else:
                 faiss.write_index(self._faiss, str(tmp / FAISS_FILE))
@@ -230,11 +236,13 @@ class DenseIndex:
             raise InputError(data_path, f"holds {width}-dimensional vectors but {META_FILE} says {dim}")
 
         if backend == "faiss" and faiss_index is None:  # flat: stored vectors -> faiss
+            assert vectors is not None  # read above, as there is no faiss index
             _sync_faiss_threads()
             faiss_index = faiss.IndexFlatIP(dim)
             _add_chunked(faiss_index, vectors)
             vectors = None
         elif backend == "torch" and vectors is None:  # flat: faiss -> stored vectors
+            assert faiss_index is not None  # read above, as there are no stored vectors
             vectors, faiss_index = faiss_index.reconstruct_n(0, count), None
         return cls(doc_ids, kind, backend, embeddings=vectors, faiss_index=faiss_index, hnsw=meta.get("hnsw"))
 

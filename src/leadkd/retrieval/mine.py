@@ -87,13 +87,14 @@ def _corpus_vectors(model, corpus, corpus_embeddings: Embeddings | np.ndarray | 
     process's share under torchrun) only those rows' vectors."""
     if rows is not None:
         if corpus_embeddings is None:
-            return accel.encode_passages(model, corpus.passages(rows), batch_size=batch_size, show_progress=show_progress)
+            return accel.encode_passages(model, corpus.passages(rows), batch_size=batch_size,
+                                         show_progress=show_progress)
         return _corpus_vectors(model, corpus, corpus_embeddings, batch_size, show_progress)[rows.start:rows.stop]
     if corpus_embeddings is None:
         return encode_corpus(model, corpus, batch_size=batch_size, show_progress=show_progress).vectors
     if isinstance(corpus_embeddings, Embeddings):
         ids = corpus_embeddings.ids
-        if len(ids) != len(corpus) or any(a != b for a, b in zip(ids, corpus.ids)):
+        if len(ids) != len(corpus) or any(a != b for a, b in zip(ids, corpus.ids, strict=True)):
             raise LeadkdError(f"the corpus embeddings ({len(ids)} ids) are not of this corpus ({len(corpus)} "
                               "passages) in its order")
         return corpus_embeddings.vectors
@@ -124,7 +125,7 @@ class Ranker(Protocol):
 
     def settings(self) -> dict[str, Any]: ...
 
-    def rank(self, query_texts: list[str], exclude: list[set[int]], depth: int) -> list[np.ndarray]: ...
+    def rank(self, query_texts: list[str], exclude: list[set[int]], depth: int) -> list[np.ndarray] | None: ...
 
 
 class DenseRanker:
@@ -184,7 +185,7 @@ def mine_hard_negatives(model, dataset, depth: int = 200, rank_range: tuple[int,
 
 def mine_with_ranker(ranker: Ranker, dataset, depth: int = 200, rank_range: tuple[int, int] = (10, 100),
                      negatives: int = 30, seed: int = 0, min_rel: int = 1,
-                     search_chunk: int = SEARCH_CHUNK) -> tuple[TrainingGroups, MiningReport]:
+                     search_chunk: int = SEARCH_CHUNK) -> tuple[TrainingGroups | None, MiningReport]:
     """:func:`mine_hard_negatives` with any :class:`Ranker` (dense, BM25): the choice of queries, the
     exclusion of positives, ranks, sampling and the report are the same whatever ranked."""
     corpus, queries, qrels = dataset.corpus, dataset.queries, dataset.qrels
@@ -203,7 +204,7 @@ def mine_with_ranker(ranker: Ranker, dataset, depth: int = 200, rank_range: tupl
     report.queries_judged = len(judged)
     qrows = queries.lookup([str(q) for q, _ in judged]).tolist()
     todo: list[tuple[str, int, list[int]]] = []  # (query id, query row, positive corpus rows)
-    for (qid, judgments), qrow in zip(judged, qrows):
+    for (qid, judgments), qrow in zip(judged, qrows, strict=True):
         qid = str(qid)
         if qrow < 0:
             report.skipped_no_query += 1
@@ -222,7 +223,7 @@ def mine_with_ranker(ranker: Ranker, dataset, depth: int = 200, rank_range: tupl
     for lo in range(0, len(todo), search_chunk):
         chunk = todo[lo:lo + search_chunk]
         exclude = []
-        for (_, _, positives), own in zip(chunk, self_rows[lo:lo + search_chunk]):
+        for (_, _, positives), own in zip(chunk, self_rows[lo:lo + search_chunk], strict=True):
             banned = set(positives)
             report.positives_excluded += len(banned)
             if own >= 0:
@@ -234,7 +235,7 @@ def mine_with_ranker(ranker: Ranker, dataset, depth: int = 200, rank_range: tupl
             continue
         if len(ranked) != len(chunk):
             raise LeadkdError(f"internal error: the ranker returned {len(ranked)} lists for {len(chunk)} queries")
-        for (qid, qrow, positives), banned, rows in zip(chunk, exclude, ranked):
+        for (qid, qrow, positives), banned, rows in zip(chunk, exclude, ranked, strict=True):
             rows = np.asarray(rows, dtype=np.int64)
             if len(rows) > depth or banned.intersection(rows.tolist()):  # rankers promise neither happens
                 raise LeadkdError(f"internal error: the ranker returned an excluded passage or more than "

@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -114,7 +115,7 @@ def evaluate_layers(model, dataset, measures: Sequence[str] = ("nDCG@10", "R@100
                          f"{len(corpus)} passages")
     vectors = accel.encode_queries(model, [queries.text(i) for i in range(len(queries))], batch_size=batch_size,
                                      layers=layers, show_progress=show_progress)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for layer in layers:
         run = search_run(Embeddings(query_ids, vectors[layer], {}), Embeddings(doc_ids, docs[layer], {}), k)
         aggregate, by_query = evaluate(run, dataset.qrels, measures=list(measures))

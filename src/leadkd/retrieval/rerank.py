@@ -49,6 +49,6 @@ def rerank_run(model, run: Mapping[str, Mapping[str, float]], queries, corpus, d
     scores = np.asarray(model.score_pairs(pair_queries, pair_docs, batch_size=batch_size, activation=activation),
                         dtype=np.float64)
     reranked: Run = {qid: {} for qid in candidates}
-    for (qid, doc), score in zip(owners, scores):
+    for (qid, doc), score in zip(owners, scores, strict=True):
         reranked[qid][doc] = float(score)
     return reranked

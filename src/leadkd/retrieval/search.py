@@ -117,12 +117,14 @@ def exact_search(queries: ArrayLike, docs: ArrayLike, k: int, query_batch_size: 
     query_batch = min(query_batch_size, num_queries)
     doc_block = min(doc_block_size, num_docs)
     buffer = torch.empty(query_batch * doc_block)  # reused: a fresh 128 MiB block per step costs page faults
-    merged_values, merged_index = [], []
+    merged_values: list[torch.Tensor] = []
+    merged_index: list[torch.Tensor] = []
 
     for start in range(0, num_docs, doc_block):
         stop = min(start + doc_block, num_docs)
         block = _as_float_tensor(docs[start:stop])
         if ex_cols is not None:
+            assert ex_rows is not None  # both come from _exclusion_pairs, or both are None
             lo, hi = torch.searchsorted(ex_cols, torch.tensor([start, stop])).tolist()
             block_rows, block_cols = ex_rows[lo:hi], ex_cols[lo:hi] - start
         merged_values.clear()
@@ -170,7 +172,7 @@ def to_run(query_ids: Sequence[str], doc_ids: Sequence[str], scores: ArrayLike, 
     if scores.shape != indices.shape or scores.ndim != 2 or scores.shape[0] != len(query_ids):
         raise ValueError(f"scores {scores.shape} and indices {indices.shape} must both be [{len(query_ids)}, k]")
     run: dict[str, dict[str, float]] = {}
-    for qid, row_scores, row_index in zip(query_ids, scores.tolist(), indices.tolist()):
-        run[qid] = {doc_ids[i]: s for s, i in zip(row_scores, row_index) if i >= 0}
+    for qid, row_scores, row_index in zip(query_ids, scores.tolist(), indices.tolist(), strict=True):
+        run[qid] = {doc_ids[i]: s for s, i in zip(row_scores, row_index, strict=True) if i >= 0}
     return run
 
