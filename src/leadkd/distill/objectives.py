@@ -5,7 +5,7 @@ Each is a small object the trainer calls once per micro-batch, ``objective(batch
 the same way (spec §2.3): a model that scores the whole batch sees every passage of the batch, and under
 torchrun of every process, unless in-batch negatives are off; one that scores only its own group (a
 cross-encoder) sees its own group. The losses themselves are the pure functions of
-:mod:`leadkd.distill.losses`.
+:mod:`leadkd.distill.losses`; :func:`build_objective` makes a job's objective from its config.
 """
 
 from __future__ import annotations
@@ -13,14 +13,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from pathlib import Path
+from typing import Any, cast
 
 import torch
+from torch import nn
 
+from ..config import DistillConfig, TrainConfig
 from ..models.base import Retriever
+from ..models.loading import build_model
 from ..runtime import distributed as dist
-from .build import Trained
-from .layers import pair_layers
+from .build import Trained, build_student, hidden_state_baseline, open_teacher_cache, prepare
+from .layers import LayerSchedule, pair_layers
 from .losses import (
     contrastive_loss,
     duplicate_positive_mask,
@@ -168,3 +172,34 @@ class Distillation(_Objective):
             terms["hidden_mse"] = feature
             terms["loss"] = terms["loss"] + cfg.layer_weight * feature
         return terms
+
+
+def build_objective(config: TrainConfig | DistillConfig, checkpoint: Path | None, corpus, queries, ctx,
+                    total_steps: int, output: Path, log: Callable[[str], None],
+                    ) -> tuple[GroundTruth | Distillation, LayerSchedule | None]:
+    """A job's objective with its models built and prepared (from ``checkpoint`` when resuming), and the
+    layer schedule its layer loss draws pairs from (None without one)."""
+    def ready(name: str, model: nn.Module, **options: Any) -> Trained:
+        return prepare(name, model, config.optim, total_steps, ctx, **options)
+
+    if not isinstance(config, DistillConfig):
+        model = build_model(config.model, str(checkpoint / "model") if checkpoint else None)
+        return GroundTruth(ready("model", model, trains=True, lr=config.optim.lr), config.loss, ctx.device), None
+    optim, loss = config.optim, config.loss
+    teacher = build_model(config.teacher, str(checkpoint / "teacher") if checkpoint and config.teacher.train else None)
+    student = build_student(config, teacher, checkpoint)
+    hidden_mse = hidden_state_baseline(student, teacher, ctx) if loss.layer == "hidden_mse" else None
+    raw = loss.raw_last_layer
+    objective = Distillation(
+        ready("student", student, trains=True, lr=optim.lr, raw_last_layer=raw, extra=hidden_mse),
+        ready("teacher", teacher, trains=config.teacher.train, lr=optim.teacher_lr or optim.lr, raw_last_layer=raw),
+        loss, ctx.device, hidden_mse=hidden_mse)
+    if config.teacher.cache:
+        objective.teacher_cache = open_teacher_cache(config, teacher, corpus, queries, output, ctx.rank, log)
+    schedule = None
+    if loss.layer in ("lead", "hidden_mse"):
+        layers = config.layers
+        schedule = LayerSchedule(layers.strategy, cast(Retriever, student).num_layers, teacher.num_layers,
+                                 k=layers.k, seed=config.seed, resample_interval=layers.resample_every,
+                                 pairs=layers.pairs)
+    return objective, schedule

@@ -1,10 +1,11 @@
 """The training loop of `leadkd train` (one model on ground truth) and `leadkd distill` (LEAD).
 
-Read it top to bottom: :mod:`~leadkd.distill.build` builds the models, optimizers and data; each step draws
-the layer pairs and calls the run's objective (:mod:`~leadkd.distill.objectives`: ground truth, or
-distillation), which encodes, gathers, scores and returns the pure losses' terms; then each trained model's
-optimizer steps. Checkpoints, dev evaluation and logs happen between steps. A single process and
-``torchrun`` run the same code, and the loop never asks what kind of model it holds.
+Read it top to bottom: :func:`~leadkd.distill.objectives.build_objective` builds the run's objective with
+its models, optimizers and DDP (through :mod:`~leadkd.distill.build`); each step draws the layer pairs and
+calls the objective (ground truth, or distillation), which encodes, gathers, scores and returns the pure
+losses' terms; then each trained model's optimizer steps. Checkpoints, dev evaluation and logs happen
+between steps; a stop on a signal is one question per step (:class:`~leadkd.runtime.stopping.StepBoundaryStop`).
+A single process and ``torchrun`` run the same code, and the loop never asks what kind of model it holds.
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ from ..data.batches import GroupDataset, group_loader
 from ..data.datasets import load_corpus, load_queries
 from ..data.groups import read_training_groups
 from ..models.base import DenseRetriever, Retriever
-from ..models.loading import build_model
 from ..models.model_card import write_model_card
 from ..retrieval.pipeline import evaluate_retriever
 from ..runtime import distributed as dist
 from ..runtime.errors import LeadkdError
 from ..runtime.stopping import StepBoundaryStop
-from .build import Trained, build_student, hidden_state_baseline, open_teacher_cache, prepare, world_batch_check
+from .build import Trained, world_batch_check
 from .checkpoint import (
     check_resumable,
     checkpoint_name,
@@ -42,9 +42,8 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .layers import LayerSchedule
 from .metrics_log import MetricsLog
-from .objectives import Distillation, GroundTruth
+from .objectives import build_objective
 
 Log = Callable[[str], None]
 
@@ -116,14 +115,8 @@ class Trainer:
         self.loader = group_loader(self.dataset, cfg.optim.batch_size, rank=self.ctx.rank,
                                    world_size=self.ctx.world_size, seed=cfg.seed)
         ckpt = resumed[0] if resumed else None
-        self.schedule: LayerSchedule | None = None
-        self.objective: Distillation | GroundTruth
-        if isinstance(cfg, DistillConfig):
-            self.objective = self._distillation(cfg, ckpt, corpus, queries)
-        else:
-            model = build_model(cfg.model, str(ckpt / "model") if ckpt else None)
-            self.objective = GroundTruth(self._prepare("model", model, trains=True, lr=cfg.optim.lr), cfg.loss,
-                                         self.ctx.device)
+        self.objective, self.schedule = build_objective(cfg, ckpt, corpus, queries, self.ctx, self.total_steps,
+                                                        self.output, self.log)
         self.models, self.evaluated = self.objective.models, self.objective.evaluated
         self.evaluates = cfg.eval.split is not None and isinstance(self.evaluated.model, DenseRetriever)
         if cfg.eval.split is not None and not self.evaluates:
@@ -132,29 +125,6 @@ class Trainer:
         if resumed:
             self._restore(resumed[1])
             self._say(f"resumed from {ckpt} at step {self.step}")
-
-    def _prepare(self, name: str, model: nn.Module, **options):
-        return prepare(name, model, self.config.optim, self.total_steps, self.ctx, **options)
-
-    def _distillation(self, cfg: DistillConfig, ckpt: Path | None, corpus, queries) -> Distillation:
-        teacher = build_model(cfg.teacher, str(ckpt / "teacher") if ckpt and cfg.teacher.train else None)
-        student = build_student(cfg, teacher, ckpt)
-        hidden_mse = hidden_state_baseline(student, teacher, self.ctx) if cfg.loss.layer == "hidden_mse" else None
-        raw = cfg.loss.raw_last_layer
-        objective = Distillation(
-            self._prepare("student", student, trains=True, lr=cfg.optim.lr, raw_last_layer=raw, extra=hidden_mse),
-            self._prepare("teacher", teacher, trains=cfg.teacher.train, lr=cfg.optim.teacher_lr or cfg.optim.lr,
-                          raw_last_layer=raw),
-            cfg.loss, self.ctx.device, hidden_mse=hidden_mse)
-        if cfg.teacher.cache:
-            objective.teacher_cache = open_teacher_cache(cfg, teacher, corpus, queries, self.output, self.ctx.rank,
-                                                         self.log)
-        if cfg.loss.layer in ("lead", "hidden_mse"):
-            self.schedule = LayerSchedule(cfg.layers.strategy, cast(Retriever, student).num_layers, teacher.num_layers,
-                                          k=cfg.layers.k,
-                                          seed=cfg.seed, resample_interval=cfg.layers.resample_every,
-                                          pairs=cfg.layers.pairs)
-        return objective
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
