@@ -351,16 +351,6 @@ def cmd_distill(args) -> None:
     _run_training(args, "distill")
 
 
-def _corpus_embeddings(folder: str):
-    """A `leadkd encode` folder of passage vectors, memory-mapped (mining checks it is this corpus's)."""
-    from .retrieval.pipeline import Embeddings
-
-    embeddings = Embeddings.load(folder)
-    if embeddings.meta.get("what", "passages") != "passages":
-        raise LeadkdError(f"{folder}: holds {embeddings.meta['what']} vectors, not passages (encode without --queries)")
-    return embeddings
-
-
 @_in_process_group
 def cmd_mine(args) -> None:
     """Mine hard negatives with a retriever (dense: --model; bm25: no model); write a training-groups file."""
@@ -387,7 +377,9 @@ def cmd_mine(args) -> None:
     else:
         dataset = _load_data(args)
         model = _load_model(args)
-        corpus_embeddings = _corpus_embeddings(args.corpus_embeddings) if args.corpus_embeddings else None
+        from .retrieval.pipeline import Embeddings
+
+        corpus_embeddings = Embeddings.load_passages(args.corpus_embeddings) if args.corpus_embeddings else None
         groups, report = mine_hard_negatives(model, dataset, **settings, batch_size=args.batch_size,
                                              corpus_embeddings=corpus_embeddings, show_progress=_is_main(args))
     if groups is None:  # under torchrun, not rank 0: rank 0 merged the shares' results and writes

@@ -59,6 +59,15 @@ class Embeddings:
         meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
         return cls(ids, np.asarray(vectors), meta)
 
+    @classmethod
+    def load_passages(cls, folder: str | os.PathLike) -> Embeddings:
+        """A folder of passage vectors (``leadkd mine --corpus-embeddings``); query vectors are refused."""
+        embeddings = cls.load(folder)
+        if embeddings.meta.get("what", "passages") != "passages":
+            raise LeadkdError(f"{folder}: holds {embeddings.meta['what']} vectors, not passages "
+                              "(encode without --queries)")
+        return embeddings
+
 
 def encode_corpus(model, corpus, batch_size: int = 32, show_progress: bool = True) -> Embeddings:
     """Passage vectors of a whole corpus (title and text joined), in corpus order."""
