@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .changes import changed_settings, todays_spelling
+    from .files import read_config_file
     from .jobs import (
         JOB_KINDS,
         MODEL_KINDS,
@@ -36,12 +37,11 @@ if TYPE_CHECKING:
         config_from_dict,
         config_to_dict,
         load_config,
-        parse_layer_map,
         parse_student_init,
-        read_config_file,
         save_config,
         validate_config,
     )
+    from .layer_strategy import parse_layer_map
 
 __all__ = [
     "ModelConfig", "TeacherConfig", "StudentConfig", "DataConfig", "TrainLossConfig", "LossConfig",
@@ -51,7 +51,9 @@ __all__ = [
     "read_config_file",
 ]
 
-_HOME = {name: "changes" if name in ("changed_settings", "todays_spelling") else "jobs" for name in __all__}
+#: Where each name lives; the job models' module unless said.
+_HOME = dict.fromkeys(__all__, "jobs") | {"changed_settings": "changes", "todays_spelling": "changes",
+                                          "read_config_file": "files", "parse_layer_map": "layer_strategy"}
 
 
 def __getattr__(name: str) -> Any:

@@ -24,8 +24,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, 
 from ..kinds import DEFAULT_KIND, MODEL_KINDS, owners
 from ..runtime.errors import ConfigError
 from ..runtime.fileio import atomic_write
-from .files import dump_yaml, origin_of, read_config_file, read_sources
-from .layer_strategy import STRATEGIES, Pair, StrategyError, parse_layer_map, resolve_strategy
+from .files import dump_yaml, origin_of, read_sources
+from .layer_strategy import STRATEGIES, Pair, StrategyError, resolve_strategy
 from .values import (
     Integer,
     MeasureName,
@@ -43,14 +43,6 @@ from .values import (
     problem_of,
     within,
 )
-
-__all__ = [
-    "ModelConfig", "TeacherConfig", "StudentConfig", "DataConfig", "TrainLossConfig", "LossConfig",
-    "LayerConfig", "OptimConfig", "CheckpointConfig", "EvalConfig", "TrainConfig", "DistillConfig",
-    "Config", "JOB_KINDS", "MODEL_KINDS", "load_config", "config_from_dict", "config_to_dict", "save_config",
-    "validate_config", "parse_student_init", "parse_layer_map",
-    "read_config_file",
-]
 
 
 def _registered_kind(value: Any) -> Any:

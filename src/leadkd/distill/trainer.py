@@ -316,10 +316,10 @@ class Trainer:
         while self.step < self.total_steps:
             result = self.train_step()
             record: dict[str, Any] = {
-                      "step": self.step, "epoch": self.epoch, "loss": None if result.skipped else result.loss,
-                      **result.terms, **({"skipped": True} if result.skipped else {}),
-                      "lr": {n: t.scheduler.get_last_lr()[0] for n, t in self.models.items() if t.trains},
-                      "seconds": round(time.perf_counter() - started, 3)}
+                "step": self.step, "epoch": self.epoch, "loss": None if result.skipped else result.loss,
+                **result.terms, **({"skipped": True} if result.skipped else {}),
+                "lr": {n: t.scheduler.get_last_lr()[0] for n, t in self.models.items() if t.trains},
+                "seconds": round(time.perf_counter() - started, 3)}
             if result.pairs:
                 record.update(pairs=result.pairs, layer_weights=result.weights, layer_pair_kl=result.pair_kl)
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
