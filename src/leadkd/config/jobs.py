@@ -60,6 +60,7 @@ if TYPE_CHECKING:  # the values as the type checker sees them; choice() adds any
     LayerLoss = Literal["lead", "hidden_mse", "none"]
     CrossEncoderHead = Literal["linear", "sequence_classification"]
     ColbertLastLayer = Literal["raw", "final"]
+    TeacherCandidates = Literal["batch", "own_group"]
     StrategyName = str
 else:
     Pooling = choice("cls", "mean")
@@ -67,6 +68,7 @@ else:
     LayerLoss = choice("lead", "hidden_mse", "none")
     CrossEncoderHead = choice("linear", "sequence_classification")
     ColbertLastLayer = choice("raw", "final")  # what a ColBERT teacher's last layer is in the layer loss
+    TeacherCandidates = choice("batch", "own_group")
     StrategyName = Literal[STRATEGIES]
 
 
@@ -118,6 +120,10 @@ class TeacherConfig(ModelConfig):
     train: StrictBool = True
     cache: StrictBool = False
     cache_dir: str | None = None
+    #: A folder ``leadkd score-teacher`` wrote (or a published ``qid pid score`` file): no teacher runs, each
+    #: query's teacher candidates are its own group's (``loss.teacher_candidates: own_group``); ``path`` may be
+    #: left out, or given to check it is the teacher that scored the file (and for ``student.init``).
+    scores: str | None = None
 
 
 class StudentConfig(ModelConfig):
@@ -162,6 +168,12 @@ class LossConfig(TrainLossConfig):
     reweight: StrictBool = True
     detach_teacher_targets: StrictBool = False
     colbert_last_layer: ColbertLastLayer = "raw"
+    #: Which candidates the teacher's distributions cover: ``batch``, the paper's (every passage of the
+    #: batch for a dual-encoder or ColBERT teacher; a cross-encoder's own group, where the student's
+    #: ground-truth loss is cut to that group too, as in the paper's code) or ``own_group`` (each query's
+    #: own group for every teacher; the student's ground-truth loss keeps its in-batch negatives). Unset:
+    #: ``own_group`` with ``teacher.scores``, else ``batch``.
+    teacher_candidates: TeacherCandidates | None = None
 
     @property
     def raw_last_layer(self) -> bool:
@@ -276,6 +288,17 @@ class DistillConfig(_Job):
         if teacher.cache and loss.layer == "hidden_mse":
             raise check_failed("teacher.cache", "holds pooled vectors; loss.layer=hidden_mse needs the teacher's "
                                                 "token states")
+        if teacher.scores is not None:
+            for key, clash, why in (("teacher.train", teacher.train, ("holds a frozen teacher's scores; set "
+                                     "teacher.train: false")),
+                                    ("teacher.cache", teacher.cache, ("replaces the teacher cache; remove "
+                                     "teacher.cache")),
+                                    ("loss.layer", loss.layer == "hidden_mse", ("holds scores, not the token states "
+                                     "loss.layer=hidden_mse compares")),
+                                    ("loss.teacher_candidates", loss.teacher_candidates == "batch",
+                                     "holds each query's own group only; remove loss.teacher_candidates: batch")):
+                if clash:
+                    raise check_failed("teacher.scores", f"{why} (from {key})")
         if teacher.cache_dir and not teacher.cache:
             raise check_failed("teacher.cache_dir", "names where the teacher cache goes; set teacher.cache: true "
                                                     "to use one")
@@ -284,6 +307,12 @@ class DistillConfig(_Job):
         if not any(terms):
             raise check_failed("loss", "every loss term is off (weights 0 or 'none'): nothing would be trained")
         return self
+
+    @property
+    def teacher_own_group(self) -> bool:
+        """Whether the teacher's distributions cover each query's own group (``loss.teacher_candidates``)."""
+        chosen = self.loss.teacher_candidates
+        return chosen == "own_group" or (chosen is None and self.teacher.scores is not None)
 
 
 Config = TrainConfig | DistillConfig
@@ -302,7 +331,8 @@ def _required(config: Config) -> list[str]:
     if isinstance(config, TrainConfig):
         models = ["model.path"]
     else:
-        models = ["teacher.path"] + ([] if config.student.init else ["student.path"])
+        teacher = [] if config.teacher.scores and not config.student.init else ["teacher.path"]
+        models = teacher + ([] if config.student.init else ["student.path"])
     return models + ["data.corpus", "data.train_groups", "optim.steps", "output_dir"]
 
 

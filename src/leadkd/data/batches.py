@@ -29,16 +29,23 @@ class GroupSample:
     passages: list[str]
     teacher_scores: np.ndarray | None = None
     positive_ids: tuple[str, ...] = ()  # every judged positive of the query, not only the one sampled
+    group: int = -1  # the group's row in the groups file
+    #: each passage's position in the group's ``positives + negatives`` (a teacher score file's columns)
+    columns: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def sample_group(groups: TrainingGroups, g: int, negatives: int, rng: np.random.Generator,
-                 random_positive: bool = False) -> GroupSample:
+                 random_positive: bool = False, negative_pool: int | None = None) -> GroupSample:
     """The paper's TraditionDataset item: first (or a random) positive, then ``negatives`` shuffled negatives.
 
     The negatives are shuffled and the first ``negatives`` taken; a group with fewer cycles through its
     shuffled list (each negative then appears ``floor`` or ``ceil`` of ``negatives / available`` times).
+    ``negative_pool`` draws only from the group's first that many mined negatives (those a teacher score
+    file holds).
     """
     pos, neg = groups.positive_keys(g), groups.negative_keys(g)
+    if negative_pool is not None:
+        neg = neg[:negative_pool]
     p = int(rng.integers(len(pos))) if random_positive else 0
     if negatives > 0:
         if len(neg) == 0:
@@ -51,7 +58,8 @@ def sample_group(groups: TrainingGroups, g: int, negatives: int, rng: np.random.
     if scores is not None:
         scores = np.concatenate([scores[p:p + 1], scores[len(pos) + order]]).astype(np.float32)
     return GroupSample(groups.query_id(g), groups.query_text(g), [groups.passage_id(k) for k in keys],
-                       [groups.passage(k) for k in keys], scores, tuple(groups.passage_id(k) for k in pos))
+                       [groups.passage(k) for k in keys], scores, tuple(groups.passage_id(k) for k in pos), g,
+                       np.concatenate([[p], len(pos) + order]).astype(np.int64))
 
 
 class GroupDataset(Dataset):
@@ -63,7 +71,8 @@ class GroupDataset(Dataset):
     Groups without negatives are left out when ``negatives > 0``, as in the paper (``skipped`` counts them).
     """
 
-    def __init__(self, groups: TrainingGroups, negatives: int, seed: int = 0, random_positive: bool = False):
+    def __init__(self, groups: TrainingGroups, negatives: int, seed: int = 0, random_positive: bool = False,
+                 negative_pool: int | None = None):
         if negatives < 0:
             raise LeadkdError(f"negatives must be >= 0, got {negatives}")
         if seed < 0:
@@ -72,8 +81,9 @@ class GroupDataset(Dataset):
         self.negatives = negatives
         self.seed = seed
         self.random_positive = random_positive
+        self.negative_pool = negative_pool
         self.epoch = 0
-        counts = groups.num_negatives()
+        counts = groups.num_negatives() if negative_pool is None else np.minimum(groups.num_negatives(), negative_pool)
         self._rows = np.flatnonzero(counts > 0) if negatives > 0 else np.arange(len(groups))
         self.skipped = len(groups) - len(self._rows)
         if len(self._rows) == 0:
@@ -89,7 +99,7 @@ class GroupDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         g = int(self._rows[index])
         rng = np.random.default_rng([self.seed, int(epoch), g])
-        return sample_group(self.groups, g, self.negatives, rng, self.random_positive)
+        return sample_group(self.groups, g, self.negatives, rng, self.random_positive, self.negative_pool)
 
 
 @dataclass
@@ -99,6 +109,8 @@ class GroupBatch:
     ``labels[i] = i * group_size`` is query i's positive among all ``B * group_size`` passages (whole-batch
     candidates); for own-group scoring (cross-encoder) the positive is column 0. ``positive_ids[i]``: every
     judged positive of query i, so a positive of i that sits in another group is not taken for a negative.
+    ``groups[i]`` is query i's row in the groups file and ``columns[i]`` its passages' positions in that
+    group's ``positives + negatives``: where a teacher score file holds their scores.
     """
 
     query_ids: list[str]
@@ -109,6 +121,8 @@ class GroupBatch:
     group_size: int
     teacher_scores: torch.Tensor | None = None
     positive_ids: list[tuple[str, ...]] = field(default_factory=list)
+    groups: list[int] = field(default_factory=list)
+    columns: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -120,7 +134,7 @@ class GroupBatch:
     def to(self, device: str | torch.device) -> GroupBatch:
         teacher = None if self.teacher_scores is None else self.teacher_scores.to(device)
         return GroupBatch(self.query_ids, self.queries, self.passage_ids, self.passages, self.labels.to(device),
-                          self.group_size, teacher, self.positive_ids)
+                          self.group_size, teacher, self.positive_ids, self.groups, self.columns)
 
 
 def collate_groups(samples: Sequence[GroupSample]) -> GroupBatch:
@@ -145,6 +159,8 @@ def collate_groups(samples: Sequence[GroupSample]) -> GroupBatch:
         group_size=size,
         teacher_scores=teacher,
         positive_ids=[s.positive_ids or (s.passage_ids[0],) for s in samples],
+        groups=[s.group for s in samples],
+        columns=torch.from_numpy(np.stack([s.columns for s in samples])),
     )
 
 

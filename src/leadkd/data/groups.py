@@ -116,6 +116,10 @@ class TrainingGroups:
     def negative_keys(self, g: int) -> np.ndarray:
         return self._neg[self._neg_off[g]:self._neg_off[g + 1]]
 
+    def num_positives(self) -> np.ndarray:
+        """Positives per group (int64 [G])."""
+        return np.diff(self._pos_off)
+
     def num_negatives(self) -> np.ndarray:
         """Negatives per group (int64 [G])."""
         return np.diff(self._neg_off)

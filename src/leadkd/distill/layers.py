@@ -126,10 +126,15 @@ class LayerSchedule:
     interval is its own setting (default 10, the paper's value) rather than tied to checkpoint saving
     as in the paper's code (spec §7.4-6). ``resample_interval=None`` keeps the first draw for good.
     Deterministic strategies simply return the same pairs every time; ``pairs`` are those of ``map``.
+
+    ``teacher_choices`` limits the teacher layers to those a score file stores: ``random`` draws among them
+    (K of the stored layers, sorted), and a fixed strategy whose pairs need another layer is refused here,
+    at the start, in one line. All layers stored is the same schedule as no limit.
     """
 
     def __init__(self, strategy: str, student_layers: int, teacher_layers: int, k: int = 5, seed: int = 888,
-                 resample_interval: int | None = 10, pairs: Sequence[Pair] | None = None):
+                 resample_interval: int | None = 10, pairs: Sequence[Pair] | None = None,
+                 teacher_choices: Sequence[int] | None = None):
         if resample_interval is not None and resample_interval < 1:
             raise ConfigError(f"layer resample interval must be >= 1 optimizer steps (or None), "
                               f"got {resample_interval}")
@@ -139,13 +144,28 @@ class LayerSchedule:
         self.k = k
         self.seed = seed
         self.resample_interval = resample_interval
+        self.teacher_choices = None if teacher_choices is None else sorted(int(t) for t in teacher_choices)
+        if self.teacher_choices == list(range(teacher_layers)):
+            self.teacher_choices = None
         self.generator = torch.Generator().manual_seed(seed)
         self._draw_index = 0
         self._pairs = self._draw()
 
     def _draw(self) -> list[Pair]:
-        return select_layers(self.strategy, self.student_layers, self.teacher_layers, self.k, self.generator,
-                             self.map_pairs)
+        choices = self.teacher_choices
+        if choices is None:
+            return select_layers(self.strategy, self.student_layers, self.teacher_layers, self.k, self.generator,
+                                 self.map_pairs)
+        if self.strategy == "random":  # drawn among the stored layers' positions, then named by layer
+            drawn = select_layers("random", self.student_layers, len(choices), self.k, self.generator)
+            return [(student, choices[position]) for student, position in drawn]
+        pairs = select_layers(self.strategy, self.student_layers, self.teacher_layers, self.k, self.generator,
+                              self.map_pairs)
+        absent = sorted({teacher for _, teacher in pairs} - set(choices))
+        if absent:
+            raise ConfigError(f"layers.strategy={self.strategy} needs teacher layer {absent[0]}, which the teacher "
+                              f"score file does not store (it stores layers {', '.join(map(str, choices))})")
+        return pairs
 
     @property
     def pairs(self) -> list[Pair]:
@@ -167,7 +187,8 @@ class LayerSchedule:
     def _settings(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "map_pairs": _plain_pairs(self.map_pairs),
                 "student_layers": self.student_layers, "teacher_layers": self.teacher_layers, "k": self.k,
-                "seed": self.seed, "resample_interval": self.resample_interval}
+                "seed": self.seed, "resample_interval": self.resample_interval,
+                **({"teacher_choices": self.teacher_choices} if self.teacher_choices is not None else {})}
 
     def state_dict(self) -> dict[str, Any]:
         """Settings, generator state, draw counter and current pairs; ``torch.save``-able."""

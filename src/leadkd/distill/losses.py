@@ -309,6 +309,8 @@ def lead_total_loss(
     detach_teacher_targets: bool = False,
     reduce_layer_ce: Callable[[Tensor], Tensor] | None = None,
     candidate_mask: Tensor | None = None,
+    student_ce_scores: Tensor | None = None,
+    student_ce_labels: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The whole LEAD objective of spec §2.5, term by term, from both models' layer scores.
 
@@ -334,6 +336,10 @@ def lead_total_loss(
 
     ``candidate_mask`` (``[Q, C]`` bool, see :func:`duplicate_positive_mask`) leaves candidates out of
     query q's distributions in both models, every layer and every term.
+
+    ``student_ce_scores`` / ``student_ce_labels`` (``[Q, C']`` and ``[Q]``, masked by the caller) give the
+    student's ground-truth term its own candidates, when the distillation terms compare over fewer (each
+    query's own group, ``loss.teacher_candidates: own_group``): the student keeps its in-batch negatives.
     """
     for name, scores in (("teacher", teacher_scores), ("student", student_scores)):
         if scores.dim() != 3:
@@ -345,7 +351,12 @@ def lead_total_loss(
             student_scores, candidate_mask)
     student_final, teacher_final = student_scores[-1], teacher_scores[-1]
 
-    student_ce = contrastive_loss(student_final, labels)
+    if student_ce_scores is None:
+        student_ce = contrastive_loss(student_final, labels)
+    else:
+        if student_ce_labels is None:
+            raise LeadkdError("student_ce_scores need their own student_ce_labels")
+        student_ce = contrastive_loss(student_ce_scores, student_ce_labels)
     teacher_ce = contrastive_loss(teacher_final, labels)
     if not train_teacher:
         teacher_ce = teacher_ce.detach()

@@ -23,6 +23,7 @@ from ..config import DistillConfig, TrainConfig
 from ..models.base import Retriever
 from ..models.loading import build_model
 from ..runtime import distributed as dist
+from ..runtime.errors import ConfigError
 from .build import Trained, build_student, hidden_state_baseline, open_teacher_cache, prepare
 from .layers import LayerSchedule, pair_layers
 from .losses import (
@@ -33,6 +34,7 @@ from .losses import (
     mask_candidates,
     own_group_scores,
 )
+from .teacher_scores import TeacherScores, check_scored_by
 
 
 @dataclass(frozen=True)
@@ -116,18 +118,26 @@ class Distillation(_Objective):
     response term and the layer term over the drawn pairs, from one candidate set both models score.
 
     ``teacher_cache`` serves a frozen teacher's vectors instead of running it; ``hidden_mse`` is the
-    classical hidden-state baseline's projections (it then replaces the layer-score term's pairs)."""
+    classical hidden-state baseline's projections (it then replaces the layer-score term's pairs).
+    ``own_group`` (``loss.teacher_candidates``) compares the two models over each query's own group
+    while the student's ground-truth term keeps its own candidates; ``teacher_scores`` (a score file,
+    :mod:`~leadkd.distill.teacher_scores`) then stands in for the teacher, which is None.
+    """
 
-    def __init__(self, student: Trained, teacher: Trained, loss_config, device: torch.device,
-                 teacher_cache=None, hidden_mse=None):
+    def __init__(self, student: Trained, teacher: Trained | None, loss_config, device: torch.device,
+                 teacher_cache=None, hidden_mse=None, teacher_scores=None, own_group: bool = False):
         super().__init__(loss_config, device)
         self.student, self.teacher = student, teacher
-        self.models = {"student": student, "teacher": teacher}
+        self.models = {"student": student, **({"teacher": teacher} if teacher is not None else {})}
         self.evaluated = student
         self.teacher_cache = teacher_cache
         self.hidden_mse = hidden_mse
+        self.teacher_scores = teacher_scores
+        self.own_group = own_group or teacher_scores is not None
+        self.teacher_trains = teacher is not None and teacher.trains
 
     def _encode_teacher(self, batch, layers: list[int], with_states: bool):
+        assert self.teacher is not None  # a score file's run never encodes with a teacher
         if self.teacher_cache is not None:
             return self.teacher_cache.encode(batch.query_ids, batch.queries, batch.passage_ids, batch.passages,
                                              layers, final=True)
@@ -137,6 +147,7 @@ class Distillation(_Objective):
 
     def _scores(self, student_enc, teacher_enc, batch):
         """Both models' scores over one candidate set, the labels, and the duplicate-positive mask."""
+        assert self.teacher is not None
         student, teacher = cast(Retriever, self.student.model), cast(Retriever, self.teacher.model)
         layout = Layout.of(teacher.scores_whole_batch and student.scores_whole_batch, self.loss.in_batch_negatives,
                            self.loss.cross_process_negatives, len(batch.queries))
@@ -146,7 +157,32 @@ class Distillation(_Objective):
         size = batch.group_size
         student_scores = layout.cut(student_enc.scores(), student.scores_whole_batch, size)
         teacher_scores = layout.cut(teacher_enc.scores(), teacher.scores_whole_batch, size)
-        return student_scores, teacher_scores, layout.labels(batch), self._duplicates(batch, layout)
+        return student_scores, teacher_scores, layout.labels(batch), self._duplicates(batch, layout), {}
+
+    def _own_group_scores(self, student_enc, teacher_enc, batch, t_layers: list[int]):
+        """The own-group layout: both models over each query's own group, and the student's ground-truth
+        scores and labels over its own candidates (in-batch, across processes, as its layout has them)."""
+        student = cast(Retriever, self.student.model)
+        layout = self._layout(student, batch)
+        if layout.gathered:
+            student_enc = student_enc.gathered(with_grad=True)
+        size = batch.group_size
+        every = student_enc.scores()
+        ce_scores = layout.cut(every[-1], student.scores_whole_batch, size)
+        duplicates = self._duplicates(batch, layout)
+        if duplicates is not None:
+            ce_scores = mask_candidates(ce_scores, duplicates)
+        student_scores = own_group_scores(every, size, layout.offset) if student.scores_whole_batch else every
+        if self.teacher_scores is not None:
+            teacher_scores = self.teacher_scores.for_batch(batch, t_layers).to(self.device)
+        else:
+            assert self.teacher is not None
+            teacher_scores = teacher_enc.scores()
+            if cast(Retriever, self.teacher.model).scores_whole_batch:
+                teacher_scores = own_group_scores(teacher_scores, size)
+        own = Layout(gathered=False, offset=0, own_group=True)
+        ce = {"student_ce_scores": ce_scores, "student_ce_labels": layout.labels(batch).to(ce_scores.device)}
+        return student_scores, teacher_scores, own.labels(batch), self._duplicates(batch, own), ce
 
     def __call__(self, batch, pairs) -> dict[str, torch.Tensor]:
         cfg = self.loss
@@ -154,17 +190,23 @@ class Distillation(_Objective):
         s_layers, t_layers, positions = pair_layers([] if hidden else pairs)
         options = {"with_states": True} if hidden else {}
         student_enc = self.student.forward(batch.queries, batch.passages, s_layers, final=True, **options)
-        teacher_enc = self._encode_teacher(batch, t_layers, hidden)
-        student_scores, teacher_scores, labels, duplicates = self._scores(student_enc, teacher_enc, batch)
+        teacher_enc = None if self.teacher_scores is not None else self._encode_teacher(batch, t_layers, hidden)
+        if self.own_group:
+            student_scores, teacher_scores, labels, duplicates, ce = self._own_group_scores(
+                student_enc, teacher_enc, batch, t_layers)
+        else:
+            student_scores, teacher_scores, labels, duplicates, ce = self._scores(student_enc, teacher_enc, batch)
         # a tensor's mean comes back as a tensor (all_reduce_mean is typed for floats and tensors alike)
         reduce = cast("Callable[[torch.Tensor], torch.Tensor]", dist.all_reduce_mean) if dist.is_distributed() else None
         terms = lead_total_loss(
             teacher_scores, student_scores, labels.to(student_scores.device), positions,
-            train_teacher=self.teacher.trains, response=cfg.response, temperature=cfg.temperature,
+            train_teacher=self.teacher_trains, response=cfg.response, temperature=cfg.temperature,
             layer_temperature=cfg.layer_temperature, reweight=cfg.reweight, student_weight=cfg.student_ce,
             teacher_weight=cfg.teacher_ce, response_weight=cfg.response_weight, layer_weight=cfg.layer_weight,
-            detach_teacher_targets=cfg.detach_teacher_targets, reduce_layer_ce=reduce, candidate_mask=duplicates)
+            detach_teacher_targets=cfg.detach_teacher_targets, reduce_layer_ce=reduce, candidate_mask=duplicates,
+            **ce)
         if hidden:  # the classical baseline: projected student token states regress the teacher's
+            assert teacher_enc is not None
             (sq, sq_mask, sp, sp_mask), (tq, tq_mask, tp, tp_mask) = student_enc.states, teacher_enc.states
             detach = cfg.detach_teacher_targets
             feature = (self.hidden_mse(sq, tq, pairs, sq_mask, tq_mask, detach_teacher_targets=detach)
@@ -176,9 +218,11 @@ class Distillation(_Objective):
 
 def build_objective(config: TrainConfig | DistillConfig, checkpoint: Path | None, corpus, queries, ctx,
                     total_steps: int, output: Path, log: Callable[[str], None],
+                    teacher_scores: TeacherScores | None = None,
                     ) -> tuple[GroundTruth | Distillation, LayerSchedule | None]:
     """A job's objective with its models built and prepared (from ``checkpoint`` when resuming), and the
-    layer schedule its layer loss draws pairs from (None without one)."""
+    layer schedule its layer loss draws pairs from (None without one). ``teacher_scores``: the opened
+    ``teacher.scores`` file, which replaces the teacher."""
     def ready(name: str, model: nn.Module, **options: Any) -> Trained:
         return prepare(name, model, config.optim, total_steps, ctx, **options)
 
@@ -186,6 +230,8 @@ def build_objective(config: TrainConfig | DistillConfig, checkpoint: Path | None
         model = build_model(config.model, str(checkpoint / "model") if checkpoint else None)
         return GroundTruth(ready("model", model, trains=True, lr=config.optim.lr), config.loss, ctx.device), None
     optim, loss = config.optim, config.loss
+    if teacher_scores is not None:
+        return _from_scores(config, checkpoint, teacher_scores, ready, ctx)
     teacher = build_model(config.teacher, str(checkpoint / "teacher") if checkpoint and config.teacher.train else None)
     student = build_student(config, teacher, checkpoint)
     hidden_mse = hidden_state_baseline(student, teacher, ctx) if loss.layer == "hidden_mse" else None
@@ -193,13 +239,37 @@ def build_objective(config: TrainConfig | DistillConfig, checkpoint: Path | None
     objective = Distillation(
         ready("student", student, trains=True, lr=optim.lr, raw_last_layer=raw, extra=hidden_mse),
         ready("teacher", teacher, trains=config.teacher.train, lr=optim.teacher_lr or optim.lr, raw_last_layer=raw),
-        loss, ctx.device, hidden_mse=hidden_mse)
+        loss, ctx.device, hidden_mse=hidden_mse, own_group=config.teacher_own_group)
     if config.teacher.cache:
         objective.teacher_cache = open_teacher_cache(config, teacher, corpus, queries, output, ctx.rank, log)
-    schedule = None
-    if loss.layer in ("lead", "hidden_mse"):
-        layers = config.layers
-        schedule = LayerSchedule(layers.strategy, cast(Retriever, student).num_layers, teacher.num_layers,
-                                 k=layers.k, seed=config.seed, resample_interval=layers.resample_every,
-                                 pairs=layers.pairs)
+    return objective, _layer_schedule(config, cast(Retriever, student).num_layers, teacher.num_layers)
+
+
+def _layer_schedule(config: DistillConfig, student_layers: int, teacher_layers: int,
+                    teacher_choices: list[int] | None = None) -> LayerSchedule | None:
+    if config.loss.layer not in ("lead", "hidden_mse"):
+        return None
+    layers = config.layers
+    return LayerSchedule(layers.strategy, student_layers, teacher_layers, k=layers.k, seed=config.seed,
+                         resample_interval=layers.resample_every, pairs=layers.pairs, teacher_choices=teacher_choices)
+
+
+def _from_scores(config: DistillConfig, checkpoint: Path | None, scores: TeacherScores, ready, ctx,
+                 ) -> tuple[Distillation, LayerSchedule | None]:
+    """The objective of a run whose teacher is a score file: the teacher model is loaded only to build the
+    student from its blocks (``student.init``, not on resume) or to check it scored the file."""
+    if config.teacher.path is not None:
+        check_scored_by(scores, config.teacher.path)
+    if config.loss.layer == "lead" and not scores.layers:
+        raise ConfigError(f"loss.layer=lead compares teacher layers, but {scores.source} holds final scores only; "
+                          "score per layer with `leadkd score-teacher --layers all`, or set loss.layer: none")
+    if checkpoint is None and config.student.init_teacher_layers:
+        student = build_student(config, build_model(config.teacher))
+    else:
+        student = build_student(config, cast(nn.Module, None), checkpoint)
+    optim = config.optim
+    objective = Distillation(ready("student", student, trains=True, lr=optim.lr,
+                                   raw_last_layer=config.loss.raw_last_layer),
+                             None, config.loss, ctx.device, teacher_scores=scores)
+    schedule = _layer_schedule(config, cast(Retriever, student).num_layers, scores.teacher_layers, scores.layers)
     return objective, schedule

@@ -28,10 +28,8 @@ run's cache). Runs may share a cache folder (``teacher.cache_dir``) one at a tim
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import shutil
 import warnings
 import zlib
@@ -42,8 +40,8 @@ import numpy as np
 import torch
 
 from ..models.base import resolve_layers
-from ..runtime.errors import LeadkdError
 from ..runtime.fileio import atomic_write
+from ..runtime.row_file import RowFile
 
 META = "meta.json"
 #: Recorded in ``meta.json``: a cache written without these checksums does not match, and is rebuilt.
@@ -65,59 +63,6 @@ def row_checksums(vectors: np.ndarray, hashes: np.ndarray) -> np.ndarray:
                     dtype=np.uint32)
 
 
-def _readable_size(path: Path, dtype, shape: tuple[int, ...]) -> int | None:
-    """The size ``path`` must have for its header's array, or None when that header is not ``shape`` x
-    ``dtype`` (unreadable, cut inside, or another array)."""
-    try:
-        with open(path, "rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            found, fortran, kind = read[version](handle)
-            offset = handle.tell()
-    except (OSError, ValueError, SyntaxError, EOFError, KeyError):
-        return None
-    if tuple(found) != shape or fortran or np.dtype(kind) != np.dtype(dtype):
-        return None
-    return offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-
-
-class _RowFile:
-    """A ``.npy`` array read through a memory map and written row by row with ``os.pwrite``.
-
-    An existing file cut short is grown back to its size (the missing rows read as zeros, i.e. empty);
-    one whose header is damaged is made anew, empty. The row checksums then find the rows that lost data.
-    """
-
-    def __init__(self, path: Path, dtype, shape: tuple[int, ...], fresh: bool):
-        size = None if fresh else _readable_size(path, dtype, shape)
-        if size is None:
-            np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
-        elif os.path.getsize(path) < size:
-            os.truncate(path, size)
-        self.array = np.load(path, mmap_mode="r")
-        self.offset = self.array.offset
-        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR)
-
-    def write(self, rows: np.ndarray, values: np.ndarray) -> None:
-        values = np.ascontiguousarray(values, dtype=self.array.dtype)
-        try:
-            for row, value in zip(rows.tolist(), values, strict=True):
-                data, position = memoryview(value.tobytes()), self.offset + row * self.row_bytes
-                while data:  # a nearly full disk may take part of a write without an error; finish or raise
-                    written = os.pwrite(self.fd, data, position)
-                    if written <= 0:
-                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                    data, position = data[written:], position + written
-        except OSError as exc:
-            raise LeadkdError(f"{self.path}: cannot write the teacher cache ({exc.strerror or exc}); free space "
-                              f"there or set teacher.cache: false, then continue with --resume") from exc
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 class _Side:
     """The cached vectors of one collection (the queries, or the passages)."""
 
@@ -126,9 +71,11 @@ class _Side:
         self.empty = collection is None or len(collection) == 0  # nothing to key on: always encode
         if not self.empty:
             rows = len(collection)
-            self.vectors = _RowFile(folder / f"{name}.npy", np.float32, (rows, num_layers, dim), fresh)
-            self.hashes = _RowFile(folder / f"{name}.hash.npy", np.int64, (rows,), fresh)
-            self.checks = _RowFile(folder / f"{name}.crc.npy", np.uint32, (rows,), fresh)
+            what = "the teacher cache"
+            hint = "free space there or set teacher.cache: false, then continue with --resume"
+            self.vectors = RowFile(folder / f"{name}.npy", np.float32, (rows, num_layers, dim), fresh, what, hint)
+            self.hashes = RowFile(folder / f"{name}.hash.npy", np.int64, (rows,), fresh, what, hint)
+            self.checks = RowFile(folder / f"{name}.crc.npy", np.uint32, (rows,), fresh, what, hint)
             if not fresh:
                 self._empty_damaged_rows()
 

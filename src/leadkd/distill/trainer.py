@@ -44,6 +44,7 @@ from .checkpoint import (
 )
 from .metrics_log import MetricsLog
 from .objectives import build_objective
+from .teacher_scores import open_teacher_scores
 
 Log = Callable[[str], None]
 
@@ -109,14 +110,18 @@ class Trainer:
         corpus, queries = load_corpus(cfg.data.corpus), load_queries(cfg.data.corpus)
         groups = read_training_groups(cfg.data.train_groups, corpus=corpus, queries=queries)
         self.corpus_spec, self.corpus = cfg.data.corpus, corpus  # the groups hold it anyway; evaluation reuses it
+        scores = None
+        if isinstance(cfg, DistillConfig) and cfg.teacher.scores:  # negatives come from those it holds
+            scores = open_teacher_scores(cfg.teacher.scores, groups, cfg.data.train_groups)
         self.dataset = GroupDataset(groups, negatives=cfg.data.num_negatives, seed=cfg.seed,
-                                    random_positive=cfg.data.shuffle_positives)
+                                    random_positive=cfg.data.shuffle_positives,
+                                    negative_pool=scores.negatives if scores is not None else None)
         world_batch_check(len(self.dataset), cfg.optim.batch_size, self.ctx, cfg.data.train_groups)
         self.loader = group_loader(self.dataset, cfg.optim.batch_size, rank=self.ctx.rank,
                                    world_size=self.ctx.world_size, seed=cfg.seed)
         ckpt = resumed[0] if resumed else None
         self.objective, self.schedule = build_objective(cfg, ckpt, corpus, queries, self.ctx, self.total_steps,
-                                                        self.output, self.log)
+                                                        self.output, self.log, scores)
         self.models, self.evaluated = self.objective.models, self.objective.evaluated
         self.evaluates = cfg.eval.split is not None and isinstance(self.evaluated.model, DenseRetriever)
         if cfg.eval.split is not None and not self.evaluates:

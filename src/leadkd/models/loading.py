@@ -49,6 +49,13 @@ def load_model(path: str | os.PathLike, **overrides: Any):
     ``from_pretrained``; see :func:`~leadkd.models.base.load_backbone`).
     """
     resolved = resolve_model_path(path)
+    return model_class(detect_kind(resolved)).from_pretrained(resolved, **overrides)
+
+
+def detect_kind(path: str | os.PathLike) -> str:
+    """The kind a folder holds, as :func:`load_model` opens it: a leadkd folder's saved kind, a PyLate or
+    ColBERTv2 checkpoint's ColBERT, a reranker's cross-encoder, else a dual encoder (hub names too)."""
+    resolved = resolve_model_path(path)
     config = read_leadkd_config(resolved) if os.path.isdir(resolved) else None
     kind: str | None
     if config is None:
@@ -69,7 +76,7 @@ def load_model(path: str | os.PathLike, **overrides: Any):
             raise LeadkdError(f"{file}: no model 'kind' given")
         if kind not in MODEL_KINDS:
             raise LeadkdError(f"{file}: unknown model kind {kind!r}; known kinds: {', '.join(sorted(MODEL_KINDS))}")
-    return model_class(kind).from_pretrained(resolved, **overrides)
+    return kind
 
 
 def write_leadkd_config(directory: str | os.PathLike, kind: str, settings: dict[str, Any]) -> None:
