@@ -71,6 +71,7 @@ class Cell:
     common: dict
     variants: dict
     warmup_steps: int = 0
+    scores: bool = False  # the teacher is a score file, written once by `leadkd score-teacher` (timed)
 
 
 def _budget(steps: int, frozen: bool) -> dict:
@@ -142,6 +143,21 @@ CELLS = {
         "response_kd": RESPONSE_KD,
         "lead": {},
     }) for kind, short in (("colbert", "colbert"), ("cross_encoder", "ce"))},
+    # Score once, distill many (docs/training.md): the frozen MiniLM teacher's per-layer scores of every mined
+    # group, written once, then scifact-frozen-150's comparison from the file. Each query's teacher candidates
+    # are its own group (the paper's in-batch ones need the teacher's vectors), so the same comparison with
+    # the online teacher restricted to its own groups, on seed 0, gives the wall time beside it.
+    "scifact-scores-150": Cell("scifact", "150 steps, frozen teacher's score file (own-group candidates)", {
+        **_budget(150, False), "eval.every": 150 // 4, "checkpoint.every": 150 // 4, "teacher.train": False}, {
+        "response_kd": RESPONSE_KD,
+        "lead": {},
+    }, scores=True),
+    "scifact-frozen-own-150": Cell("scifact", "150 steps, frozen online teacher on own-group candidates", {
+        **_budget(150, False), "eval.every": 150 // 4, "checkpoint.every": 150 // 4, "teacher.train": False,
+        "loss.teacher_candidates": "own_group"}, {
+        "response_kd": RESPONSE_KD,
+        "lead": {},
+    }),
     **{f"{dataset}-mpnet-frozen-{steps}": Cell(dataset, f"MPNet teacher (12 layers, other tokenizer), {steps} steps, "
                                                         "frozen cached", {
         **_budget(steps, True), "teacher.path": MPNET_TEACHER,
@@ -223,6 +239,32 @@ def mpnet_teacher(work: Path) -> Path:
     return target
 
 
+def score_once(name: str, cell: Cell, data: dict, work: Path) -> str:
+    """The cell's teacher scored over its dataset's mined groups (every layer, float16), once; the first
+    time, the scoring's wall time and size go to ``results/study/<cell>.scoring.json``."""
+    import time
+
+    from leadkd.config import teacher_config
+    from leadkd.distill.score_teacher import score_teacher
+
+    teacher = cell.common.get("teacher.path") or os.path.relpath(data["teacher"])
+    kind = cell.common.get("teacher.kind", "dual_encoder")
+    folder = work / cell.dataset / f"scores-{kind}-{Path(teacher).name}"
+    if not (folder / "meta.json").is_file():
+        started = time.perf_counter()
+        score_teacher(teacher_config(teacher, [f"kind={kind}"]), str(data["folder"]), str(data["groups"]), folder)
+        seconds = time.perf_counter() - started
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        record = {"teacher": teacher, "kind": kind, "groups": meta["groups"]["count"], "width": meta["width"],
+                  "layers": meta["layers"], "dtype": meta["dtype"], "wall_seconds": round(seconds, 1),
+                  "groups_per_second": round(meta["groups"]["count"] / seconds, 2),
+                  "bytes": sum(f.stat().st_size for f in folder.iterdir()),
+                  "command": f"leadkd score-teacher --teacher {teacher} --data {data['folder']} --groups "
+                             f"{os.path.relpath(data['groups'])} --output {folder} kind={kind}"}
+        (RESULTS / f"{name}.scoring.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return str(folder)
+
+
 def cell_spec(name: str, seeds: list[int], work: Path) -> Path:
     cell = CELLS[name]
     if cell.common.get("teacher.path") == MPNET_TEACHER:
@@ -230,7 +272,10 @@ def cell_spec(name: str, seeds: list[int], work: Path) -> Path:
     if cell.common.get("teacher.kind") in TEACHER_KINDS:
         warm_teacher(cell.common["teacher.kind"], cell.dataset, work)
     base, data = base_config(cell.dataset, work, cell.warmup_steps)
-    spec = {"kind": "compare", "base": str(base), "set": cell.common, "variants": cell.variants,
+    common = dict(cell.common)
+    if cell.scores:
+        common["teacher.scores"] = score_once(name, cell, data, work)
+    spec = {"kind": "compare", "base": str(base), "set": common, "variants": cell.variants,
             "reference": "response_kd",
             "seeds": seeds, "evaluate": {"test": {"data": str(data["folder"]), "split": data["splits"]["test"]}},
             "measures": ["nDCG@10", "R@100"], "output_dir": str(work / "study" / name),

@@ -163,9 +163,9 @@ def run_cli(*args) -> tuple[int, str]:
 def test_cli_mines_with_bm25_without_a_model(tmp_path, monkeypatch):
     data = make_tiny_beir(tmp_path / "beir")
     out = tmp_path / "groups.jsonl"
-    import leadkd.cli
+    import leadkd.cli.commands
 
-    monkeypatch.setattr(leadkd.cli, "_load_model", lambda args: pytest.fail("BM25 mining loaded a model"))
+    monkeypatch.setattr(leadkd.cli.commands, "_load_model", lambda args: pytest.fail("BM25 mining loaded a model"))
     status, err = run_cli("mine", "--data", data, "--retriever", "bm25", "--depth", "20", "--range", "1:20",
                           "--negatives", "4", "--bm25-k1", "1.5", "--output", out)
     assert status == 0, err

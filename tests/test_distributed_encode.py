@@ -230,5 +230,5 @@ def test_what_evaluates_still_needs_judgments(tmp_path, tiny_bert, capsys):
 
 
 def test_cli_module_runs_as_a_torchrun_target():
-    source = Path(__file__).resolve().parents[1] / "src" / "leadkd" / "cli.py"
-    assert 'if __name__ == "__main__":\n    sys.exit(main())' in source.read_text()
+    source = Path(__file__).resolve().parents[1] / "src" / "leadkd" / "cli" / "__main__.py"
+    assert "from . import main\n\nsys.exit(main())" in source.read_text()

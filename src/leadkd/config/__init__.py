@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         load_config,
         parse_student_init,
         save_config,
+        teacher_config,
         validate_config,
     )
     from .layer_strategy import parse_layer_map
@@ -48,7 +49,7 @@ __all__ = [
     "LayerConfig", "OptimConfig", "CheckpointConfig", "EvalConfig", "TrainConfig", "DistillConfig",
     "Config", "JOB_KINDS", "MODEL_KINDS", "load_config", "config_from_dict", "config_to_dict", "save_config",
     "validate_config", "changed_settings", "todays_spelling", "parse_student_init", "parse_layer_map",
-    "read_config_file",
+    "read_config_file", "teacher_config",
 ]
 
 #: Where each name lives; the job models' module unless said.

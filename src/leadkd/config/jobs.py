@@ -407,3 +407,15 @@ def save_config(config: Config, path: str | os.PathLike) -> Path:
         handle.write(f"# leadkd {kind} config, every option resolved; load_config(path, kind={kind!r}) reads it back\n")
         handle.write(text)
     return path
+
+
+def teacher_config(path: str, overrides: Sequence[str] = ()) -> TeacherConfig:
+    """A teacher section alone (``leadkd score-teacher``): ``path`` and ``key=value`` options of a config's
+    ``teacher:`` section (``kind=colbert``, ``max_passage_length=180``), checked with one-line errors."""
+    data, origins, _ = read_sources(None, [f"teacher.{text}" for text in overrides])
+    try:
+        return TeacherConfig.model_validate({**data.get("teacher", {}), "path": path})
+    except ValidationError as exc:
+        problem = problem_of(exc, TeacherConfig)
+        where = origin_of("teacher." + problem.dotted, origins, "--teacher")
+        raise ConfigError(f"{where}: teacher.{problem}") from None

@@ -127,7 +127,7 @@ class TeacherScores:
         for begin in range(0, len(self.rows), chunk):
             rows = np.asarray(self.rows[begin:begin + chunk])
             scores = np.asarray(self.scores[begin:begin + chunk])
-            bad = _bad_rows(scores, rows)
+            bad = bad_rows(scores, rows)
             if len(bad):
                 g, why = begin + int(bad[0][0]), bad[0][1]
                 more = f" (and {len(bad) - 1} more rows of these {len(rows)})" if len(bad) > 1 else ""
@@ -143,7 +143,7 @@ class TeacherScores:
         """The checked float32 rows ``[B, candidates, slices]`` of these groups (a bad row is refused)."""
         index = np.asarray(group_rows, dtype=np.int64)
         scores, rows = np.asarray(self.scores[index]), np.asarray(self.rows[index])
-        bad = _bad_rows(scores, rows)
+        bad = bad_rows(scores, rows)
         if len(bad):
             raise self._row_error(int(index[bad[0][0]]), bad[0][1])
         for i, g in enumerate(index.tolist()):
@@ -161,7 +161,7 @@ class TeacherScores:
         return torch.from_numpy(np.ascontiguousarray(picked[:, :, slices].transpose(2, 0, 1)))
 
 
-def _bad_rows(scores: np.ndarray, rows: np.ndarray) -> list[tuple[int, str]]:
+def bad_rows(scores: np.ndarray, rows: np.ndarray) -> list[tuple[int, str]]:
     """(position, reason) of each row in this chunk that is unwritten, damaged or not finite."""
     bad = []
     for i in range(len(rows)):
