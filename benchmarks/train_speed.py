@@ -10,6 +10,13 @@ and CPU time alongside). Reported as ratios:
 - sentence-transformers / ours, contrastive step of the student alone   (target >= 1.1)
 - LEAD with a frozen, cached teacher / the student-only contrastive step (target <= 1.10): the step the
   long runs rely on, once the teacher's vectors are cached (one untimed epoch fills the cache first)
+- LEAD from a teacher score file (``teacher.scores``, the MiniLM teacher's, every layer) / the student-only
+  contrastive step (target <= 1.05), and LEAD from a cross-encoder teacher's score file / the same step
+  with that cross-encoder frozen and run online on each query's own group (the step it replaces)
+- ``leadkd score-teacher`` throughput (groups/s, every layer) / the same teacher's plain scoring of the
+  same pairs (target >= 0.9): for the cross-encoder its ``score_pairs`` (final score only, pairs sorted
+  by length, what ``leadkd rerank`` runs), for the dual encoder its final-score-only ``encode_batch`` of
+  the same groups
 
 The sentence-transformers step is its MultipleNegativesRankingLoss (in-batch + hard negatives, scale
 20, the loss it trains retrievers with) on the same texts, then fused AdamW as its trainer's default;
@@ -79,9 +86,15 @@ def make_trainer(kind: str, root: Path, args, folder: Path, groups: Path, studen
     else:
         layer = "none" if kind == "response_kd" else "lead"
         frozen = ["teacher.train=false", "teacher.cache=true"] if kind == "lead_frozen_cached" else []
-        config = load_config(None, common + frozen + ["teacher.path=all-MiniLM-L6-v2", f"student.path={student_dir}",
-                                                      f"loss.layer={layer}", f"layers.k={args.k}"]
-                             + [f"teacher.{x}" for x in lengths] + [f"student.{x}" for x in lengths], kind="distill")
+        teacher = ["teacher.path=all-MiniLM-L6-v2"] + [f"teacher.{x}" for x in lengths]
+        if kind in ("lead_scores", "lead_ce_scores"):  # no teacher runs: its scores are read from the file
+            teacher = [f"teacher.scores={root / kind.replace('lead_', '')}", "teacher.train=false"]
+        elif kind == "lead_online_ce":
+            teacher = [f"teacher.path={root / 'ce'}", "teacher.kind=cross_encoder", "teacher.train=false",
+                       "loss.teacher_candidates=own_group"] + [f"teacher.{x}" for x in lengths]
+        config = load_config(None, common + frozen + teacher + [f"student.path={student_dir}", f"loss.layer={layer}",
+                                                                f"layers.k={args.k}"]
+                             + [f"student.{x}" for x in lengths], kind="distill")
     trainer = Trainer(config, log=lambda m: None, show_progress=False)
     trainer._iterator = trainer._batches()
     return trainer
@@ -131,6 +144,67 @@ def time_steps(step, count: int) -> tuple[float, float]:
     return (time.perf_counter() - started) / count, (time.process_time() - cpu) / count
 
 
+def scoring_throughput(root: Path, folder: Path, groups: Path, args) -> dict:
+    """Groups per second of ``score-teacher`` (every layer) and of the same teacher's plain scoring, for the
+    MiniLM dual encoder and a cross-encoder on MiniLM's backbone; alternated over ``args.repeats`` rounds,
+    the ratio the median of each round's. Leaves the score folders ``root/scores`` and ``root/ce_scores``."""
+    import shutil
+
+    from leadkd.config import teacher_config
+    from leadkd.data.datasets import load_corpus, load_queries
+    from leadkd.data.groups import read_training_groups
+    from leadkd.distill.score_teacher import score_teacher
+    from leadkd.models import CrossEncoder
+    from leadkd.models.base import resolve_model_path
+    from leadkd.models.dual_encoder import DualEncoder
+
+    CrossEncoder.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"),
+                                 max_length=args.query_length + args.passage_length).save_pretrained(root / "ce")
+    lengths = [f"max_query_length={args.query_length}", f"max_passage_length={args.passage_length}"]
+    teachers = {"scores": teacher_config("all-MiniLM-L6-v2", ["kind=dual_encoder", *lengths]),
+                "ce_scores": teacher_config(str(root / "ce"), ["kind=cross_encoder", *lengths])}
+    every = read_training_groups(groups, corpus=load_corpus(str(folder)), queries=load_queries(str(folder)))
+    pairs = [(every.query_text(g), every.passage(k)) for g in range(len(every))
+             for k in [*every.positive_keys(g), *every.negative_keys(g)]]
+    ce = CrossEncoder.from_pretrained(root / "ce")
+    de = DualEncoder.from_pretrained("all-MiniLM-L6-v2", max_query_length=args.query_length,
+                                     max_passage_length=args.passage_length)
+    size = 1 + args.negatives
+
+    def plain_ce() -> None:
+        ce.score_pairs([q for q, _ in pairs], [p for _, p in pairs], batch_size=args.score_batch * size)
+
+    def plain_de() -> None:
+        with torch.no_grad():
+            for start in range(0, len(every), args.score_batch):
+                chunk = range(start, min(start + args.score_batch, len(every)))
+                passages = [p for _, p in pairs[start * size:(start + len(chunk)) * size]]
+                de.encode_batch([every.query_text(g) for g in chunk], passages, [], final=True).scores()
+
+    def scored(name: str):
+        def run() -> None:
+            shutil.rmtree(root / name, ignore_errors=True)
+            score_teacher(teachers[name], str(folder), str(groups), root / name, batch_size=args.score_batch,
+                          log=lambda m: None, show_progress=False)
+        return run
+
+    runs = {"de_score_teacher": scored("scores"), "de_plain": plain_de,
+            "ce_score_teacher": scored("ce_scores"), "ce_plain": plain_ce}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():  # warm-up
+        run()
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - started)
+    return {"groups": len(every), "pairs": len(pairs), "groups_per_forward": args.score_batch,
+            "groups_per_second": {name: len(every) / statistics.median(v) for name, v in seconds.items()},
+            "all_seconds": seconds,
+            "ratios": {"de_score_teacher_over_plain": paired_ratio(seconds["de_plain"], seconds["de_score_teacher"]),
+                       "ce_score_teacher_over_plain": paired_ratio(seconds["ce_plain"], seconds["ce_score_teacher"])}}
+
+
 def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     """Median over repeats of the ratio within each repeat: the two were timed back to back, so a slow
     spell of the machine hits both and cancels out, unlike a ratio of two separate medians."""
@@ -147,6 +221,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and repeat")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--score-batch", type=int, default=8, help="groups per score-teacher forward")
     parser.add_argument("--output", default=str(HERE / "results" / "train_speed.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -165,8 +240,11 @@ def main() -> None:
 
     student_dir = root / "student"
     student_from_teacher(teacher, (0, 2, 4), Lengths).save_pretrained(student_dir)
+    scoring = scoring_throughput(root, folder, groups, args)
+    print(f"scoring: {json.dumps(scoring['ratios'])}", flush=True)
     variants = {name: make_trainer(name, root, args, folder, groups, student_dir)
-                for name in ("lead", "response_kd", "contrastive", "lead_frozen_cached")}
+                for name in ("lead", "response_kd", "contrastive", "lead_frozen_cached", "lead_scores",
+                             "lead_ce_scores", "lead_online_ce")}
     steps = {name: trainer.train_step for name, trainer in variants.items()}
     steps["sentence_transformers"] = SentenceTransformersStep(student_dir, variants["contrastive"], args).step
     for step in steps.values():  # warm-up: first-call allocations, lazy imports
@@ -197,17 +275,28 @@ def main() -> None:
                    "sentence_transformers_over_ours_contrastive": paired_ratio(times["sentence_transformers"],
                                                                                times["contrastive"]),
                    "lead_frozen_cached_over_contrastive": paired_ratio(times["lead_frozen_cached"],
-                                                                       times["contrastive"])},
+                                                                       times["contrastive"]),
+                   "lead_scores_over_contrastive": paired_ratio(times["lead_scores"], times["contrastive"]),
+                   "lead_ce_scores_over_lead_online_ce": paired_ratio(times["lead_ce_scores"],
+                                                                      times["lead_online_ce"])},
         "cpu_time_ratios": {"lead_over_response_kd": paired_ratio(cpu["lead"], cpu["response_kd"]),
                             "sentence_transformers_over_ours_contrastive": paired_ratio(
                                 cpu["sentence_transformers"], cpu["contrastive"]),
                             "lead_frozen_cached_over_contrastive": paired_ratio(
-                                cpu["lead_frozen_cached"], cpu["contrastive"])},
+                                cpu["lead_frozen_cached"], cpu["contrastive"]),
+                            "lead_scores_over_contrastive": paired_ratio(cpu["lead_scores"], cpu["contrastive"]),
+                            "lead_ce_scores_over_lead_online_ce": paired_ratio(cpu["lead_ce_scores"],
+                                                                               cpu["lead_online_ce"])},
+        "score_teacher": scoring,
         "setup": {"student": "all-MiniLM-L6-v2 blocks 0,2,4", "teacher": "all-MiniLM-L6-v2 (trained jointly)",
                   "batch": f"{args.batch} queries x (1 + {args.negatives}) passages, in-batch negatives",
                   "query_length": args.query_length, "passage_length": args.passage_length, "k": args.k,
                   "threads": args.threads, "steps": args.steps, "repeats": args.repeats,
-                  "lead_frozen_cached": f"teacher frozen, its vectors cached after one untimed epoch ({cache_fill})"},
+                  "lead_frozen_cached": f"teacher frozen, its vectors cached after one untimed epoch ({cache_fill})",
+                  "lead_scores": "teacher.scores: the MiniLM teacher's score file (every layer, float16)",
+                  "lead_ce_scores": "teacher.scores: the cross-encoder teacher's score file (every layer, float16)",
+                  "lead_online_ce": "the cross-encoder (MiniLM's backbone, linear head) frozen, run online on "
+                                    "each query's own group (loss.teacher_candidates: own_group)"},
         "versions": {"torch": torch.__version__, "python": platform.python_version(),
                      "sentence_transformers": __import__("sentence_transformers").__version__,
                      "transformers": __import__("transformers").__version__},

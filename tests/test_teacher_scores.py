@@ -163,11 +163,16 @@ def test_a_finished_folder_is_checked_and_only_its_bad_rows_scored_again(setup, 
 
     folder = score(setup, "dual_encoder", tmp_path / "s")
     reference = np.load(folder / "scores.npy")
+    said = []
+    original = module._Writer.write
+    monkeypatch.setattr(module._Writer, "write", lambda *a: pytest.fail("a sound folder was scored again"))
+    score(setup, "dual_encoder", folder, log=said.append)
+    assert said == [f"{folder}: already scored for this teacher, these settings and groups; every row checks"]
+    monkeypatch.setattr(module._Writer, "write", original)
     flip(folder / "scores.npy", row=5, width=5 * 4 * 4)
     with pytest.raises(InputError, match=r"s: group 5 \(query 'q5'\): fails its checksum"):
         open_groups_scores(setup, folder)
     again = []
-    original = module._Writer.write
     monkeypatch.setattr(module._Writer, "write", lambda self, rows, *a: (again.append(rows.tolist()),
                                                                           original(self, rows, *a)))
     score(setup, "dual_encoder", tmp_path / "s")
@@ -443,3 +448,40 @@ def test_the_cli_says_one_line_and_exits_2(setup, scored, tmp_path, capsys):
 def test_settings_a_score_file_cannot_serve_are_refused(setup, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         from_file(setup, tmp_path / "s", tmp_path / "b", **overrides)
+
+
+def test_a_row_scored_for_other_candidate_ids_is_refused(setup, scored, tmp_path):
+    """A row whose checksum holds but whose id hash is not its group's (as if scored under another
+    candidate rule): the sampled id check at opening names it."""
+    from leadkd.distill.teacher_scores import row_checksum
+
+    folder = copy_of(scored, tmp_path)
+    scores, rows = np.load(folder / "scores.npy", mmap_mode="r"), np.load(folder / "rows.npy", mmap_mode="r+")
+    rows[7, 2] += 1
+    rows[7, 3] = row_checksum(scores[7], *(int(v) for v in rows[7, :3]))
+    rows.flush()
+    with pytest.raises(InputError, match=r"s: group 7 \(query 'q7'\): was scored for other candidate ids"):
+        open_groups_scores(setup, folder)
+
+
+@pytest.mark.parametrize("value, message", [
+    (float("nan"), (r"group \d+ \(query 'q\d+'\): a NaN or infinite score from the teacher; nothing of it was "
+                   "written")),
+    (1e6, (r"group \d+ \(query 'q\d+'\): a score beyond float16's range \(\|score\| up to 1e\+06\); use "
+          "--dtype float32")),
+])
+def test_a_teacher_giving_non_finite_scores_writes_nothing_of_that_group(setup, tmp_path, monkeypatch, value, message):
+    from leadkd.models.dual_encoder import DualEncoder
+
+    original = DualEncoder.encode_batch
+
+    def broken(self, *args, **kwargs):
+        found = original(self, *args, **kwargs)
+        scores = found.scores()
+        return type("Scores", (), {"scores": lambda _: scores.index_fill(-1, torch.tensor([1]), value)})()
+
+    monkeypatch.setattr(DualEncoder, "encode_batch", broken)
+    with pytest.raises(LeadkdError, match=message):
+        score(setup, "dual_encoder", tmp_path / "s", dtype="float16")
+    rows = np.load(tmp_path / ".s.partial" / "rows.npy")
+    assert not rows.any()

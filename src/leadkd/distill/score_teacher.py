@@ -28,7 +28,7 @@ from ..data.datasets import load_corpus, load_queries
 from ..data.groups import read_training_groups
 from ..models.base import Retriever, resolve_layers, resolve_model_path
 from ..models.loading import build_model
-from ..runtime.distributed import DistContext
+from ..runtime.distributed import DistContext, all_gather_object
 from ..runtime.errors import ConfigError, LeadkdError
 from ..runtime.fileio import atomic_write, check_replaceable, remove_tree
 from ..runtime.row_file import RowFile
@@ -108,17 +108,28 @@ class _Writer:
             file.close()
 
 
-def _prepare_folder(output: Path, partial: Path, meta: dict[str, Any], overwrite: bool, log: Log) -> str:
-    """Rank 0: decide what to do with what is on disk. ``done`` (a complete folder for this request),
-    ``resume`` (continue ``partial``) or ``fresh`` (``partial`` made anew); a mismatch is refused in one line."""
+def _prepare_folder(output: Path, partial: Path, meta: dict[str, Any], groups: int, overwrite: bool,
+                    log: Log) -> str:
+    """Rank 0: decide what to do with what is on disk: ``done`` (a complete folder for this request, every
+    row sound), ``resume`` (continue ``partial``; a finished folder with bad rows becomes one) or ``fresh``
+    (``partial`` made anew). A folder or unfinished one of another request is refused in one line."""
     if output.exists():
         check_replaceable(output, (META,))
         stored = read_meta(output) if (output / META).is_file() else None
         if stored is not None and _same_groups(stored, meta) and not _differences(stored, meta):
+            writer = _Writer(output, meta, groups, fresh=False)
+            try:
+                bad = len(writer.unfinished(np.arange(groups, dtype=np.int64)))
+            finally:
+                writer.close(sync=False)
+            if not bad:
+                log(f"{output}: already scored for this teacher, these settings and groups; every row checks")
+                return "done"
+            log(f"{output}: {bad} rows fail their checks; scoring them again")
             if partial.exists():
                 shutil.rmtree(partial)
-            os.replace(output, partial)  # checked (and, where rows fail, completed) as an unfinished one
-            return "check"
+            os.replace(output, partial)  # completed as an unfinished one, then published again
+            return "resume"
         if not overwrite and stored is not None:
             raise LeadkdError(f"{output}: holds scores of another request (differs in "
                               f"{', '.join(_differences(stored, meta)) or 'the groups file'}); choose another "
@@ -186,14 +197,17 @@ def score_teacher(teacher: TeacherConfig, data: str, groups_path: str, output: s
             "written_by": _version()}
     output = Path(output)
     partial = output.with_name(f".{output.name}.partial")
-    state = _prepare_folder(output, partial, meta, overwrite, log) if ctx.is_main else ""
-    ctx.barrier()
+    state = _prepare_folder(output, partial, meta, len(groups), overwrite, log) if ctx.is_main else ""
+    if ctx.is_distributed:
+        state = all_gather_object(state)[0]  # rank 0's decision, for every process
+    if state == "done":
+        return output
     writer = _Writer(partial, meta, len(groups), fresh=False)
     started = time.perf_counter()
     try:
         share = np.arange(ctx.rank, len(groups), ctx.world_size, dtype=np.int64)
         todo = writer.unfinished(share) if state != "fresh" else share
-        if ctx.is_main and state in ("resume", "check") and len(todo):
+        if ctx.is_main and state == "resume":
             log(f"{partial}: {len(share) - len(todo)} of this process's {len(share)} groups already scored; "
                 f"scoring the other {len(todo)}")
         _score(retriever, groups, candidates, todo, sizes, asked, batch_size, raw_last_layer, writer, meta, ctx,
