@@ -91,7 +91,7 @@ def make_trainer(kind: str, root: Path, args, folder: Path, groups: Path, studen
             teacher = [f"teacher.scores={root / kind.replace('lead_', '')}", "teacher.train=false"]
         elif kind == "lead_online_ce":
             teacher = [f"teacher.path={root / 'ce'}", "teacher.kind=cross_encoder", "teacher.train=false",
-                       "loss.teacher_candidates=own_group"] + [f"teacher.{x}" for x in lengths]
+                       "loss.teacher_candidates=own_group"]  # its folder's pair length: query + passage tokens
         config = load_config(None, common + frozen + teacher + [f"student.path={student_dir}", f"loss.layer={layer}",
                                                                 f"layers.k={args.k}"]
                              + [f"student.{x}" for x in lengths], kind="distill")
@@ -162,7 +162,7 @@ def scoring_throughput(root: Path, folder: Path, groups: Path, args) -> dict:
                                  max_length=args.query_length + args.passage_length).save_pretrained(root / "ce")
     lengths = [f"max_query_length={args.query_length}", f"max_passage_length={args.passage_length}"]
     teachers = {"scores": teacher_config("all-MiniLM-L6-v2", ["kind=dual_encoder", *lengths]),
-                "ce_scores": teacher_config(str(root / "ce"), ["kind=cross_encoder", *lengths])}
+                "ce_scores": teacher_config(str(root / "ce"), ["kind=cross_encoder"])}  # the folder's pair length
     every = read_training_groups(groups, corpus=load_corpus(str(folder)), queries=load_queries(str(folder)))
     pairs = [(every.query_text(g), every.passage(k)) for g in range(len(every))
              for k in [*every.positive_keys(g), *every.negative_keys(g)]]

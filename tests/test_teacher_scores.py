@@ -273,22 +273,24 @@ def test_resume_from_the_file_is_exact(setup, tmp_path):
     assert losses(stopped) == losses(straight)
 
 
-def _train_worker(rank: int, port: int, setup: dict, out: str, kind: str) -> None:
+def _train_worker(rank: int, port: int, setup: dict, out: str, teacher: str, source: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     root = Path(out)
     overrides = {"optim.batch_size": 2}
-    config = (from_file(setup, root / "s", root / "file", **overrides) if kind == "file"
-              else online(setup, "colbert", root / "online", **overrides))
-    torch.save(first_step(config), root / f"{kind}{rank}.pt")
+    config = (from_file(setup, root / "s", root / "file", **overrides) if source == "file"
+              else online(setup, teacher, root / "online", **overrides))
+    torch.save(first_step(config), root / f"{source}{rank}.pt")
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_from_the_file_equal_the_online_teacher(setup, tmp_path):
-    exact_score(setup, "colbert", tmp_path / "s")
-    for kind in ("file", "online"):
-        run_processes(_train_worker, (free_port(), setup, str(tmp_path), kind), 2, 180)
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_gloo_processes_from_the_file_equal_the_online_teacher(setup, tmp_path, kind):
+    """Each process holds 2 of the 4 queries; the student's ground truth gathers the other's passages."""
+    exact_score(setup, kind, tmp_path / "s")
+    for source in ("file", "online"):
+        run_processes(_train_worker, (free_port(), setup, str(tmp_path), kind, source), 2, 180)
     for rank in range(2):
         found = torch.load(tmp_path / f"file{rank}.pt", weights_only=False)
         reference = torch.load(tmp_path / f"online{rank}.pt", weights_only=False)
@@ -485,3 +487,9 @@ def test_a_teacher_giving_non_finite_scores_writes_nothing_of_that_group(setup, 
         score(setup, "dual_encoder", tmp_path / "s", dtype="float16")
     rows = np.load(tmp_path / ".s.partial" / "rows.npy")
     assert not rows.any()
+
+
+def test_the_model_card_names_the_teacher_that_scored_the_file(setup, scored, tmp_path):
+    run_job(from_file(setup, scored, tmp_path / "b", **{"optim.steps": 1}), log=lambda m: None)
+    card = (tmp_path / "b" / "final" / "README.md").read_text()
+    assert f"{setup['dual_encoder']} (dual_encoder), frozen, its scores read from {scored}" in card

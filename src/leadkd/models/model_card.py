@@ -48,7 +48,22 @@ def _origin(config) -> tuple[str | None, list[tuple[str, Any]]]:
               else student.path),
              ("teacher", f"{teacher.path} ({teacher.kind}, "
                          + ("trained jointly" if teacher.train else "frozen") + ")")]
+    if teacher.scores:  # no teacher ran: its scores were read from a file (`leadkd score-teacher`)
+        scored_by = _scored_by(teacher.scores) or teacher.path or "unnamed"
+        lines[-1] = ("teacher", f"{scored_by}, frozen, its scores read from {teacher.scores}")
     return base, lines
+
+
+def _scored_by(scores: str) -> str | None:
+    """The teacher a score folder names (its ``meta.json``), as ``path (kind)``; None for a published file."""
+    import json
+    from pathlib import Path
+
+    meta = Path(scores) / "meta.json"
+    if not meta.is_file():
+        return None
+    teacher = json.loads(meta.read_text(encoding="utf-8")).get("teacher", {})
+    return f"{teacher.get('path')} ({teacher.get('kind')})"
 
 
 def _settings(config) -> list[tuple[str, Any]]:
