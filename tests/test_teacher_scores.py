@@ -317,23 +317,35 @@ def test_random_pairs_draw_only_stored_layers_and_a_fixed_strategy_needing_anoth
 # --------------------------------------------------------------------------- files others publish
 
 def write_published(path: Path, setup, scores: np.ndarray, header: bool = True) -> Path:
+    """``qid pid score`` lines (TSV), or JSON lines for a ``.jsonl`` name, gzipped for a ``.gz`` one."""
+    import gzip
+
     groups = open_groups(setup)
-    lines = ["query-id\tcorpus-id\tscore"] if header else []
+    as_json = ".jsonl" in path.name
+    lines = ["query-id\tcorpus-id\tscore"] if header and not as_json else []
     for g in range(len(groups)):
         keys = [*groups.positive_keys(g), *groups.negative_keys(g)]
-        lines += [f"{groups.query_id(g)}\t{groups.passage_id(k)}\t{float(scores[g, j])!r}" for j, k in enumerate(keys)]
-    path.write_text("\n".join(lines) + "\n")
+        for j, k in enumerate(keys):
+            qid, pid, value = groups.query_id(g), groups.passage_id(k), float(scores[g, j])
+            lines.append(json.dumps({"query_id": qid, "corpus_id": pid, "score": value}) if as_json
+                         else f"{qid}\t{pid}\t{value!r}")
+    text = "\n".join(lines) + "\n"
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
     return path
 
 
-def test_a_published_qid_pid_score_file_equals_a_score_folder_of_the_same_final_scores(setup, tmp_path):
+@pytest.mark.parametrize("name", ["ce.tsv", "ce.jsonl.gz"])
+def test_a_published_qid_pid_score_file_equals_a_score_folder_of_the_same_final_scores(setup, tmp_path, name):
     folder = score(setup, "cross_encoder", tmp_path / "s", layers="2")
-    published = write_published(tmp_path / "ce.tsv", setup, np.load(folder / "scores.npy")[:, :, -1])
+    published = write_published(tmp_path / name, setup, np.load(folder / "scores.npy")[:, :, -1])
     overrides = {"loss.layer": "none", "loss.response": "margin_mse"}
     run_job(from_file(setup, folder, tmp_path / "a", **overrides), log=lambda m: None)
     run_job(from_file(setup, published, tmp_path / "b", **overrides), log=lambda m: None)
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
-    with pytest.raises(ConfigError, match=r"loss.layer=lead compares teacher layers, but .*ce.tsv holds final "
+    with pytest.raises(ConfigError, match=r"loss.layer=lead compares teacher layers, but .*ce.* holds final "
                                           "scores only"):
         Trainer(from_file(setup, published, tmp_path / "c"), log=lambda m: None)
 
@@ -493,3 +505,9 @@ def test_the_model_card_names_the_teacher_that_scored_the_file(setup, scored, tm
     run_job(from_file(setup, scored, tmp_path / "b", **{"optim.steps": 1}), log=lambda m: None)
     card = (tmp_path / "b" / "final" / "README.md").read_text()
     assert f"{setup['dual_encoder']} (dual_encoder), frozen, its scores read from {scored}" in card
+
+
+def test_a_file_scored_with_another_last_layer_view_is_refused_for_lead(setup, scored, tmp_path):
+    with pytest.raises(ConfigError, match=r"loss.colbert_last_layer=final, but .*s was scored with "
+                                          "--colbert-last-layer raw"):
+        Trainer(from_file(setup, scored, tmp_path / "b", **{"loss.colbert_last_layer": "final"}), log=lambda m: None)

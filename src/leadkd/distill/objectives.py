@@ -260,6 +260,10 @@ def _from_scores(config: DistillConfig, checkpoint: Path | None, scores: Teacher
     student from its blocks (``student.init``, not on resume) or to check it scored the file."""
     if config.teacher.path is not None:
         check_scored_by(scores, config.teacher.path)
+    stored_raw = scores.meta.get("raw_last_layer", config.loss.raw_last_layer)
+    if config.loss.layer == "lead" and stored_raw != config.loss.raw_last_layer:
+        raise ConfigError(f"loss.colbert_last_layer={config.loss.colbert_last_layer}, but {scores.source} was scored "
+                          f"with --colbert-last-layer {'raw' if stored_raw else 'final'}; score it with the same view")
     if config.loss.layer == "lead" and not scores.layers:
         raise ConfigError(f"loss.layer=lead compares teacher layers, but {scores.source} holds final scores only; "
                           "score per layer with `leadkd score-teacher --layers all`, or set loss.layer: none")
