@@ -508,6 +508,14 @@ def test_the_model_card_names_the_teacher_that_scored_the_file(setup, scored, tm
 
 
 def test_a_file_scored_with_another_last_layer_view_is_refused_for_lead(setup, scored, tmp_path):
-    with pytest.raises(ConfigError, match=r"loss.colbert_last_layer=final, but .*s was scored with "
-                                          "--colbert-last-layer raw"):
+    with pytest.raises(ConfigError, match=r"the layer loss reads the last layer final, but .*s stores it raw; "
+                                          "score it with the loss's last-layer view"):
         Trainer(from_file(setup, scored, tmp_path / "b", **{"loss.colbert_last_layer": "final"}), log=lambda m: None)
+
+
+def test_bf16_scoring_is_recorded_and_close_to_float32(setup, scored, tmp_path):
+    folder = score(setup, "dual_encoder", tmp_path / "b", bf16=True)
+    assert json.loads((folder / "meta.json").read_text())["compute"] == "bfloat16 autocast"
+    found, reference = np.load(folder / "scores.npy"), np.load(scored / "scores.npy")
+    assert not np.array_equal(found, reference)
+    np.testing.assert_allclose(found, reference, rtol=0.03)

@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--colbert-last-layer", choices=["raw", "final"], default="raw",
                    help="a ColBERT teacher's last layer in the layer view, as loss.colbert_last_layer (default raw)")
+    p.add_argument("--bf16", action="store_true", help="run the teacher under bfloat16 autocast (a GPU's fast "
+                                                       "path; scores then differ from float32 by its rounding)")
     p.add_argument("--overwrite", action="store_true", help="replace a score folder of another request")
     p.add_argument("options", nargs="*", metavar="KEY=VALUE",
                    help="teacher options as in a config's teacher section, e.g. kind=cross_encoder "

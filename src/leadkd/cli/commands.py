@@ -399,7 +399,8 @@ def cmd_score_teacher(args) -> None:
     teacher = teacher_config(args.teacher, options)
     score_teacher(teacher, args.data, args.groups, args.output, layers=args.layers, negatives=args.candidates,
                   dtype=args.dtype, batch_size=args.batch_size, raw_last_layer=args.colbert_last_layer == "raw",
-                  overwrite=args.overwrite, ctx=args.process_context, log=_say, show_progress=_is_main(args))
+                  overwrite=args.overwrite, bf16=args.bf16, ctx=args.process_context, log=_say,
+                  show_progress=_is_main(args))
 
 
 def cmd_quickstart(args) -> None:

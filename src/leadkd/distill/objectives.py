@@ -262,8 +262,9 @@ def _from_scores(config: DistillConfig, checkpoint: Path | None, scores: Teacher
         check_scored_by(scores, config.teacher.path)
     stored_raw = scores.meta.get("raw_last_layer", config.loss.raw_last_layer)
     if config.loss.layer == "lead" and stored_raw != config.loss.raw_last_layer:
-        raise ConfigError(f"loss.colbert_last_layer={config.loss.colbert_last_layer}, but {scores.source} was scored "
-                          f"with --colbert-last-layer {'raw' if stored_raw else 'final'}; score it with the same view")
+        views = {True: "raw", False: "final"}
+        raise ConfigError(f"the layer loss reads the last layer {views[config.loss.raw_last_layer]}, but "
+                          f"{scores.source} stores it {views[stored_raw]}; score it with the loss's last-layer view")
     if config.loss.layer == "lead" and not scores.layers:
         raise ConfigError(f"loss.layer=lead compares teacher layers, but {scores.source} holds final scores only; "
                           "score per layer with `leadkd score-teacher --layers all`, or set loss.layer: none")

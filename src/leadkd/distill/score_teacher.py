@@ -162,13 +162,14 @@ def _batches(todo: np.ndarray, sizes: np.ndarray, batch_size: int) -> list[np.nd
 
 def score_teacher(teacher: TeacherConfig, data: str, groups_path: str, output: str | os.PathLike,
                   layers: str | Sequence[int] | None = "all", negatives: int | None = None, dtype: str = "float16",
-                  batch_size: int = 8, raw_last_layer: bool = True, overwrite: bool = False,
+                  batch_size: int = 8, raw_last_layer: bool = True, overwrite: bool = False, bf16: bool = False,
                   ctx: DistContext | None = None, log: Log = print, show_progress: bool = True,
                   ) -> Path:
     """Score every group of ``groups_path`` with ``teacher`` into the folder ``output``; returns it.
 
     ``negatives`` keeps each group's first N mined negatives (all for None), ``layers`` the teacher layers
-    stored (``raw_last_layer``: ColBERT's last layer raw in the layer view, ``loss.colbert_last_layer``).
+    stored (``raw_last_layer``: ColBERT's last layer raw in the layer view, ``loss.colbert_last_layer``);
+    ``bf16`` runs the teacher under bfloat16 autocast (a GPU's fast path; recorded in ``meta.json``).
     Rerunning the same command continues an interrupted one, or checks (and repairs) a finished one.
     """
     ctx = ctx or DistContext()
@@ -192,6 +193,7 @@ def score_teacher(teacher: TeacherConfig, data: str, groups_path: str, output: s
                         "num_layers": retriever.num_layers,
                         "fingerprint": weights_fingerprint(resolve_model_path(teacher.path))},
             "layers": asked, "raw_last_layer": raw_last_layer, "dtype": dtype, "negatives": negatives,
+            "compute": "bfloat16 autocast" if bf16 else "float32",
             "width": int(sizes.max()) if len(sizes) else 0,
             "groups": {"path": str(groups_path), "sha256": file_sha256(groups_path), "count": len(groups)},
             "written_by": _version()}
@@ -210,8 +212,10 @@ def score_teacher(teacher: TeacherConfig, data: str, groups_path: str, output: s
         if ctx.is_main and state == "resume":
             log(f"{partial}: {len(share) - len(todo)} of this process's {len(share)} groups already scored; "
                 f"scoring the other {len(todo)}")
-        _score(retriever, groups, candidates, todo, sizes, asked, batch_size, raw_last_layer, writer, meta, ctx,
-               show_progress)
+        autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16)
+        with autocast:
+            _score(retriever, groups, candidates, todo, sizes, asked, batch_size, raw_last_layer, writer, meta, ctx,
+                   show_progress)
     finally:
         writer.close()
     ctx.barrier()
