@@ -415,6 +415,28 @@ def write_study_table() -> None:
         handle.write(before + TABLE_START + "\n" + "\n".join(study_table()) + "\n" + TABLE_END + after)
 
 
+def row_timings(name: str, work: Path) -> list[dict]:
+    """Where each row of a cell spent its time, from its metrics.jsonl: the training loop's seconds without
+    the dev evaluations inside it, the evaluations, and the ledger's wall and CPU seconds."""
+    from leadkd.compare.run import load_ledger
+
+    found = []
+    for key, row in load_ledger(RESULTS / f"{name}.json")["rows"].items():
+        log = work / "study" / name / key / "metrics.jsonl"
+        if not log.is_file():  # trained on another machine: its ledger figures only
+            found.append({"row": key, "wall_seconds": row["wall_seconds"], "cpu_seconds": row["cpu_seconds"]})
+            continue
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        steps = [r for r in records if "loss" in r]
+        evals = [r for r in records if "eval" in r]
+        inside = sum(r["eval_seconds"] for r in evals if 0 < r["step"] < steps[-1]["step"])
+        train = steps[-1]["seconds"] - inside
+        found.append({"row": key, "wall_seconds": row["wall_seconds"], "cpu_seconds": row["cpu_seconds"],
+                      "train_seconds": round(train, 1), "seconds_per_step": round(train / steps[-1]["step"], 2),
+                      "eval_seconds": round(sum(r["eval_seconds"] for r in evals), 1), "evaluations": len(evals)})
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
@@ -423,7 +445,14 @@ def main() -> None:
     parser.add_argument("--max-rows", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--table", action="store_true", help="only rebuild the table and figure from the ledgers")
+    parser.add_argument("--timings", action="store_true", help="print where the cells' rows spent their time")
     args = parser.parse_args()
+    if args.timings:
+        os.chdir(HERE.parent)
+        for name in args.cells:
+            if (RESULTS / f"{name}.json").is_file():
+                print(name, json.dumps(row_timings(name, Path(os.path.relpath(args.work))), indent=1))
+        return
     if args.table:
         os.chdir(HERE.parent)
         learning_curve()
