@@ -69,13 +69,15 @@ def parse_layers(text: str | Sequence[int] | None, depth: int) -> list[int]:
 
 
 def _differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    keys = (set(stored) | set(wanted)) - set(_INCIDENTAL)
-    return sorted(key for key in keys if stored.get(key) != wanted.get(key))
+    """The ``meta.json`` keys whose values differ; the groups file counts by its checksum, not its path."""
+    def request(meta: dict[str, Any]) -> dict[str, Any]:
+        found = {key: value for key, value in meta.items() if key not in _INCIDENTAL}
+        if isinstance(found.get("groups"), dict):
+            found["groups"] = {key: value for key, value in found["groups"].items() if key != "path"}
+        return found
 
-
-def _same_groups(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    return {**stored, "groups": {**stored.get("groups", {}), "path": None}} == \
-        {**wanted, "groups": {**wanted["groups"], "path": None}}
+    mine, theirs = request(stored), request(wanted)
+    return sorted(key for key in set(mine) | set(theirs) if mine.get(key) != theirs.get(key))
 
 
 class _Writer:
@@ -116,7 +118,7 @@ def _prepare_folder(output: Path, partial: Path, meta: dict[str, Any], groups: i
     if output.exists():
         check_replaceable(output, (META,))
         stored = read_meta(output) if (output / META).is_file() else None
-        if stored is not None and _same_groups(stored, meta) and not _differences(stored, meta):
+        if stored is not None and not _differences(stored, meta):
             writer = _Writer(output, meta, groups, fresh=False)
             try:
                 bad = len(writer.unfinished(np.arange(groups, dtype=np.int64)))
@@ -132,15 +134,15 @@ def _prepare_folder(output: Path, partial: Path, meta: dict[str, Any], groups: i
             return "resume"
         if not overwrite and stored is not None:
             raise LeadkdError(f"{output}: holds scores of another request (differs in "
-                              f"{', '.join(_differences(stored, meta)) or 'the groups file'}); choose another "
+                              f"{', '.join(_differences(stored, meta))}); choose another "
                               "--output, or pass --overwrite to replace it")
     if partial.exists():
         stored = read_meta(partial) if (partial / META).is_file() else None
-        if stored is not None and _same_groups(stored, meta) and not _differences(stored, meta):
+        if stored is not None and not _differences(stored, meta):
             return "resume"
         if not overwrite:
             raise LeadkdError(f"{partial}: an unfinished score file of another request (differs in "
-                              f"{', '.join(_differences(stored or {}, meta)) or 'the groups file'}); remove it, "
+                              f"{', '.join(_differences(stored or {}, meta))}); remove it, "
                               "or pass --overwrite to start again")
         log(f"{partial}: removing an unfinished score file of another request (--overwrite)")
         shutil.rmtree(partial)
