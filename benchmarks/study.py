@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE))
 RESULTS = HERE / "results" / "study"
 
 import quality  # noqa: E402  (its prepare(): teacher, student init and mined groups per dataset)
+import ce_teacher  # noqa: E402  (its warm_up_teacher(): the cross-encoder teacher)
 
 RESPONSE_KD = {"loss.layer": "none"}
 WORK = os.path.relpath(HERE / "runs" / "quality", HERE.parent)  # relative to the repository root
@@ -54,6 +55,8 @@ TEACHER_KINDS = {
 #: 150 warm-up steps (10 s a step for ColBERT on this CPU): the study's last 1.5 of its 10 CPU-hours fit one
 #: warm-up and one frozen comparison, not the 300 steps and joint training first planned.
 TEACHER_WARMUP_STEPS = 150
+#: benchmarks/ce_teacher.py's warmed-up reranker, whose dev and test reranking that script measures.
+CE_TEACHER = f"{WORK}/scifact/teacher-ce-hf-{ce_teacher.TEACHER_STEPS}/final"
 
 
 def teacher_folder(kind: str, dataset: str) -> str:
@@ -158,6 +161,18 @@ CELLS = {
         "response_kd": RESPONSE_KD,
         "lead": {},
     }),
+    # The same from a cross-encoder teacher: benchmarks/ce_teacher.py's reranker (MiniLM's backbone under the
+    # HF classification head, 120 warm-up steps), every layer scored once over the mined groups, then the
+    # comparison from the file and, on seed 0, with the online frozen cross-encoder on the same candidates.
+    **{name: Cell("scifact", f"150 steps, cross-encoder teacher ({how})", {
+        **_budget(150, False), "eval.every": 150 // 4, "checkpoint.every": 150 // 4, "teacher.train": False,
+        "teacher.path": CE_TEACHER, "teacher.kind": "cross_encoder", **extra}, {
+        "response_kd": RESPONSE_KD,
+        "lead": {},
+    }, scores=scores) for name, how, extra, scores in (
+        ("scifact-ce-scores-150", "its score file", {}, True),
+        ("scifact-ce-own-150", "online, frozen, own-group candidates", {"loss.teacher_candidates": "own_group"},
+         False))},
     **{f"{dataset}-mpnet-frozen-{steps}": Cell(dataset, f"MPNet teacher (12 layers, other tokenizer), {steps} steps, "
                                                         "frozen cached", {
         **_budget(steps, True), "teacher.path": MPNET_TEACHER,
@@ -269,7 +284,9 @@ def cell_spec(name: str, seeds: list[int], work: Path) -> Path:
     cell = CELLS[name]
     if cell.common.get("teacher.path") == MPNET_TEACHER:
         mpnet_teacher(work)
-    if cell.common.get("teacher.kind") in TEACHER_KINDS:
+    if cell.common.get("teacher.path") == CE_TEACHER:
+        ce_teacher.warm_up_teacher(quality.prepare(cell.dataset, work), Path(CE_TEACHER).parent)
+    elif cell.common.get("teacher.kind") in TEACHER_KINDS:
         warm_teacher(cell.common["teacher.kind"], cell.dataset, work)
     base, data = base_config(cell.dataset, work, cell.warmup_steps)
     common = dict(cell.common)
