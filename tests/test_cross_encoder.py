@@ -149,7 +149,11 @@ def test_gradient_reaches_backbone_and_head(tiny_bert):
     model = CrossEncoder.from_pretrained(tiny_bert, max_length=32).train()
     scores = model(QUERIES, PASSAGES)  # calling the module is layer_scores
     torch.log_softmax(scores, dim=-1)[:, :, 0].sum().backward()
-    assert model.head.weight.grad.abs().sum() > 0 and model.head.bias.grad.abs().sum() > 0
+    assert model.head.weight.grad.abs().sum() > 0
+    # The bias is shared by every candidate of a query, so it cancels in the softmax over them: its gradient
+    # is zero but for rounding (once asserted non-zero, which failed in some test orders). It is a parameter
+    # that receives a gradient, which the last line checks.
+    assert model.head.bias.grad.abs().max() < 1e-5
     assert model.backbone.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
     assert all(param.grad is not None for param in model.parameters() if param.requires_grad)
 

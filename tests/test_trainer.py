@@ -512,3 +512,32 @@ def test_a_colbert_teachers_last_layer_enters_the_layer_loss_raw(setup, tmp_path
         assert pair_kl == pytest.approx(response, rel=1e-5)
     else:
         assert abs(pair_kl - response) > 1e-3 * max(1.0, response)
+
+
+def test_a_resumed_run_removes_the_unfinished_writes_a_kill_left(setup, tmp_path):
+    out = tmp_path / "run"
+    config = distill_config(setup, out, **{"optim.steps": 2, "checkpoint.every": 1})
+    run_job(config, log=lambda m: None)
+    checkpoints = out / "checkpoints"
+    kept = sorted(p.name for p in checkpoints.iterdir())
+    # What atomic_directory and remove_tree leave when a kill lands in the middle of them.
+    leftovers = [checkpoints / ".step-00000003.k2j9x_.tmp", checkpoints / ".step-00000001.deleting",
+                 out / ".final.a8b1c2.tmp", out / ".best.zz9.tmp"]
+    for folder in leftovers:
+        (folder / "student").mkdir(parents=True)
+        (folder / "student" / "model.safetensors").write_bytes(b"half a checkpoint")
+    # Not leftovers: a user's own hidden folder, a file of that name, an unrelated temporary folder.
+    (out / ".my-notes.tmp").mkdir()
+    (checkpoints / ".step-00000009.tmp.tmp").write_text("a file, not a write of ours")
+    (out / ".cache").mkdir()
+    said: list[str] = []
+    Trainer(config, resume=True, log=said.append).close()
+    assert not any(folder.exists() for folder in leftovers)
+    assert sorted(p.name for p in checkpoints.iterdir()) == sorted(kept + [".step-00000009.tmp.tmp"])
+    assert (out / ".my-notes.tmp").is_dir() and (out / ".cache").is_dir()
+    removal = [line for line in said if "unfinished write" in line]
+    assert len(removal) == 1 and removal[0].startswith("removed 4 unfinished write(s) of an interrupted run: ")
+    assert all(str(folder) in removal[0] for folder in leftovers)
+    said.clear()
+    Trainer(config, resume=True, log=said.append).close()  # nothing left: nothing said
+    assert not [line for line in said if "unfinished write" in line]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, cast
@@ -101,6 +102,30 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+#: What an interrupted write of this module or of a model folder leaves: ``atomic_directory``'s
+#: ``.step-N.<random>.tmp`` (or ``.final…``, ``.best…``, ``.final-student…``) and ``remove_tree``'s
+#: ``.step-N.deleting``.
+_LEFTOVER = re.compile(r"^\.(step-\d+|final(-\w+)?|best)\.(.+\.tmp|deleting)$")
+
+
+def remove_leftovers(output: str | os.PathLike) -> list[Path]:
+    """Delete the temporary folders a kill in the middle of a checkpoint or model write left in ``output``
+    and its ``checkpoints/``; returns what was removed (for one log line).
+
+    Nothing else reads them (``list_checkpoints`` matches ``step-N`` only), so they would only fill the
+    disk, a checkpoint's size each. Called at the start of a run, under the output folder's lock: no
+    other writer can own them then.
+    """
+    removed = []
+    for folder in (Path(output), Path(output) / "checkpoints"):
+        if folder.is_dir():
+            for path in sorted(folder.iterdir()):
+                if path.is_dir() and _LEFTOVER.match(path.name):
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path)
+    return removed
 
 
 def load_state(folder: str | os.PathLike) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from .checkpoint import (
     checkpoint_name,
     list_checkpoints,
     newest_checkpoint,
+    remove_leftovers,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -85,6 +86,9 @@ class Trainer:
         self.epoch = 0
         self.position = 0  # batches of the current epoch already consumed
         self.best: dict[str, Any] = {}
+        if self.ctx.is_main and (removed := remove_leftovers(self.output)):
+            self._say(f"removed {len(removed)} unfinished write(s) of an interrupted run: "
+                      + ", ".join(str(path) for path in removed))
         resumed = newest_checkpoint(self.checkpoints) if resume else None
         if resume and resumed is None and self.checkpoints.is_dir():
             self._say(f"no checkpoint under {self.checkpoints}; starting from the beginning")
