@@ -212,7 +212,15 @@ CASES: list[Case] = [
          {"corpus.jsonl": "corpus_latin1.jsonl"}),
     Case("qrels-invalid-utf8", _all(), ["{D}/qrels/test.tsv:3: invalid UTF-8: byte 0xe9"],
          {"qrels/test.tsv": "qrels_latin1.tsv"}),
-    Case("run-invalid-utf8", _eval("{B}/run_latin1.trec"), ["{B}/run_latin1.trec", "not UTF-8 text"]),
+    Case("run-invalid-utf8", _eval("{B}/run_latin1.trec"),
+         ["{B}/run_latin1.trec:2: not UTF-8 text (byte 0xe9 at column 14; a binary file?)"]),
+    Case("run-binary", _eval("{B}/run_binary.trec"),
+         ["{B}/run_binary.trec:3: not UTF-8 text (byte 0x8b at column 2; a binary file?)"]),
+    # -- empty runs: trec_eval refuses them; scored, every measure would be 0 ------------------------------
+    Case("run-empty", _eval("{B}/run_empty.trec"),
+         ["{B}/run_empty.trec: holds no run lines (the file is empty or has only '#' comments)"]),
+    Case("run-comments-only", _eval("{B}/run_comments_only.trec"),
+         ["{B}/run_comments_only.trec: holds no run lines (the file is empty or has only '#' comments)"]),
     # -- run files: duplicates are errors, ties are fine ---------------------------------------------------
     Case("run-duplicate-pair", _eval("{B}/run_duplicate_pair.trec"),
          ["{B}/run_duplicate_pair.trec:3: field 'docid': query 'q1' lists document 'doc-1' again (first on line 1)"]),

@@ -181,3 +181,59 @@ def test_matches_beir_style_pytrec_eval_on_real_qrels(data_dir):
     beir = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100", "map", "recip_rank"}).evaluate(run)
     for name, key in [("nDCG@10", "ndcg_cut_10"), ("R@100", "recall_100"), ("AP", "map"), ("RR", "recip_rank")]:
         assert ours[name] == pytest.approx(sum(v[key] for v in beir.values()) / len(beir), abs=1e-12)
+
+
+# trec_eval's measure names -> ours, for the figures its own test file prints (tests/trec_eval/README.md).
+# IPrec is left out: trec_eval 10 changed its rounding of the recall points, ir-measures did not.
+TREC_EVAL_NAMES = {
+    "num_q": "NumQ", "num_ret": "NumRet", "num_rel": "NumRel", "num_rel_ret": "NumRet(rel=1)", "map": "AP",
+    "Rprec": "Rprec", "bpref": "Bpref", "recip_rank": "RR", "ndcg": "nDCG", "infAP": "infAP",
+    "set_P": "SetP", "set_recall": "SetR", "set_F": "SetF",
+    **{f"P_{k}": f"P@{k}" for k in (5, 10, 20, 100, 1000)},
+    **{f"recall_{k}": f"R@{k}" for k in (5, 10, 100, 1000)},
+    **{f"ndcg_cut_{k}": f"nDCG@{k}" for k in (5, 10, 100)},
+    **{f"map_cut_{k}": f"AP@{k}" for k in (10, 100)},
+    **{f"success_{k}": f"Success@{k}" for k in (1, 5, 10)},
+}
+
+
+def test_leadkd_evaluate_prints_what_trec_eval_c_prints_for_its_own_test_files(tmp_path, capsys):
+    """``trec_eval -m all_trec -q -c qrels.test results.trunc`` (its make quicktest): query 302 is judged
+    but not retrieved, so it counts in num_q (3) and its 77 relevant documents in num_rel (561)."""
+    from pathlib import Path
+
+    from leadkd.cli import main
+
+    folder = Path(__file__).parent / "trec_eval"
+    expected: dict[str, dict[str, float]] = {}
+    for line in (folder / "out.test.aqc").read_text().splitlines():
+        name, qid, value = line.split()
+        if name in TREC_EVAL_NAMES:
+            expected.setdefault(qid, {})[TREC_EVAL_NAMES[name]] = float(value)
+    assert expected["all"]["NumQ"] == 3 and expected["all"]["NumRel"] == 561 and expected["302"]["NumRel"] == 77
+    measures = ["NumQ", "NumRet", "NumRel", "NumRelRet"] + [m for m in TREC_EVAL_NAMES.values() if m[:3] != "Num"]
+    argv = ["evaluate", "--run", str(folder / "results.trunc"), "--qrels", str(folder / "qrels.test"),
+            "--measures", *measures, "--output", str(tmp_path / "m.json"), "--per-query", str(tmp_path / "q.jsonl")]
+    assert main(argv) == 0, capsys.readouterr().err
+    aggregate = json.loads((tmp_path / "m.json").read_text())
+    rows = {row["query_id"]: row for row in map(json.loads, (tmp_path / "q.jsonl").read_text().splitlines())}
+    assert set(rows) == {"301", "302", "303"}
+    got = {"all": aggregate, **rows}
+    compared = 0
+    for qid, values in expected.items():
+        for name, value in values.items():
+            assert got[qid][name] == pytest.approx(value, abs=5e-5), (qid, name)  # trec_eval prints 4 decimals
+            compared += 1
+    assert compared >= 4 * (len(TREC_EVAL_NAMES) - 1)  # every measure, aggregate and per query (num_q: all only)
+    table = dict(line.split() for line in capsys.readouterr().out.splitlines()[2:])
+    assert (table["NumQ"], table["NumRel"], table["NumRet(rel=1)"], table["AP"]) == ("3", "561", "77", "0.1016")
+
+
+def test_judged_counts_minus_one_as_pooled_but_unjudged():
+    run = {"q": {"a": 4.0, "b": 3.0, "c": 2.0, "d": 1.0}}  # a, b, c, d
+    qrels = {"q": {"a": 1, "b": 0, "c": -1}}
+    # a (relevant) and b (judged non-relevant) are judged; c (-1: pooled, never judged) and d (absent) are not
+    assert evaluate(run, qrels, ["Judged@2", "Judged@4", "P@4"])[0] == pytest.approx(
+        {"Judged@2": 1.0, "Judged@4": 0.5, "P@4": 0.25})
+    # the -1 still counts where trec_eval counts it: not relevant, not a judged non-relevant for bpref
+    assert evaluate(run, qrels, ["Bpref"])[0] == pytest.approx({"Bpref": 1.0})

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
+from leadkd.data.formats import _lines
 from leadkd.runtime.errors import InputError, LeadkdError
 from leadkd.runtime.fileio import atomic_write, reporting_write_failures
 
@@ -105,7 +106,8 @@ def read_run(path: str | os.PathLike) -> Run:
     """Read a TREC run into ``{query_id: {doc_id: score}}`` (queries and documents in file order).
 
     Raises :class:`InputError` (``file:line: field 'x': message``) on fewer than 6 columns, a
-    non-integer rank, a non-numeric or non-finite score, or a (query, document) pair seen twice.
+    non-integer rank, a non-numeric or non-finite score, a (query, document) pair seen twice, bytes that
+    are not UTF-8 (binary files), or a file without a single run line.
     """
     path = Path(path)
     run: Run = {}
@@ -132,8 +134,21 @@ def read_run(path: str | os.PathLike) -> Run:
                     raise InputError(path, f"query {qid!r} lists document {doc_id!r} again (first on line {first})",
                                      line=line_no, field="docid")
                 docs[doc_id] = value
-        except UnicodeDecodeError as exc:
-            raise InputError(path, f"not UTF-8 text ({exc.reason})") from None
+        except UnicodeDecodeError:
+            raise _where_not_utf8(path) from None
         except (OSError, EOFError) as exc:  # e.g. a truncated .gz
             raise InputError(path, f"cannot be read ({exc})") from None
+    if not run:  # trec_eval refuses it too; scoring it would print every measure as 0
+        raise InputError(path, "holds no run lines (the file is empty or has only '#' comments): nothing to evaluate")
     return run
+
+
+def _where_not_utf8(path: Path) -> InputError:
+    """The text decoder fails a whole block at a time; find the line and column of the first bad byte again."""
+    try:
+        for _ in _lines(path, validate_utf8=True):
+            pass
+    except InputError as located:
+        where = located.reason.removeprefix("invalid UTF-8: ")
+        return InputError(path, f"not UTF-8 text ({where}; a binary file?)", line=located.line)
+    return InputError(path, "not UTF-8 text")

@@ -3,7 +3,8 @@
 Conventions (chosen to match trec_eval, and BEIR's published numbers for complete runs):
 
 * The query set is the qrels' query set. Run queries without qrels are ignored.
-* A qrels query the run has no results for scores 0 on every measure (trec_eval ``-c``). BEIR averages
+* A qrels query the run has no results for scores 0 on every measure but the counts: it adds 1 to NumQ
+  and its relevant documents to NumRel, exactly as ``trec_eval -c`` counts it. BEIR averages
   only over queries present in the run, but its runs (and ours: search returns k documents for every
   query) cover every query, so the two agree; for a partial run ours is the honest number. A warning
   says how many queries were missing.
@@ -14,6 +15,8 @@ Conventions (chosen to match trec_eval, and BEIR's published numbers for complet
   judgment is >= rel. It is applied to binary measures (AP, RR, R, P, Success, ...) and to the counts
   NumRelRet and NumRel, never to NumRet (everything retrieved) nor to the graded nDCG, which uses the raw
   judgment as gain. Judgments <= 0 (trec_eval's -1: pooled but unjudged) are never relevant.
+* ``Judged@k`` counts a document as judged iff its judgment is >= 0: a -1 is pooled but unjudged, as
+  docs/data-formats.md and trec_eval read it (ir-measures alone would count any qrels line as judged).
 * Ranking is score descending, ties by doc id descending, exactly as :func:`leadkd.data.runs.write_run`
   writes and trec_eval evaluates. ir-measures' providers break ties differently (pytrec_eval: doc id
   desc; its msmarco provider, used for RR@k: doc id asc), so scores are replaced by rank-derived
@@ -165,7 +168,10 @@ def evaluate(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping
     for qid, row in values.items():
         out: dict = {"query_id": qid}
         for measure in parsed:
-            value = row.get(measure, float(measure.DEFAULT))  # ir-measures versions differ on filling these
+            if qid in ranked_run:
+                value = row.get(measure, float(measure.DEFAULT))  # ir-measures versions differ on filling these
+            else:
+                value = _unretrieved_value(measure, clean_qrels[qid])
             aggregators[measure].add(value)
             out[str(measure)] = value
         per_query.append(out)
@@ -173,12 +179,28 @@ def evaluate(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping
     return aggregate, per_query
 
 
+def _unretrieved_value(measure: Measure, judgments: Mapping[str, int]) -> float:
+    """A qrels query the run retrieved nothing for, as ``trec_eval -c`` counts it: it is one of NumQ's
+    queries and its relevant documents are in NumRel (ir-measures emits no row for it, so both would
+    otherwise be 0 while every mean divides by it); every other measure is 0."""
+    if measure.NAME == "NumQ":
+        return 1.0
+    if measure.NAME == "NumRel":
+        return float(sum(1 for relevance in judgments.values() if relevance >= measure["rel"]))
+    return float(measure.DEFAULT)
+
+
 def _calc(measures: Sequence[Measure], qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]):
     """(measure, ir-measures metric) pairs; ``NumRel(rel=N)`` is ir-measures' NumRel over the qrels
     binarised at N (relevant iff >= N), which is the very count trec_eval ``-l N`` gives."""
-    direct = [m for m in measures if _numrel_level(m) is None]
+    direct = [m for m in measures if _numrel_level(m) is None and m.NAME != "Judged"]
     if direct:
         for metric in ir_measures.iter_calc(direct, qrels, run):
+            yield metric.measure, metric
+    judged = [m for m in measures if m.NAME == "Judged"]
+    if judged:  # ir-measures counts every qrels line as judged; trec_eval's -1 says "pooled, not judged"
+        assessed = {qid: {doc: r for doc, r in docs.items() if r >= 0} for qid, docs in qrels.items()}
+        for metric in ir_measures.iter_calc(judged, assessed, run):
             yield metric.measure, metric
     for measure in measures:
         level = _numrel_level(measure)
@@ -209,6 +231,11 @@ def format_table(aggregate: Mapping[str, float], digits: int = 4) -> str:
     width = max([len("measure")] + [len(name) for name in aggregate])
     lines = [f"{'measure':<{width}}  value", f"{'-' * width}  {'-' * (digits + 2)}"]
     for name, value in aggregate.items():
-        shown = "nan" if isinstance(value, float) and math.isnan(value) else f"{value:.{digits}f}"
+        if isinstance(value, float) and math.isnan(value):
+            shown = "nan"
+        elif name.startswith("Num") and float(value).is_integer():  # counts, printed as trec_eval prints them
+            shown = str(int(value))
+        else:
+            shown = f"{value:.{digits}f}"
         lines.append(f"{name:<{width}}  {shown}")
     return "\n".join(lines)
