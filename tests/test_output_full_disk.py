@@ -5,7 +5,8 @@ and an earlier complete output there is kept byte for byte.
 
 A small real filesystem cannot be mounted here, so ENOSPC is injected: ``os.fsync`` of the one file being
 written (every text output goes through ``atomic_write``, which fsyncs before renaming) or ``np.save`` of
-the vectors, each after some bytes of it already reached the file.
+the vectors, or FAISS's ``write_index`` (its own error, from writing to /dev/full), each after some bytes
+of it already reached the file.
 """
 
 from __future__ import annotations
@@ -64,6 +65,33 @@ def fail_np_save(monkeypatch) -> None:
     monkeypatch.setattr(np, "save", save)
 
 
+def fail_faiss_write(monkeypatch) -> None:
+    """A full disk under ``faiss.write_index`` after the first 100 bytes of the index, by either way FAISS
+    writes: to a file name (the real FAISS writing to /dev/full, which refuses every byte: FAISS prints a
+    failed close and returns) or through a Python writer (whose writes fail with ENOSPC)."""
+    import faiss
+
+    real_write, real_writer = faiss.write_index, faiss.PyCallbackIOWriter
+
+    def write_index(index, file, *args):
+        real_write(index, "/dev/full" if isinstance(file, (str, os.PathLike)) else file, *args)
+
+    def writer(write, *args):
+        room = [100]
+
+        def write_until_full(data):
+            done = write(bytes(data[:room[0]]))
+            room[0] -= done or 0
+            if len(data) > done:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return done
+
+        return real_writer(write_until_full, *args)
+
+    monkeypatch.setattr(faiss, "write_index", write_index)
+    monkeypatch.setattr(faiss, "PyCallbackIOWriter", writer)
+
+
 def snapshot(path: Path) -> dict[str, bytes]:
     if path.is_file():
         return {"": path.read_bytes()}
@@ -92,6 +120,7 @@ def written(env):
                "--save-embeddings")[0] == 0
     assert cli("encode", *model_args(env), "--data", data, "--output", root / "emb")[0] == 0
     assert cli("index", "--embeddings", root / "emb", "--output", root / "index")[0] == 0
+    assert cli("index", "--embeddings", root / "emb", "--backend", "faiss", "--output", root / "faiss-index")[0] == 0
     assert cli("search", *model_args(env), "--index", root / "index", "--data", data, "--split", "dev",
                "--output", root / "search.trec")[0] == 0
     assert cli("evaluate", "--run", retrieve / "run.trec", "--qrels", data / "qrels" / "dev.tsv",
@@ -110,6 +139,9 @@ CASES = {  # command (@x: a path under the output folder), the output that fails
                             "retrieve/corpus_embeddings", "embeddings folder", "np.save"),
     "encode": ("encode MODEL --data DATA --output @emb", "emb", "embeddings folder", "np.save"),
     "index": ("index --embeddings @emb --output @index", "index", "index", "np.save"),
+    "index written back": ("index --embeddings @emb --output @index", "index", "index", "fsync"),
+    "faiss index": ("index --embeddings @emb --backend faiss --output @faiss-index", "faiss-index", "index",
+                    "faiss"),
     "search": ("search MODEL --index @index --data DATA --split dev --output @search.trec", "search.trec",
                "run file", "fsync"),
     "evaluate metrics": ("evaluate --run @retrieve/run.trec --qrels QRELS --output @metrics.json", "metrics.json",
@@ -140,6 +172,8 @@ def test_a_full_disk_names_the_output_and_leaves_no_partial_file(env, written, t
     args = [root / a[1:] if isinstance(a, str) and a.startswith("@") else a for a in args]
     if how == "fsync":
         fail_fsync_of(monkeypatch, target.name)
+    elif how == "faiss":
+        fail_faiss_write(monkeypatch)
     else:
         fail_np_save(monkeypatch)
     status, err = cli(*args)

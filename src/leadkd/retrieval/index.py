@@ -198,7 +198,10 @@ class DenseIndex:
                 assert self._embeddings is not None  # an index holds its vectors or a faiss index
                 np.save(tmp / NPY_FILE, self._embeddings)
             else:
-                faiss.write_index(self._faiss, str(tmp / FAISS_FILE))
+                # Through a Python file: FAISS's own file writer only prints a failed close (a full disk
+                # caught in its last buffer) and returns, leaving a short index behind without an error.
+                with open(tmp / FAISS_FILE, "wb") as handle:
+                    faiss.write_index(self._faiss, faiss.PyCallbackIOWriter(handle.write))
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return Path(path)
 

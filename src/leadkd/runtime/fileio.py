@@ -6,7 +6,9 @@ A reader therefore sees either the old file or the complete new one, never half 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -58,6 +60,18 @@ def check_replaceable(path: Path, markers: tuple[str, ...] = REPLACEABLE_MARKERS
                           "(choose another output folder, or empty this one)")
 
 
+def _fsync_files(folder: Path) -> None:
+    """fsync every file under ``folder`` before it is renamed into place, as ``atomic_write`` does for one
+    file: a disk that filled up only shows it when the data is written back (an ENOSPC here, not a short
+    file after the rename), and a crash after the rename cannot leave the new name with empty files."""
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, markers: tuple[str, ...] = REPLACEABLE_MARKERS) -> Iterator[Path]:
     """Build a folder under a temporary name; on success it replaces ``path`` (the old one is removed).
@@ -72,6 +86,7 @@ def atomic_directory(path: str | os.PathLike, markers: tuple[str, ...] = REPLACE
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        _fsync_files(tmp)
         check_replaceable(path, markers)
         old = None
         if path.exists():
@@ -99,11 +114,22 @@ def is_write_failure(exc: BaseException) -> bool:
     return isinstance(exc, OSError) or any(sign in str(exc).lower() for sign in _WRITE_FAILURE_SIGNS)
 
 
+_OS_WORDS = {os.strerror(code) for code in errno.errorcode}
+
+
+def _os_words_at_the_end(message: str) -> str | None:
+    """``strerror`` text a C++ library put in parentheses at the end of its message, if any."""
+    found = re.search(r"\(([^()]+)\)\s*$", message)
+    return found.group(1) if found and found.group(1) in _OS_WORDS else None
+
+
 def write_failure_reason(exc: BaseException, path: str | os.PathLike, default: str | None = None) -> str:
     """The OS's words for a failed write (else ``default``, else the error's last line), with the free
     space left where ``path`` (or its nearest existing parent) lives."""
     if isinstance(exc, OSError) and exc.strerror:
         reason = exc.strerror
+    elif (words := _os_words_at_the_end(str(exc))) is not None:
+        reason = words  # FAISS: "Error in ... write_index(...): write error in F: 4051 != 320000 (No space ...)"
     else:
         reason = default or str(exc).strip().splitlines()[-1]
     existing = next((p for p in (Path(path), *Path(path).parents) if p.exists()), None)
