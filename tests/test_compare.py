@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import statistics
 from pathlib import Path
@@ -236,3 +238,49 @@ def test_a_set_with_a_relevance_threshold_reports_its_binary_measures_under_thei
     assert paired_comparison(ledger, "test", "R@100", "new", "ref")["delta"] == pytest.approx(0.25)
     text = render_compare(ledger, tmp_path).read_text()
     assert "| variant | nDCG@10 | R(rel=2)@100 |" in text and "| new | 0.2500 | 1.0000 |" in text
+
+
+LEDGER_HOLDER = ("import sys, time\n"
+                 "from leadkd.runtime.run_lock import file_lock\n"
+                 "with file_lock(sys.argv[1], option='ledger'):\n"
+                 "    print('held', flush=True)\n"
+                 "    time.sleep(120)\n")
+
+
+def test_a_ledger_outside_the_output_folder_is_held_like_an_output_folder(setup, tmp_path, monkeypatch):
+    """Two comparisons with their own output folders but one ``results:`` ledger would each rewrite it with
+    only their own rows: the second is refused in one line before it trains anything."""
+    import os
+    import subprocess
+    import sys
+
+    import leadkd
+    from leadkd.cli import main
+
+    ledger = tmp_path / "results" / "shared.json"
+    spec_path = write_spec(setup, tmp_path / "b", results=str(ledger))
+    assert load_spec(spec_path).ledger == ledger
+    env = {**os.environ, "PYTHONPATH": str(Path(leadkd.__file__).resolve().parents[1])}
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    holder = subprocess.Popen([sys.executable, "-c", LEDGER_HOLDER, str(ledger)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "held", holder.stderr.read()
+        import leadkd.distill.trainer as trainer
+
+        monkeypatch.setattr(trainer, "run_job", lambda *a, **k: pytest.fail("trained under a held ledger"))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            assert main(["compare", str(spec_path)]) == 2
+        (line,) = err.getvalue().strip().splitlines()
+        assert line.startswith(f"leadkd: error: {ledger} is in use by pid {holder.pid} on ")
+        assert line.endswith(f"(its lock {ledger.parent / '.shared.json.lock'}); wait for it or choose another ledger")
+        assert not ledger.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # Once the holder is gone (killed: its lock file stays behind), the comparison takes the ledger over.
+    monkeypatch.setattr(trainer, "run_job", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.warns(RuntimeWarning, match="taking over the lock"), pytest.raises(KeyboardInterrupt):
+        run_compare(load_spec(spec_path), log=lambda m: None)
+    assert not (ledger.parent / ".shared.json.lock").exists()

@@ -31,6 +31,7 @@ changed. :mod:`leadkd.compare.report` turns the ledger into ``compare.md`` and p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -297,9 +298,12 @@ def code_version() -> dict[str, str | None]:
 def run_compare(spec: CompareSpec, log: Log = print, max_rows: int | None = None,
                 only: set[str] | None = None) -> dict:
     """Train and score every missing row (at most ``max_rows``), updating the ledger after each one."""
-    from ..runtime.run_lock import output_lock
+    from ..runtime.run_lock import file_lock, output_lock
 
-    with output_lock(spec.output_dir, option="output_dir"):  # each row's job then holds its own sub-folder
+    inside = Path(spec.ledger).resolve().is_relative_to(Path(spec.output_dir).resolve())
+    with output_lock(spec.output_dir, option="output_dir"), \
+            contextlib.nullcontext() if inside else file_lock(spec.ledger, option="ledger"):
+        # each row's job then holds its own sub-folder; a ledger elsewhere may be another comparison's too
         return _run_compare(spec, log, max_rows, only)
 
 

@@ -201,7 +201,8 @@ class DenseIndex:
                 # Through a Python file: FAISS's own file writer only prints a failed close (a full disk
                 # caught in its last buffer) and returns, leaving a short index behind without an error.
                 with open(tmp / FAISS_FILE, "wb") as handle:
-                    faiss.write_index(self._faiss, faiss.PyCallbackIOWriter(handle.write))
+                    writer = faiss.PyCallbackIOWriter(handle.write)  # type: ignore[attr-defined]  # not in its stubs
+                    faiss.write_index(self._faiss, writer)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return Path(path)
 

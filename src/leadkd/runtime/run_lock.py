@@ -32,6 +32,8 @@ flock is unavailable two contenders could, in a narrow window, both take over th
 
 Under torchrun only global rank 0 (environment ``RANK``, where ``WORLD_SIZE`` > 1) takes the lock, before
 the process group exists: if it is refused it exits, and torchrun stops the other processes waiting for it.
+A file shared by runs with different folders (``compare``'s ledger outside its output folder) is held the
+same way by ``.<name>.lock`` beside it (:func:`file_lock`).
 Locks nest by folder: ``compare`` and ``quickstart`` hold their own folder while each job they run holds its
 own sub-folder, and a process that already holds a folder may enter it again, so nothing waits on itself.
 """
@@ -58,7 +60,7 @@ try:  # not on Windows: the atomic create and the PID record still work there
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_NAME", "RunLockError", "LockRecord", "output_lock", "takes_the_lock", "read_record",
+__all__ = ["LOCK_NAME", "RunLockError", "LockRecord", "output_lock", "file_lock", "takes_the_lock", "read_record",
            "holder_is_alive"]
 
 LOCK_NAME = ".leadkd.lock"
@@ -313,11 +315,27 @@ def output_lock(folder: str | os.PathLike, option: str = "output folder") -> Ite
     change to write elsewhere (``--output``, ``output_dir``). Released on every exit, exceptions included;
     a folder this call created is removed again if the run left it empty.
     """
+    folder = Path(folder)
+    with _hold(folder, folder, LOCK_NAME, option) as lock:
+        yield lock
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, option: str = "file") -> Iterator[Path | None]:
+    """Hold one file that runs with different output folders may share (``compare``'s ledger kept outside
+    its output folder): the lock is ``.<name>.lock`` beside it, taken and judged as :func:`output_lock`'s."""
+    path = Path(path)
+    with _hold(path, path.parent, f".{path.name}.lock", option) as lock:
+        yield lock
+
+
+@contextlib.contextmanager
+def _hold(subject: Path, folder: Path, name: str, option: str) -> Iterator[Path | None]:
+    """Take ``folder/name`` for ``subject`` (what the refusal says is in use)."""
     if not takes_the_lock():
         yield None
         return
-    folder = Path(folder)
-    key = folder.resolve()
+    key = folder.resolve() / name
     with _held_guard:
         nested = _held.get(key)
     if nested is not None:  # this process holds it already (a job run in its caller's folder): the outer one releases
@@ -325,14 +343,14 @@ def output_lock(folder: str | os.PathLike, option: str = "output folder") -> Ite
         return
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / LOCK_NAME
+    lock = folder / name
     fd = None
     try:
         for _ in range(20):  # each round ends in a create, a refusal, or a file that changed under us
             fd = _create(lock)
             if fd is not None:
                 break
-            _try_take_over(folder, lock, option)
+            _try_take_over(subject, lock, option)
         else:
             raise RunLockError(f"{lock}: could not take the lock (it keeps changing); is another run starting "
                                f"in {folder}?")
