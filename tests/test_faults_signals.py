@@ -277,3 +277,139 @@ def test_a_rank_killed_mid_run_stops_the_job_within_the_timeout_and_resume_match
 
     _run(_torchrun(setup, out, "--resume", **{"checkpoint.every": 1, "ddp_timeout": timeout_s}))
     _assert_same_final(_uninterrupted("torchrun", setup), out)
+
+
+# ------------------------------------------------------------------ signals outside the training loop
+# A command paused at a chosen call (the wrapper below: the Nth call of module:attr prints "paused" and
+# sleeps), signalled there, must stop with one line and 128 + the signal, leave every output whole or
+# absent (no temporary file, no lock), and its next run must finish.
+
+PAUSED = """
+import importlib, sys, time
+target, nth = sys.argv[1], int(sys.argv[2])
+module, attr = target.split(":")
+owner = importlib.import_module(module)
+*path, name = attr.split(".")
+for part in path:
+    owner = getattr(owner, part)
+real, calls = getattr(owner, name), [0]
+def paused(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == nth:
+        print("paused", flush=True)
+        time.sleep(120)
+    return real(*args, **kwargs)
+setattr(owner, name, paused)
+from leadkd.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+OUTSIDE_LINE = re.compile(r"^leadkd: stopped by (SIG\w+); no output was left half-written; run the same command "
+                          r"again (with --resume )?to continue$")
+
+
+def _signalled_at(target: str, nth: int, argv: list, sig: int) -> tuple[int, list[str], str]:
+    """Run ``leadkd ARGV`` paused at the ``nth`` call of ``target``, send ``sig`` there: (status, our lines, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED, target, str(nth), "--threads", "1", *map(str, argv)],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        for line in proc.stdout:  # the command's own output may come first
+            if line.strip() == "paused":
+                break
+            if time.monotonic() > deadline:
+                break
+        else:
+            pytest.fail(f"never paused at {target} (status {proc.wait()}):\n{proc.stderr.read()[-3000:]}")
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, _leadkd_lines(stderr), stderr
+
+
+def _debris(folder: Path) -> list[str]:
+    """What an unclean stop leaves: temporary files and folders, lock files."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*")
+                  if p.name.endswith((".tmp", ".lock", ".deleting", ".old")))
+
+
+def _leadkd(*argv) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "leadkd.cli", "--threads", "1", *map(str, argv)], env=_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_the_models_are_built_stops_cleanly_and_the_rerun_trains(setup, tmp_path, sig, code):
+    out = tmp_path / "run"
+    argv = ["distill", *_settings(setup, out, 4, **{"optim.batch_size": 4, "checkpoint.every": 2})]
+    status, lines, stderr = _signalled_at("leadkd.distill.trainer:Trainer._build", 1, argv, sig)
+    assert status == code, stderr[-3000:]
+    assert len(lines) == 1 and stderr.rstrip().endswith(lines[0]), stderr[-3000:]
+    assert OUTSIDE_LINE.match(lines[0]).groups() == (signal.Signals(sig).name, "with --resume ")
+    assert _debris(out) == [] and not (out / "checkpoints").exists() and not (out / "final").exists()
+    _leadkd("distill", "--resume", *_settings(setup, out, 4, **{"optim.batch_size": 4, "checkpoint.every": 2}))
+    assert (out / "final" / "model.safetensors").is_file() and _debris(out) == []
+
+
+def test_a_signal_while_mining_writes_its_file_leaves_no_part_of_it(setup, tmp_path):
+    groups = tmp_path / "mined" / "groups.jsonl"
+    argv = ["mine", "--retriever", "bm25", "--data", setup["data"], "--split", "train", "--depth", "8",
+            "--range", "1:8", "--negatives", "3", "--output", groups]
+    # the 10th passage written: a few groups are in the temporary file
+    status, lines, stderr = _signalled_at("leadkd.data.groups:_passage_json", 10, argv, signal.SIGTERM)
+    assert status == 143, stderr[-3000:]
+    assert len(lines) == 1 and OUTSIDE_LINE.match(lines[0]).groups() == ("SIGTERM", None), stderr[-3000:]
+    assert sorted(p.name for p in groups.parent.iterdir()) == []  # no file, no temporary file, no report
+    _leadkd(*argv)
+    assert len(groups.read_text().splitlines()) == 12 and groups.with_name("groups.jsonl.report.json").is_file()
+
+
+def test_a_signal_in_the_warm_ups_final_evaluation_keeps_the_last_step_and_resume_only_evaluates(setup, tmp_path):
+    out = tmp_path / "warmup"
+    settings = [f"{key}={value}" for key, value in {
+        "model.path": setup["teacher"], "model.max_query_length": 16, "model.max_passage_length": 32,
+        "data.corpus": setup["data"], "data.train_groups": setup["groups"], "data.num_negatives": 3,
+        "optim.steps": 6, "optim.batch_size": 4, "optim.lr": 1e-3, "checkpoint.every": 4, "log_every": 1,
+        "eval.split": "dev", "eval.every": "null", "eval.at_start": "false", "output_dir": out}.items()]
+    status, lines, stderr = _signalled_at("leadkd.distill.trainer:Trainer.evaluate", 1, ["train", *settings],
+                                          signal.SIGTERM)
+    assert status == 143, stderr[-3000:]
+    assert len(lines) == 1, stderr[-3000:]
+    name, rank, step, checkpoint = STOP_LINE.match(lines[0]).groups()
+    assert (name, rank, step) == ("SIGTERM", None, "6")  # every step taken; the evaluation was cut
+    assert Path(checkpoint) == _assert_newest_is_complete(out) == out / "checkpoints" / "step-00000006"
+    assert not (out / "final").exists() and not (out / "best").exists() and _debris(out) == []
+    saved = load_file(str(Path(checkpoint) / "model" / "model.safetensors"))
+
+    _leadkd("train", "--resume", *settings)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged if "loss" in row] == list(range(1, 7))  # no step trained twice
+    assert [row["step"] for row in logged if "eval" in row] == [6]
+    final = load_file(str(out / "final" / "model.safetensors"))
+    assert final.keys() == saved.keys() and all(torch.equal(final[k], saved[k]) for k in final)
+    assert (out / "best").is_dir() and _debris(out) == []
+
+
+def test_a_signal_in_the_quickstarts_final_evaluation_and_the_rerun_scores_every_model(setup, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(setup["data"], data)
+    shutil.copy(data / "qrels" / "dev.tsv", data / "qrels" / "test.tsv")
+    teacher = make_tiny_bert_folder(tmp_path / "teacher", layers=6, seed=5)  # the fast plan keeps 5 layers
+    argv = ["quickstart", "--data", data, "--teacher", teacher, "--fast", "--output", tmp_path / "qs"]
+    # the third model scored on test: two model cards already carry their figures
+    status, lines, stderr = _signalled_at("leadkd.retrieval.pipeline:evaluate_layers", 3, argv, signal.SIGINT)
+    assert status == 130, stderr[-3000:]
+    assert len(lines) == 1 and OUTSIDE_LINE.match(lines[0]).groups() == ("SIGINT", None), stderr[-3000:]
+    results = json.loads((tmp_path / "qs" / "results.json").read_text())
+    assert not any(model.get("metrics") for model in results["models"]) and _debris(tmp_path / "qs") == []
+    assert not (tmp_path / "qs" / "report.md").exists()
+    rerun = _leadkd(*argv)
+    assert "warm-up" not in rerun.stdout and "mining" not in rerun.stdout  # only the evaluation was left
+    results = json.loads((tmp_path / "qs" / "results.json").read_text())
+    assert all(model["metrics"] for model in results["models"]) and (tmp_path / "qs" / "report.md").is_file()

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from ..runtime.errors import LeadkdError
-from ..runtime.stopping import Stopped
+from ..runtime.stopping import Interrupted, InterruptOnSignal, Stopped
 from .commands import (
     CPU_BATCH_SIZE,
     EXIT_USER_ERROR,
@@ -206,10 +206,16 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        args.func(args)
+        with InterruptOnSignal():  # outside a training loop's steps a signal stops where it lands, cleanly
+            args.func(args)
     except Stopped as exc:  # SIGTERM/SIGINT: checkpointed; the shell's status for that signal
         hint = "; run the same compare again to continue" if args.func is cmd_compare else ""
         print(f"leadkd: {exc}{hint}", file=sys.stderr)
+        return exc.exit_code
+    except Interrupted as exc:  # a signal outside the steps: every output is whole or absent
+        again = "with --resume " if args.func in (cmd_train, cmd_distill) else ""
+        print(f"leadkd: {exc}; no output was left half-written; run the same command again {again}to continue",
+              file=sys.stderr)
         return exc.exit_code
     except LeadkdError as exc:
         if args.debug:

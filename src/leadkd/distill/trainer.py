@@ -11,6 +11,7 @@ A single process and ``torchrun`` run the same code, and the loop never asks wha
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ from ..models.model_card import write_model_card
 from ..retrieval.pipeline import evaluate_retriever
 from ..runtime import distributed as dist
 from ..runtime.errors import LeadkdError
-from ..runtime.stopping import StepBoundaryStop
+from ..runtime.stopping import Interrupted, StepBoundaryStop, Stopped
 from .build import Trained, world_batch_check
 from .checkpoint import (
     check_resumable,
@@ -301,11 +302,28 @@ class Trainer:
             with progress:  # closed before an error is printed, so the error stays the last line
                 self._steps(progress if self.show_progress else None)
                 self.stop.after_step(self._checkpoint_this_step)
-            final = self._eval_and_keep_best()
-            self.save()
-            self._save_final(final)
-        self.stop.restore()
+            final = self._finish()
         return {"final": final, "best": self.best}
+
+    def _finish(self) -> dict[str, float] | None:
+        """The final evaluation and the final folders, after the last step's checkpoint.
+
+        No step boundary is left to wait for, so the command's own handlers come back first: a signal now
+        stops where it lands (:class:`~leadkd.runtime.stopping.Interrupted`; every write is atomic), and
+        ``--resume`` finds the last step done and only this left to do.
+        """
+        checkpoint = self._checkpoint_this_step()
+        self.stop.restore()
+        try:
+            final = self._eval_and_keep_best()
+            if self.config.eval.split is not None:
+                self.save()  # again: the checkpoint records the best/ this evaluation may have made
+            self._save_final(final)
+        except KeyboardInterrupt as stop:  # the CLI's Interrupted, or a library caller's plain Ctrl-C
+            signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+            rank = self.ctx.rank if self.ctx.is_distributed else None
+            raise Stopped(signum, self.step, checkpoint if self.ctx.is_main else None, rank=rank) from None
+        return final
 
     def _checkpoint_this_step(self) -> Path:
         """Every rank: the checkpoint of the current step, written unless ``checkpoint.every`` just did."""

@@ -101,6 +101,38 @@ class StopOnSignal:
             os._exit(128 + signum)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT where no step boundary waits for it (loading models, mining, encoding, a final
+    evaluation): raised where the program is, as Ctrl-C's KeyboardInterrupt is, so that every ``with`` and
+    ``finally`` on the way out runs (a temporary file or folder is removed, a lock released) and no output is
+    left half-written. The CLI turns it into one line and 128 + the signal."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal_name(signum)}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class InterruptOnSignal(StopOnSignal):
+    """The handlers of a whole command (the CLI installs them): the first SIGTERM/SIGINT raises
+    :class:`Interrupted`, a second leaves at once. A training loop puts its own :class:`StepBoundaryStop` in
+    front while it runs and these back after it."""
+
+    def __init__(self):
+        under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+        super().__init__(lambda signum: f"stopped at once by a second {signal_name(signum)}",
+                         TORCHRUN_REPEAT_WINDOW_S if under_torchrun else 0.0)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        first = self.signum is None
+        super()._handle(signum, frame)
+        if first:
+            raise Interrupted(signum)
+
+
 class StepBoundaryStop:
     """A training loop's whole stop handling: the loop asks :meth:`after_step` once per step, nothing else.
 
