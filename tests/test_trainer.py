@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -199,8 +200,9 @@ def test_non_finite_loss_stops_with_the_step(setup, tmp_path, monkeypatch):
         return terms
 
     monkeypatch.setattr(trainer, "objective", poisoned)
-    with pytest.raises(LeadkdError, match="at step 2; no checkpoint"):
-        trainer.train_step()
+    assert trainer.train_step().skipped  # the update is dropped on the device; the next log step stops the run
+    with pytest.raises(LeadkdError, match="the loss became nan at step 2; no checkpoint"):
+        trainer.check_non_finite()
     trainer.close()
 
 
@@ -231,8 +233,11 @@ def test_skip_non_finite_drops_the_update_then_stops_when_it_persists(setup, tmp
     assert any(not torch.equal(before[k], changed[k]) for k in before)
     poison["on"] = True
     assert trainer.train_step().skipped
-    with pytest.raises(LeadkdError, match="at step 5 after skipping 1 such batches in a row; no checkpoint"):
-        trainer.train_step()
+    trainer.check_non_finite()  # one skipped in a row is allowed
+    assert trainer.train_step().skipped
+    with pytest.raises(LeadkdError, match="the loss became inf at step 5 after skipping 1 such batches in a row; "
+                                          "no checkpoint"):
+        trainer.check_non_finite()
     trainer.close()
 
 
@@ -541,3 +546,51 @@ def test_a_resumed_run_removes_the_unfinished_writes_a_kill_left(setup, tmp_path
     said.clear()
     Trainer(config, resume=True, log=said.append).close()  # nothing left: nothing said
     assert not [line for line in said if "unfinished write" in line]
+
+
+# Every way a tensor's value reaches Python; each waits for the device to finish the work queued before it.
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+def test_steps_between_log_steps_never_read_a_device_value(setup, tmp_path, monkeypatch):
+    """On CUDA a host read waits for the step; none may happen between log steps (issue 25). The batches are
+    drawn first: the sampler's own host work is not device work."""
+    trainer = Trainer(distill_config(setup, tmp_path / "run", **{"optim.steps": 8, "log_every": 4,
+                                                                 "optim.skip_non_finite": 1}),
+                      log=lambda m: None, show_progress=False)
+    assert trainer._skips_on_device
+    batches = iter(list(itertools.islice(trainer._batches(), 8)))
+    trainer._iterator = batches
+    original = trainer.objective
+
+    def poisoned(batch, pairs):
+        terms = original(batch, pairs)
+        if trainer.step == 5:  # the 6th step: skipped on the device, reported at the log step after it
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(trainer, "objective", poisoned)
+    read: list[str] = []
+    for step in range(8):
+        with monkeypatch.context() as patch:
+            for name in HOST_READS:
+                real = getattr(torch.Tensor, name)
+
+                def refuse(tensor, *args, _name=name, _real=real, **kwargs):
+                    import traceback
+                    where = traceback.extract_stack()[-2]
+                    read.append(f"{_name} at {Path(where.filename).name}:{where.lineno}")
+                    return _real(tensor, *args, **kwargs)
+
+                patch.setattr(torch.Tensor, name, refuse)
+            result = trainer.train_step()
+        assert read == [], f"step {step + 1} read {read} on the host"
+        if trainer.step % 4 == 0:
+            said: list[str] = []
+            trainer.log = said.append
+            trainer.check_non_finite()
+            assert said == ([] if trainer.step == 4 else
+                            [("step 8: 1 update(s) skipped since the last log step for a non-finite loss "
+                              "(0 in a row now, optim.skip_non_finite=1)")])
+            assert not result.skipped and set(result.terms) >= {"loss"}
+    trainer.close()

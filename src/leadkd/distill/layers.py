@@ -91,8 +91,9 @@ def select_layers(strategy: str, student_layers: int, teacher_layers: int, k: in
         if generator is None:
             raise LeadkdError("random layer selection needs a seeded torch.Generator, so that every process "
                               "draws the same layers")
-        student = sorted(torch.randperm(student_layers, generator=generator)[:k].tolist())
-        teacher = sorted(torch.randperm(teacher_layers, generator=generator)[:k].tolist())
+        # The generator and its draws live on the host: read through numpy, which no device tensor passes.
+        student = sorted(torch.randperm(student_layers, generator=generator)[:k].numpy().tolist())
+        teacher = sorted(torch.randperm(teacher_layers, generator=generator)[:k].numpy().tolist())
     elif strategy == "last":
         student = list(range(student_layers - k, student_layers))
         teacher = list(range(teacher_layers - k, teacher_layers))

@@ -47,9 +47,11 @@ def _check_labels(labels: Tensor, num_queries: int, num_candidates: int) -> None
                           f"got {list(labels.shape)}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise LeadkdError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.device.type == "cpu" and num_queries and (labels.min() < 0 or labels.max() >= num_candidates):
-        raise LeadkdError(f"labels must lie in 0..{num_candidates - 1} (the candidate columns), "
-                          f"got values {labels.min().item()}..{labels.max().item()}")
+    if labels.device.type == "cpu" and num_queries:
+        values = labels.numpy()  # a host tensor's values, through numpy: this can never wait for a device
+        if values.min() < 0 or values.max() >= num_candidates:
+            raise LeadkdError(f"labels must lie in 0..{num_candidates - 1} (the candidate columns), "
+                              f"got values {values.min()}..{values.max()}")
 
 
 def _check_matrix(name: str, scores: Tensor) -> None:

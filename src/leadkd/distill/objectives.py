@@ -71,7 +71,7 @@ def duplicate_positives(batch, layout: Layout) -> torch.Tensor | None:
     mask = duplicate_positive_mask(batch.positive_ids, ids, labels)
     if layout.own_group:
         mask = own_group_scores(mask, batch.group_size, layout.offset)
-    return mask if bool(mask.any()) else None
+    return mask if mask.numpy().any() else None  # a host tensor: read through numpy, never a device sync
 
 
 class _Objective:

@@ -45,6 +45,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .metrics_log import MetricsLog
+from .non_finite import NonFiniteCount, skips_on_the_device, step_unless
 from .objectives import build_objective
 from .teacher_scores import open_teacher_scores
 
@@ -55,12 +56,37 @@ Log = Callable[[str], None]
 
 @dataclass
 class StepResult:
-    loss: float
-    terms: dict[str, float] = field(default_factory=dict)
+    """One optimizer step's figures, kept on the device: reading them (``loss``, ``terms``, ``host()``) waits
+    for the step, so the loop reads them at log steps only."""
+
+    values: dict[str, torch.Tensor] = field(default_factory=dict)  # the scalar terms, "loss" among them
     pairs: list[tuple[int, int]] = field(default_factory=list)
-    weights: list[float] = field(default_factory=list)
-    pair_kl: list[float] = field(default_factory=list)
-    skipped: bool = False  # the loss was NaN/inf and ``optim.skip_non_finite`` let the update be dropped
+    weights: torch.Tensor | None = None
+    pair_kl: torch.Tensor | None = None
+    finite: torch.Tensor | bool = True  # False: the loss was NaN/inf and the update was dropped
+
+    @property
+    def skipped(self) -> bool:
+        return not bool(self.finite)
+
+    @property
+    def loss(self) -> float:
+        return float("nan") if self.skipped else float(self.values["loss"])
+
+    @property
+    def terms(self) -> dict[str, float]:
+        return self.host()["terms"]
+
+    def host(self) -> dict[str, Any]:
+        """Everything as Python numbers, in one device-to-host transfer."""
+        parts = [torch.stack(list(self.values.values())).double()] if self.values else []
+        parts += [t.detach().double().reshape(-1) for t in (self.weights, self.pair_kl) if t is not None]
+        flat = torch.cat(parts).tolist() if parts else []
+        terms = dict(zip(self.values, flat, strict=False))
+        rest = flat[len(self.values):]
+        weights = rest[:len(self.weights)] if self.weights is not None else []
+        pair_kl = rest[len(weights):] if self.pair_kl is not None else []
+        return {"terms": terms, "weights": weights, "pair_kl": pair_kl}
 
 
 class Trainer:
@@ -83,7 +109,7 @@ class Trainer:
         self.total_steps = int(config.optim.steps)
         self.step = 0
         self._saved_at: int | None = None
-        self.non_finite_in_a_row = 0
+        self.non_finite = NonFiniteCount(config.optim.skip_non_finite, self.ctx.device)
         self.epoch = 0
         self.position = 0  # batches of the current epoch already consumed
         self.best: dict[str, Any] = {}
@@ -128,6 +154,8 @@ class Trainer:
         self.objective, self.schedule = build_objective(cfg, ckpt, corpus, queries, self.ctx, self.total_steps,
                                                         self.output, self.log, scores)
         self.models, self.evaluated = self.objective.models, self.objective.evaluated
+        # Fused AdamW (build.make_optimizer's choice) drops a non-finite update itself: no per-step host check.
+        self._skips_on_device = all(skips_on_the_device(_optimizer(t)) for t in self.models.values() if t.trains)
         self.evaluates = cfg.eval.split is not None and isinstance(self.evaluated.model, DenseRetriever)
         if cfg.eval.split is not None and not self.evaluates:
             self._say(f"eval.split: dev evaluation searches the corpus with dense vectors, which a "
@@ -155,7 +183,8 @@ class Trainer:
                               f"{self.ctx.world_size}; resume with the same number")
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best = dict(state["best"])
-        self.non_finite_in_a_row = int(state.get("non_finite_in_a_row", 0))
+        self.non_finite = NonFiniteCount(self.config.optim.skip_non_finite, self.ctx.device,
+                                         in_a_row=int(state.get("non_finite_in_a_row", 0)))
         for name, trained in self.models.items():
             if trained.trains:
                 _optimizer(trained).load_state_dict(state["optimizers"][name])
@@ -199,12 +228,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> StepResult:
-        """One optimizer step (over ``grad_accum`` micro-batches) of every trained model."""
+        """One optimizer step (over ``grad_accum`` micro-batches) of every trained model.
+
+        Nothing here reads a device value on the host when the optimizers skip on the device (fused AdamW,
+        the default): the non-finite check and the figures stay tensors until a log step reads them
+        (:mod:`~leadkd.distill.non_finite`), so the host queues the next step while the device runs this one.
+        """
         cfg = self.config.optim
         pairs: list[tuple[int, int]] = self.schedule.pairs_for_step(self.step) if self.schedule is not None else []
         trained = [t for t in self.models.values() if t.trains]
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}
         weights = pair_kl = None
+        finite: torch.Tensor | None = None
         autocast = torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
         for micro in range(cfg.grad_accum):
             batch = next(self._iterator)
@@ -217,27 +252,62 @@ class Trainer:
                 with autocast:
                     terms = self.objective(batch, pairs)
                 loss = terms["loss"]
-                if not self._all_finite(loss):
-                    return self._skip_step(loss, trained)
+                if not self._skips_on_device:  # the optimizer cannot drop an update itself: decide here
+                    if not self._all_finite(loss):
+                        return self._skip_step(loss, trained)
+                else:
+                    here = self._finite_everywhere(loss)
+                    finite = here if finite is None else finite & here
                 (loss / cfg.grad_accum).backward()
             for name, value in terms.items():
                 if value.dim() == 0:
-                    totals[name] = totals.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
+                    share = value.detach().float() / cfg.grad_accum
+                    totals[name] = totals[name] + share if name in totals else share
             weights, pair_kl = terms.get("layer_weights"), terms.get("layer_pair_kl")
-        self.non_finite_in_a_row = 0
         for t in trained:
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.max_grad_norm)
-            _optimizer(t).step()
+            if finite is None:
+                _optimizer(t).step()
+            else:
+                step_unless(_optimizer(t), finite)
             t.scheduler.step()
             _optimizer(t).zero_grad(set_to_none=True)
         self.step += 1
+        if finite is None:
+            self.non_finite.update(torch.ones((), dtype=torch.bool, device=loss.device), self.step, loss)
+        else:
+            self.non_finite.update(finite, self.step, totals["loss"])
+        if self.ctx.is_distributed:  # one collective, left on the device
+            means = dist.all_reduce_mean(torch.stack(list(totals.values())))
+            totals = dict(zip(totals, cast(torch.Tensor, means).unbind(), strict=True))
+        return StepResult(totals, list(pairs), None if weights is None else weights.detach(),
+                          None if pair_kl is None else pair_kl.detach(), True if finite is None else finite)
+
+    @property
+    def non_finite_in_a_row(self) -> int:
+        return int(self.non_finite.in_a_row)
+
+    def check_non_finite(self) -> None:
+        """At a log step: say how many updates were skipped since the last one, and stop the run if a run of
+        non-finite steps went past ``optim.skip_non_finite`` (naming that step and the last good checkpoint)."""
+        seen = self.non_finite.look()
+        allowed = self.config.optim.skip_non_finite
+        if seen.over_at is not None:
+            last = newest_checkpoint(self.checkpoints)
+            where = f"the last good checkpoint is {last[0]}" if last else "no checkpoint was written yet"
+            tried = f" after skipping {allowed} such batches in a row" if allowed else ""
+            raise LeadkdError(f"the loss became {seen.over_loss} at step {seen.over_at}{tried}; {where}")
+        if seen.skipped:
+            self._say(f"step {self.step}: {seen.skipped} update(s) skipped since the last log step for a non-finite "
+                      f"loss ({seen.in_a_row} in a row now, optim.skip_non_finite={allowed})")
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> torch.Tensor:
+        """A 0-dim bool tensor: every process's loss is finite (all-reduced on the device, never read here)."""
+        finite = torch.isfinite(loss.detach())
         if self.ctx.is_distributed:
-            means = dist.all_reduce_mean(torch.tensor(list(totals.values()), dtype=torch.float64))  # one collective
-            totals = dict(zip(totals, cast(torch.Tensor, means).tolist(), strict=True))
-        return StepResult(loss=totals["loss"], terms=totals, pairs=list(pairs),
-                          weights=[] if weights is None else [float(w) for w in weights],
-                          pair_kl=[] if pair_kl is None else [float(k) for k in pair_kl])
+            finite = cast(torch.Tensor, dist.all_reduce_mean(finite.float())) == 1.0
+        return finite
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Whether every process's loss is finite; all ranks must agree before any skips a backward."""
@@ -247,27 +317,20 @@ class Trainer:
         return finite
 
     def _skip_step(self, loss: torch.Tensor, trained: list) -> StepResult:
-        """Drop this step's update (or stop the run, naming the step and the last good checkpoint).
+        """Drop this step's update (an optimizer that cannot skip on the device), counted as the device
+        path counts it; the next log step reports it, or stops the run.
 
         A skipped step still counts, and the schedulers still advance, so a run keeps its length and
         learning-rate curve; too many non-finite batches in a row mean the model itself is broken.
         """
-        self.non_finite_in_a_row += 1
-        if self.non_finite_in_a_row > self.config.optim.skip_non_finite:
-            last = newest_checkpoint(self.checkpoints)
-            where = f"the last good checkpoint is {last[0]}" if last else "no checkpoint was written yet"
-            tried = (f" after skipping {self.non_finite_in_a_row - 1} such batches in a row"
-                     if self.config.optim.skip_non_finite else "")
-            raise LeadkdError(f"the loss became {float(loss.detach())} at step {self.step + 1}{tried}; {where}")
-        self._say(f"step {self.step + 1}: loss {float(loss.detach())}, update skipped "
-                  f"({self.non_finite_in_a_row} in a row, optim.skip_non_finite={self.config.optim.skip_non_finite})")
         with warnings.catch_warnings():  # scheduler before optimizer is the point here
             warnings.simplefilter("ignore", UserWarning)
             for t in trained:
                 _optimizer(t).zero_grad(set_to_none=True)
                 t.scheduler.step()
         self.step += 1
-        return StepResult(loss=float("nan"), skipped=True)
+        self.non_finite.update(torch.zeros((), dtype=torch.bool, device=loss.device), self.step, loss)
+        return StepResult({"loss": loss.detach().float()}, finite=False)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float] | None:
@@ -342,18 +405,22 @@ class Trainer:
         started = time.perf_counter()
         while self.step < self.total_steps:
             result = self.train_step()
-            record: dict[str, Any] = {
-                "step": self.step, "epoch": self.epoch, "loss": None if result.skipped else result.loss,
-                **result.terms, **({"skipped": True} if result.skipped else {}),
-                "lr": {n: t.scheduler.get_last_lr()[0] for n, t in self.models.items() if t.trains},
-                "seconds": round(time.perf_counter() - started, 3)}
-            if result.pairs:
-                record.update(pairs=result.pairs, layer_weights=result.weights, layer_pair_kl=result.pair_kl)
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:  # the only reads of the device
+                self.check_non_finite()
+                skipped, figures = result.skipped, result.host()
+                record: dict[str, Any] = {
+                    "step": self.step, "epoch": self.epoch, "loss": None if skipped else figures["terms"]["loss"],
+                    **({} if skipped else figures["terms"]), **({"skipped": True} if skipped else {}),
+                    "lr": {n: t.scheduler.get_last_lr()[0] for n, t in self.models.items() if t.trains},
+                    "seconds": round(time.perf_counter() - started, 3)}
+                if result.pairs and not skipped:
+                    record.update(pairs=result.pairs, layer_weights=figures["weights"],
+                                  layer_pair_kl=figures["pair_kl"])
                 self.metrics.write(record)
+                if progress is not None:
+                    progress.set_postfix(loss="skipped" if skipped else f"{record['loss']:.4f}")
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss="skipped" if result.skipped else f"{result.loss:.4f}")
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps:
                 self._eval_and_keep_best()
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:

@@ -315,15 +315,44 @@ def num_blocks(model) -> int:
     raise LeadkdError(f"cannot tell the number of layers of model type {config.model_type!r}")
 
 
-def block_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def prepared_mask(model, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The padding mask in the 4-D form the model's attention takes, which Hugging Face passes on as it is.
+
+    Given the 2-D mask, transformers first asks whether it has any padding (``mask.all()``) to drop it
+    for the faster unmasked kernels: on a GPU that read waits for every kernel queued before it, once per
+    forward. Callers that know on the host that a batch has no padding pass None instead (the unmasked
+    kernels, no question asked); the others get the mask the attention would have built, from the device
+    tensor, without reading it. Attentions whose masks are neither SDPA's nor eager's keep the 2-D mask.
+    """
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+
+    if attention_mask is None or attention_mask.dim() != 2:
+        return attention_mask
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    try:  # the mask each attention registered (leadkd's CPU dropout attention takes the eager one)
+        builder = ALL_MASK_ATTENTION_FUNCTIONS[implementation]
+    except (KeyError, TypeError):
+        return attention_mask
+    attend = attention_mask[:, None, None, :].bool()  # [N, 1, 1, T], broadcast over the query positions
+    if builder is sdpa_mask:
+        return attend
+    if builder is eager_mask:
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(attend.shape, dtype=dtype, device=attend.device).masked_fill(~attend,
+                                                                                        torch.finfo(dtype).min)
+    return attention_mask
+
+
+def block_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                   all_layers: bool = True) -> list[torch.Tensor]:
     """Hidden states after each transformer block, ``[N, T, d]`` each (the embedding output excluded).
 
     With ``all_layers=False`` only the last block's output is returned (a one-element list), which
-    avoids keeping every layer's activations when only the final score is wanted.
+    avoids keeping every layer's activations when only the final score is wanted. ``attention_mask``
+    None: no padding (see :func:`prepared_mask`).
     """
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=all_layers,
-                    return_dict=True)
+    outputs = model(input_ids=input_ids, attention_mask=prepared_mask(model, attention_mask),
+                    output_hidden_states=all_layers, return_dict=True)
     if not all_layers:
         return [outputs.last_hidden_state]
     return list(outputs.hidden_states[1:])

@@ -50,6 +50,7 @@ from .base import (
     num_blocks,
     options_from_folder,
     position_limit,
+    prepared_mask,
     read_leadkd_config,
     resolve_layers,
     resolve_model_path,
@@ -338,8 +339,9 @@ class CrossEncoder(nn.Module):
         """The head's score at each requested layer for aligned pairs: ``[L', N]``."""
         wanted = resolve_layers(layers, self.num_layers)
         everything = any(layer != self.num_layers - 1 for layer in wanted)
-        outputs = self.backbone(**self.tokenize_pairs(queries, passages), output_hidden_states=everything,
-                                return_dict=True)
+        inputs = self.tokenize_pairs(queries, passages)
+        inputs["attention_mask"] = cast(torch.Tensor, prepared_mask(self.backbone, inputs["attention_mask"]))
+        outputs = self.backbone(**inputs, output_hidden_states=everything, return_dict=True)
         if everything:
             blocks = dict(enumerate(outputs.hidden_states[1:]))
         else:

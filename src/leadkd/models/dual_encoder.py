@@ -302,13 +302,15 @@ class DualEncoder(nn.Module):
             raise TypeError("expected a sequence of texts, got one string")
         return ([prefix + text for text in texts] if prefix else list(texts)), limit
 
-    def tokenize(self, texts: Sequence[str], side: Side) -> dict[str, torch.Tensor]:
-        """Prefixed, truncated, batch-padded ``input_ids`` and ``attention_mask`` on the model's device."""
+    def tokenize(self, texts: Sequence[str], side: Side) -> dict[str, Any]:
+        """Prefixed, truncated, batch-padded ``input_ids`` and ``attention_mask`` on the model's device, and
+        ``padded``: whether any text was padded, known here on the host (see :func:`prepared_mask`)."""
         prepared, limit = self._prepare(texts, side)
         batch = self.tokenizer(prepared, padding=True, truncation=True, max_length=limit,
-                               return_token_type_ids=False, return_tensors="pt")
-        return {"input_ids": batch["input_ids"].to(self.device),
-                "attention_mask": batch["attention_mask"].to(self.device)}
+                               return_token_type_ids=False, return_tensors="np")
+        return {"input_ids": torch.from_numpy(batch["input_ids"]).to(self.device),
+                "attention_mask": torch.from_numpy(batch["attention_mask"]).to(self.device),
+                "padded": not batch["attention_mask"].all()}
 
     def _layer_vectors(self, states: Sequence[torch.Tensor], attention_mask: torch.Tensor,
                        layer_ids: list[int] | None) -> torch.Tensor:
@@ -330,10 +332,12 @@ class DualEncoder(nn.Module):
         return torch.stack(vectors)
 
     def _pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                layer_ids: list[int] | None) -> torch.Tensor:
-        """``[L', N, d]`` vectors of the requested layers (see :meth:`_layer_vectors`); final embedding when None."""
+                layer_ids: list[int] | None, padded: bool = True) -> torch.Tensor:
+        """``[L', N, d]`` vectors of the requested layers (see :meth:`_layer_vectors`); final embedding when None.
+        ``padded`` False: no text of the batch was padded, so the backbone runs without a mask."""
         last_only = layer_ids is None or layer_ids == [self.num_layers - 1]
-        hidden = block_outputs(self.backbone, input_ids, attention_mask, all_layers=not last_only)
+        hidden = block_outputs(self.backbone, input_ids, attention_mask if padded else None,
+                               all_layers=not last_only)
         # layer_ids is a list whenever last_only is False (mypy cannot follow the condition through last_only)
         states = hidden if last_only else [hidden[i] for i in cast("list[int]", layer_ids)]
         return self._layer_vectors(states, attention_mask, layer_ids)
@@ -344,7 +348,7 @@ class DualEncoder(nn.Module):
         the last layer's is the final embedding (after any Dense projection)."""
         layer_ids = resolve_layers(layers, self.num_layers)
         batch = self.tokenize(texts, side)
-        return self._pooled(batch["input_ids"], batch["attention_mask"], layer_ids)
+        return self._pooled(batch["input_ids"], batch["attention_mask"], layer_ids, batch["padded"])
 
     def layer_outputs(self, texts: Sequence[str], side: Side, layers: Sequence[int] | None = None
                       ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
@@ -354,7 +358,8 @@ class DualEncoder(nn.Module):
         """
         layer_ids = resolve_layers(layers, self.num_layers)
         batch = self.tokenize(texts, side)
-        hidden = block_outputs(self.backbone, batch["input_ids"], batch["attention_mask"], all_layers=True)
+        hidden = block_outputs(self.backbone, batch["input_ids"], batch["attention_mask"] if batch["padded"] else None,
+                               all_layers=True)
         vectors = self._layer_vectors([hidden[i] for i in layer_ids], batch["attention_mask"], layer_ids)
         return vectors, hidden, batch["attention_mask"]
 

@@ -107,6 +107,7 @@ class DistContext:
     def cleanup(self) -> None:
         """Tear down the process group if :func:`init_distributed` created it (safe to call twice)."""
         if self.owns_group and dist.is_available() and dist.is_initialized():
+            _control_groups.clear()
             dist.destroy_process_group()
 
 
@@ -316,14 +317,30 @@ def all_reduce_mean(value: float | torch.Tensor) -> float | torch.Tensor:
     return reduced.item() / get_world_size()
 
 
+_control_groups: dict[str, Any] = {}
+
+
+def _control_group() -> Any:
+    """The group host-side decisions travel on: the default one, or beside NCCL a gloo group of the same
+    processes, whose all-reduce of a CPU tensor never waits for the GPU (an NCCL one would queue behind
+    the step's kernels and make the host wait for them, every step). Made on first use, which every
+    process reaches at the same step."""
+    if dist.get_backend() != "nccl":
+        return None
+    if "gloo" not in _control_groups:
+        _control_groups["gloo"] = dist.new_group(backend="gloo")
+    return _control_groups["gloo"]
+
+
 def all_reduce_max(value: int) -> int:
-    """The largest ``value`` over processes (one tiny all-reduce); ``value`` itself in a single process.
-    For decisions every process must take at the same step, e.g. stopping on a signal one rank received."""
+    """The largest ``value`` over processes (one tiny all-reduce, on the host); ``value`` itself in a single
+    process. For decisions every process must take at the same step, e.g. stopping on a signal one rank
+    received."""
     if not is_distributed():
         return int(value)
-    reduced = torch.tensor(int(value), dtype=torch.int64, device=_collective_device())
-    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
-    return int(reduced.item())
+    reduced = torch.tensor([int(value)], dtype=torch.int64)
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=_control_group())
+    return int(reduced.numpy()[0])
 
 
 # --------------------------------------------------------------------------- a process that is gone
