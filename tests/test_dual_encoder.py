@@ -177,3 +177,38 @@ def test_bad_settings_raise_one_line_errors(tiny_bert):
 def test_default_lengths_are_capped_to_the_model(models):
     de = models[("cls", False)]  # tiny BERT: 128 positions; the default passage length is 256
     assert (de.max_query_length, de.max_passage_length) == (64, 128)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_the_prepared_padding_mask_gives_what_the_2d_mask_gives(implementation):
+    """``block_outputs`` hands transformers a 4-D mask (its own check of a 2-D one reads the mask on the
+    host, a GPU sync per forward): every hidden state equals the 2-D mask's, padded positions included."""
+    from transformers import BertConfig, BertModel
+
+    from leadkd.models.base import block_outputs, prepared_mask
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                                 attn_implementation=implementation)).eval()
+    ids = torch.randint(5, 100, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, 4:], mask[2, 2:] = 0, 0
+    assert prepared_mask(model, mask).dim() == 4
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1:]
+        for got, want in zip(block_outputs(model, ids, mask), reference, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        unpadded = model(input_ids=ids, attention_mask=torch.ones_like(mask), output_hidden_states=True)
+        for got, want in zip(block_outputs(model, ids, None), unpadded.hidden_states[1:], strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # None: no padding, no mask at all
+
+
+def test_a_model_that_builds_its_own_masks_keeps_the_2d_one():
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    from leadkd.models.base import prepared_mask
+
+    model = DebertaV2Model(DebertaV2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           intermediate_size=37, vocab_size=100))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    assert prepared_mask(model, mask) is mask

@@ -594,3 +594,55 @@ def test_steps_between_log_steps_never_read_a_device_value(setup, tmp_path, monk
                               "(0 in a row now, optim.skip_non_finite=1)")])
             assert not result.skipped and set(result.terms) >= {"loss"}
     trainer.close()
+
+
+@pytest.mark.parametrize("teacher_train", [True, False], ids=["joint-teacher", "frozen-teacher"])
+def test_batches_tokenised_in_loader_workers_give_the_same_run(setup, tmp_path, teacher_train, monkeypatch):
+    """``data.workers``: the student's and the teacher's inputs made in two worker processes give the steps
+    (losses, layer draws, weights) of tokenising in the step; each batch arrives with both models' inputs,
+    and the training process tokenises nothing itself."""
+    from leadkd.models.dual_encoder import DualEncoder
+
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"workers-{workers}"
+        trainer = Trainer(distill_config(setup, out, **{"data.workers": workers, "teacher.train": teacher_train}),
+                          log=lambda m: None, show_progress=False)
+        assert trainer.loader.num_workers == workers
+        with monkeypatch.context() as patch:
+            if workers:  # the workers tokenise through batch_tokenizer(); this process must not tokenise at all
+                patch.setattr(DualEncoder, "tokenize", lambda *a, **k: pytest.fail("tokenised in the step"))
+            trainer.fit()
+        if workers:
+            batch = next(iter(trainer.loader))
+            assert set(batch.inputs) == {"student", "teacher"}
+            assert batch.inputs["student"]["passage"]["input_ids"].shape[0] == len(batch.passages)
+        trainer.close()
+        runs[workers] = out
+    assert log_pairs(runs[0]) == log_pairs(runs[2])
+    losses = [[json.loads(line).get("loss") for line in (out / "metrics.jsonl").read_text().splitlines()]
+              for out in runs.values()]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6, rel=0)
+    for folder in ("final",) + (("final-teacher",) if teacher_train else ()):
+        a, b = weights(runs[0] / folder), weights(runs[2] / folder)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_resume_with_loader_workers_gives_the_same_weights(setup, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_job(distill_config(setup, straight), log=lambda m: None)  # no workers: the reference
+    first = Trainer(distill_config(setup, split, **{"data.workers": 2}), log=lambda m: None)
+    first._iterator = first._batches()
+    for _ in range(3):  # "killed" mid-epoch (16 groups, batch 4: 4 batches an epoch)
+        first.train_step()
+    first.save()
+    first.close()
+    resumed = Trainer(distill_config(setup, split, **{"data.workers": 2}), resume=True, log=lambda m: None)
+    assert resumed.step == 3
+    resumed.fit()
+    resumed.close()
+    for folder in ("final", "final-teacher"):
+        a, b = weights(straight / folder), weights(split / folder)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)

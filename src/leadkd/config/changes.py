@@ -33,7 +33,7 @@ def todays_spelling(data: Mapping[str, Any]) -> dict[str, Any]:
 #: is computed: skipping non-finite batches after a NaN stop, trading compute for memory, the teacher cache.
 RESUMABLE_CHANGES = ("eval.", "log_every", "ddp_timeout", "checkpoint.keep_last", "checkpoint.every",
                      "output_dir", "optim.skip_non_finite", "optim.cpu_dropout", "optim.gradient_checkpointing",
-                     "teacher.cache")
+                     "teacher.cache", "data.workers")
 #: Settings that name files: compared after resolving, so ./data and /abs/data are the same.
 _PATH_SETTINGS = ("data.corpus", "data.train_groups", "model.path", "teacher.path", "student.path")
 

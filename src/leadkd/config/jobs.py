@@ -144,6 +144,9 @@ class DataConfig(_Section):
     train_groups: str | None = None
     num_negatives: NonNegativeInt = 7
     shuffle_positives: StrictBool = False
+    #: DataLoader worker processes that sample and tokenise the next batches while this step runs. Unset:
+    #: 0 on a CPU host, whose cores all run the model (docs/benchmarks.md, "Host time per step"), 2 on CUDA.
+    workers: NonNegativeInt | None = None
 
 
 class TrainLossConfig(_Section):

@@ -1,15 +1,17 @@
 """Training groups sampled into batches of text: one step's queries, positives and negatives.
 
-Batches carry text, never token ids: teacher and student each tokenise their own view of the same
-passages, which is what makes the distillation "liberal". Every random choice is keyed by seed, epoch
+Batches carry text: teacher and student each tokenise their own view of the same passages, which is what
+makes the distillation "liberal". With ``tokenizers`` those views are made in the loader (in its worker
+processes, ahead of the step) and travel with the batch as ``inputs``. Every random choice is keyed by seed, epoch
 and item, so a resumed or multi-process run draws exactly what one uninterrupted process would.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -123,6 +125,8 @@ class GroupBatch:
     positive_ids: list[tuple[str, ...]] = field(default_factory=list)
     groups: list[int] = field(default_factory=list)
     columns: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
+    #: each model's tokenisation of this batch, by model name, made ahead by :class:`TokenizingCollate`
+    inputs: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -134,7 +138,34 @@ class GroupBatch:
     def to(self, device: str | torch.device) -> GroupBatch:
         teacher = None if self.teacher_scores is None else self.teacher_scores.to(device)
         return GroupBatch(self.query_ids, self.queries, self.passage_ids, self.passages, self.labels.to(device),
-                          self.group_size, teacher, self.positive_ids, self.groups, self.columns)
+                          self.group_size, teacher, self.positive_ids, self.groups, self.columns, self.inputs)
+
+    def pin_memory(self) -> GroupBatch:
+        """The DataLoader's ``pin_memory=True`` hook: the tokenised inputs in page-locked memory, so each
+        model's copy to the GPU (``non_blocking``) overlaps the work queued before it."""
+        return dataclasses.replace(self, inputs=_pinned(self.inputs))
+
+
+def _pinned(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.pin_memory()
+    if isinstance(value, dict):
+        return {key: _pinned(item) for key, item in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class TokenizingCollate:
+    """:func:`collate_groups`, then each model's own tokenisation of the batch's text (``tokenizers``: model
+    name -> ``(queries, passages) -> inputs``, e.g. a model's ``batch_tokenizer()``). As a DataLoader's
+    ``collate_fn`` with workers, that host work runs in the worker processes, ahead of the step."""
+
+    tokenizers: dict[str, Callable[[list[str], list[str]], Any]]
+
+    def __call__(self, samples: Sequence[GroupSample]) -> GroupBatch:
+        batch = collate_groups(samples)
+        batch.inputs = {name: tokenize(batch.queries, batch.passages) for name, tokenize in self.tokenizers.items()}
+        return batch
 
 
 def collate_groups(samples: Sequence[GroupSample]) -> GroupBatch:
@@ -192,11 +223,16 @@ class EpochSampler(Sampler):
 
 
 def group_loader(dataset: GroupDataset, batch_size: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = True, num_workers: int = 0) -> DataLoader:
+                 seed: int = 0, drop_last: bool = True, num_workers: int = 0,
+                 tokenizers: dict[str, Callable[[list[str], list[str]], Any]] | None = None,
+                 pin_memory: bool = False) -> DataLoader:
     """A DataLoader of :class:`GroupBatch`: this rank's shard of a seeded shuffle, re-drawn per epoch.
 
     Call ``loader.sampler.set_epoch(epoch)`` before each epoch. Batches are a function of
-    ``(seed, epoch, rank, world_size)`` only, so a resumed run can skip to its step and see the same data.
+    ``(seed, epoch, rank, world_size)`` only, so a resumed run can skip to its step and see the same data,
+    whatever ``num_workers`` (each item's draws are keyed by its epoch and group, never by a worker).
+    ``tokenizers``: each model's tokenisation, done in the collate (:class:`TokenizingCollate`); with
+    workers, they stay alive across epochs (the epoch travels with each key).
     """
     if batch_size < 1:
         raise LeadkdError(f"batch size must be >= 1, got {batch_size}")
@@ -204,5 +240,8 @@ def group_loader(dataset: GroupDataset, batch_size: int, rank: int = 0, world_si
                                                        seed=seed, drop_last=drop_last)
     # Its own generator: a DataLoader iterator otherwise draws a seed from torch's global RNG, which would
     # shift dropout masks between a straight run and a resumed one.
-    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(base), collate_fn=collate_groups,
-                      drop_last=drop_last, num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+    collate: Callable[[Sequence[GroupSample]], GroupBatch] = TokenizingCollate(tokenizers) if tokenizers \
+        else collate_groups
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(base), collate_fn=collate,
+                      drop_last=drop_last, num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0)

@@ -60,6 +60,12 @@ class Layout:
         return own_group_scores(scores, group_size, self.offset) if self.own_group and scores_whole_batch else scores
 
 
+def _inputs(batch, name: str) -> dict[str, Any]:
+    """``inputs=`` for model ``name``'s ``encode_batch`` when the loader tokenised the batch for it."""
+    made = getattr(batch, "inputs", {}).get(name)
+    return {} if made is None else {"inputs": made}
+
+
 def duplicate_positives(batch, layout: Layout) -> torch.Tensor | None:
     """``[B, C]`` mask of the copies of each local query's judged positives among its candidates, on the CPU,
     or None when there are none (see :func:`~leadkd.distill.losses.duplicate_positive_mask`). With gathered
@@ -99,9 +105,13 @@ class GroundTruth(_Objective):
         self.models = {"model": model}
         self.evaluated = model
 
+    def text_models(self) -> dict[str, nn.Module]:
+        """The models that read each batch's text, by the names their tokenised inputs travel under."""
+        return {"model": self.model.model}
+
     def __call__(self, batch, pairs=()) -> dict[str, torch.Tensor]:
         model = cast(Retriever, self.model.model)
-        encoded = self.model.forward(batch.queries, batch.passages, [], final=True)
+        encoded = self.model.forward(batch.queries, batch.passages, [], final=True, **_inputs(batch, "model"))
         layout = self._layout(model, batch)
         if layout.gathered:
             encoded = encoded.gathered(with_grad=True)
@@ -136,12 +146,23 @@ class Distillation(_Objective):
         self.own_group = own_group or teacher_scores is not None
         self.teacher_trains = teacher is not None and teacher.trains
 
+    def text_models(self) -> dict[str, nn.Module]:
+        """The models that read each batch's text, by the names their tokenised inputs travel under: the
+        student, and the teacher unless a score file or a vector cache stands in for it (the hidden-state
+        baseline tokenises in the step: it needs every token state)."""
+        if self.hidden_mse is not None:
+            return {}
+        models = {"student": self.student.model}
+        if self.teacher is not None and self.teacher_cache is None:
+            models["teacher"] = self.teacher.model
+        return models
+
     def _encode_teacher(self, batch, layers: list[int], with_states: bool):
         assert self.teacher is not None  # a score file's run never encodes with a teacher
         if self.teacher_cache is not None:
             return self.teacher_cache.encode(batch.query_ids, batch.queries, batch.passage_ids, batch.passages,
                                              layers, final=True)
-        options = {"with_states": True} if with_states else {}
+        options = {"with_states": True} if with_states else _inputs(batch, "teacher")
         with contextlib.nullcontext() if self.teacher.trains else torch.no_grad():
             return self.teacher.forward(batch.queries, batch.passages, layers, final=True, **options)
 
@@ -188,7 +209,7 @@ class Distillation(_Objective):
         cfg = self.loss
         hidden = self.hidden_mse is not None
         s_layers, t_layers, positions = pair_layers([] if hidden else pairs)
-        options = {"with_states": True} if hidden else {}
+        options = {"with_states": True} if hidden else _inputs(batch, "student")
         student_enc = self.student.forward(batch.queries, batch.passages, s_layers, final=True, **options)
         teacher_enc = None if self.teacher_scores is not None else self._encode_teacher(batch, t_layers, hidden)
         if self.own_group:

@@ -11,6 +11,7 @@ A single process and ``torchrun`` run the same code, and the loop never asks wha
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 import warnings
@@ -21,6 +22,7 @@ from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ..accel import cuda
 from ..config import DistillConfig, TrainConfig, save_config
@@ -148,12 +150,11 @@ class Trainer:
                                     random_positive=cfg.data.shuffle_positives,
                                     negative_pool=scores.negatives if scores is not None else None)
         world_batch_check(len(self.dataset), cfg.optim.batch_size, self.ctx, cfg.data.train_groups)
-        self.loader = group_loader(self.dataset, cfg.optim.batch_size, rank=self.ctx.rank,
-                                   world_size=self.ctx.world_size, seed=cfg.seed)
         ckpt = resumed[0] if resumed else None
         self.objective, self.schedule = build_objective(cfg, ckpt, corpus, queries, self.ctx, self.total_steps,
                                                         self.output, self.log, scores)
         self.models, self.evaluated = self.objective.models, self.objective.evaluated
+        self.loader = self._loader()
         # Fused AdamW (build.make_optimizer's choice) drops a non-finite update itself: no per-step host check.
         self._skips_on_device = all(skips_on_the_device(_optimizer(t)) for t in self.models.values() if t.trains)
         self.evaluates = cfg.eval.split is not None and isinstance(self.evaluated.model, DenseRetriever)
@@ -214,6 +215,21 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ data
+    def _loader(self) -> DataLoader:
+        """The batches, sampled (and with ``data.workers``, tokenised for each model that reads text) in
+        worker processes ahead of the step; pinned for a GPU."""
+        cfg = self.config
+        cuda = self.ctx.device.type == "cuda"
+        workers = cfg.data.workers if cfg.data.workers is not None else (2 if cuda else 0)
+        tokenizers = None
+        if workers:
+            readers = self.objective.text_models().items()  # a kind without a batch_tokenizer tokenises in the step
+            tokenizers = {name: cast(Any, model).batch_tokenizer() for name, model in readers
+                          if hasattr(model, "batch_tokenizer")}
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # each worker is one thread; several make the parallelism
+        return group_loader(self.dataset, cfg.optim.batch_size, rank=self.ctx.rank, world_size=self.ctx.world_size,
+                            seed=cfg.seed, num_workers=workers, tokenizers=tokenizers, pin_memory=cuda and workers > 0)
+
     def _batches(self) -> Iterator[Any]:
         """Batches forever, from the saved (epoch, position); every epoch reshuffled via set_epoch."""
         while True:

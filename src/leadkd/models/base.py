@@ -14,6 +14,7 @@ import json
 import logging
 import operator
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -322,12 +323,15 @@ def prepared_mask(model, attention_mask: torch.Tensor | None) -> torch.Tensor | 
     for the faster unmasked kernels: on a GPU that read waits for every kernel queued before it, once per
     forward. Callers that know on the host that a batch has no padding pass None instead (the unmasked
     kernels, no question asked); the others get the mask the attention would have built, from the device
-    tensor, without reading it. Attentions whose masks are neither SDPA's nor eager's keep the 2-D mask.
+    tensor, without reading it. Models whose code does not build their masks through transformers'
+    ``create_bidirectional_mask``, and attentions whose masks are neither SDPA's nor eager's, keep the 2-D mask.
     """
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
     if attention_mask is None or attention_mask.dim() != 2:
         return attention_mask
+    if not hasattr(sys.modules.get(type(model).__module__), "create_bidirectional_mask"):
+        return attention_mask  # a model that builds its own masks from the 2-D one (DeBERTa-v2, remote code)
     implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
     try:  # the mask each attention registered (leadkd's CPU dropout attention takes the eager one)
         builder = ALL_MASK_ATTENTION_FUNCTIONS[implementation]

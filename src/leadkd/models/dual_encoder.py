@@ -43,6 +43,7 @@ from .base import (
     resolve_layers,
     resolve_model_path,
 )
+from .batch_inputs import DualEncoderTokenizer, inputs_to
 from .loading import read_st_dense, read_st_settings, write_leadkd_config, write_st_metadata
 from .st_modules import DenseLayer, check_chain
 
@@ -290,27 +291,15 @@ class DualEncoder(nn.Module):
     # training side (autograd on)
     # ------------------------------------------------------------------------------------------------
 
-    def _prepare(self, texts: Sequence[str], side: str) -> tuple[list[str], int]:
-        """Texts with their side's prefix, and its length limit."""
-        if side == "query":
-            prefix, limit = self.query_prefix, self.max_query_length
-        elif side == "passage":
-            prefix, limit = self.passage_prefix, self.max_passage_length
-        else:
-            raise LeadkdError(f"unknown side {side!r}; choose 'query' or 'passage'")
-        if isinstance(texts, str):
-            raise TypeError("expected a sequence of texts, got one string")
-        return ([prefix + text for text in texts] if prefix else list(texts)), limit
+    def batch_tokenizer(self) -> DualEncoderTokenizer:
+        """This model's tokenisation as a picklable object (:mod:`~leadkd.models.batch_inputs`), for workers."""
+        return DualEncoderTokenizer(self.tokenizer, self.query_prefix, self.passage_prefix, self.max_query_length,
+                                    self.max_passage_length)
 
     def tokenize(self, texts: Sequence[str], side: Side) -> dict[str, Any]:
         """Prefixed, truncated, batch-padded ``input_ids`` and ``attention_mask`` on the model's device, and
         ``padded``: whether any text was padded, known here on the host (see :func:`prepared_mask`)."""
-        prepared, limit = self._prepare(texts, side)
-        batch = self.tokenizer(prepared, padding=True, truncation=True, max_length=limit,
-                               return_token_type_ids=False, return_tensors="np")
-        return {"input_ids": torch.from_numpy(batch["input_ids"]).to(self.device),
-                "attention_mask": torch.from_numpy(batch["attention_mask"]).to(self.device),
-                "padded": not batch["attention_mask"].all()}
+        return inputs_to(self.batch_tokenizer().side(texts, side), self.device)
 
     def _layer_vectors(self, states: Sequence[torch.Tensor], attention_mask: torch.Tensor,
                        layer_ids: list[int] | None) -> torch.Tensor:
@@ -376,10 +365,18 @@ class DualEncoder(nn.Module):
         return self.layer_scores(queries, passages, layers)
 
     def encode_batch(self, queries: Sequence[str], passages: Sequence[str], layers: Sequence[int],
-                     final: bool = False, raw_last_layer: bool = True, with_states: bool = False) -> DenseBatch:
+                     final: bool = False, raw_last_layer: bool = True, with_states: bool = False,
+                     inputs: dict[str, Any] | None = None) -> DenseBatch:
         """The training view: pooled vectors of ``layers`` (then of the last layer, the score, with
-        ``final``); ``with_states`` adds every block's token states for the hidden-state baseline."""
+        ``final``); ``with_states`` adds every block's token states for the hidden-state baseline.
+        ``inputs``: the texts already tokenised by :meth:`batch_tokenizer` (on any device), else done here."""
         layers = list(layers) + ([self.num_layers - 1] if final else [])
+        if inputs is not None and not with_states:
+            layer_ids = resolve_layers(layers, self.num_layers)
+            q, p = (inputs_to(inputs[side], self.device, non_blocking=True) for side in ("query", "passage"))
+            return DenseBatch(self._pooled(q["input_ids"], q["attention_mask"], layer_ids, q["padded"]),
+                              self._pooled(p["input_ids"], p["attention_mask"], layer_ids, p["padded"]),
+                              self.similarity_scale)
         if with_states:
             q_vectors, q_states, q_mask = self.layer_outputs(queries, "query", layers)
             p_vectors, p_states, p_mask = self.layer_outputs(passages, "passage", layers)
@@ -424,7 +421,7 @@ class DualEncoder(nn.Module):
         """
         if batch_size < 1 or chunk_size < 1:
             raise LeadkdError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
-        prepared, limit = self._prepare(texts, side)
+        prepared, limit = self.batch_tokenizer().prepared(texts, side)
         layer_ids = None if layers is None else resolve_layers(layers, self.num_layers)
         out_layers = 1 if layer_ids is None else len(layer_ids)
         width = self.embedding_size if layer_ids is None else self.layer_width
