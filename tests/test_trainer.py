@@ -596,27 +596,38 @@ def test_steps_between_log_steps_never_read_a_device_value(setup, tmp_path, monk
     trainer.close()
 
 
-@pytest.mark.parametrize("teacher_train", [True, False], ids=["joint-teacher", "frozen-teacher"])
-def test_batches_tokenised_in_loader_workers_give_the_same_run(setup, tmp_path, teacher_train, monkeypatch):
-    """``data.workers``: the student's and the teacher's inputs made in two worker processes give the steps
-    (losses, layer draws, weights) of tokenising in the step; each batch arrives with both models' inputs,
-    and the training process tokenises nothing itself."""
+@pytest.mark.parametrize("kind, teacher_train", [("dual_encoder", True), ("dual_encoder", False),
+                                                 ("colbert", False), ("cross_encoder", False)],
+                         ids=["joint-teacher", "frozen-teacher", "colbert-teacher", "cross-encoder-teacher"])
+def test_batches_tokenised_in_loader_workers_give_the_same_run(setup, tmp_path, kind, teacher_train, monkeypatch):
+    """``data.workers``: the student's and the teacher's inputs (its own layout: ColBERT's markers and
+    [MASK] padding, a cross-encoder's pairs) made in two worker processes give the steps (losses, layer
+    draws, weights) of tokenising in the step; each batch arrives with both models' inputs, and the
+    training process tokenises nothing itself."""
+    from leadkd.models.colbert import ColBERT
+    from leadkd.models.cross_encoder import CrossEncoder
     from leadkd.models.dual_encoder import DualEncoder
 
+    in_step = [(DualEncoder, "tokenize"), (ColBERT, "tokenize_queries"), (ColBERT, "tokenize_passages"),
+               (CrossEncoder, "tokenize_pairs")]
     runs = {}
     for workers in (0, 2):
         out = tmp_path / f"workers-{workers}"
-        trainer = Trainer(distill_config(setup, out, **{"data.workers": workers, "teacher.train": teacher_train}),
+        trainer = Trainer(distill_config(setup, out, **{"data.workers": workers, "teacher.train": teacher_train,
+                                                        "teacher.kind": kind}),
                           log=lambda m: None, show_progress=False)
         assert trainer.loader.num_workers == workers
         with monkeypatch.context() as patch:
             if workers:  # the workers tokenise through batch_tokenizer(); this process must not tokenise at all
-                patch.setattr(DualEncoder, "tokenize", lambda *a, **k: pytest.fail("tokenised in the step"))
+                for owner, name in in_step:
+                    patch.setattr(owner, name, lambda *a, **k: pytest.fail("tokenised in the step"))
             trainer.fit()
         if workers:
             batch = next(iter(trainer.loader))
             assert set(batch.inputs) == {"student", "teacher"}
             assert batch.inputs["student"]["passage"]["input_ids"].shape[0] == len(batch.passages)
+            teacher_view = batch.inputs["teacher"]
+            assert set(teacher_view) == ({"pairs"} if kind == "cross_encoder" else {"query", "passage"})
         trainer.close()
         runs[workers] = out
     assert log_pairs(runs[0]) == log_pairs(runs[2])

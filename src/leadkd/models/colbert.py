@@ -54,6 +54,7 @@ from .base import (
     resolve_layers,
     resolve_model_path,
 )
+from .batch_inputs import ColBERTTokenizer, inputs_to
 from .colbert_formats import read_foreign, skiplist_ids
 from .loading import write_leadkd_config
 
@@ -338,47 +339,28 @@ class ColBERT(nn.Module):
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 
+    def batch_tokenizer(self) -> ColBERTTokenizer:
+        """This model's tokenisation as a picklable object (:mod:`~leadkd.models.batch_inputs`), for workers."""
+        return ColBERTTokenizer(self.tokenizer, self.options.marker_position == MARKER_AFTER_CLS, self.query_length,
+                                self.passage_length, self.query_marker_id, self.doc_marker_id, self.mask_id,
+                                self.pad_id, self.options.query_expansion, self.options.attend_expansion)
+
     def _marked_ids(self, texts: Sequence[str], max_length: int, marker_id: int) -> list[list[int]]:
         """Token ids with special tokens, truncated to ``max_length`` (keeping the final [SEP]), with the marker
         in [CLS]'s place (``replace_cls``) or inserted right after it (``after_cls``, as ColBERTv2 and PyLate
         do: they tokenise one position shorter, then insert)."""
-        if isinstance(texts, str):
-            raise TypeError("expected a sequence of texts, got a single string")
-        insert = self.options.marker_position == MARKER_AFTER_CLS
-        encoded = self.tokenizer(list(texts), add_special_tokens=True, truncation=True,
-                                 max_length=max_length - 1 if insert else max_length)
-        rows = []
-        for ids in encoded["input_ids"]:
-            if not ids or ids[0] != self.tokenizer.cls_token_id:
-                raise LeadkdError("ColBERT needs a tokenizer whose sequences start with its [CLS] token")
-            rows.append([ids[0], marker_id] + list(ids[1:]) if insert else [marker_id] + list(ids[1:]))
-        return rows
+        return self.batch_tokenizer().marked_ids(texts, max_length, marker_id)
 
     def tokenize_queries(self, queries: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)``, ``[Q, max_query_length]``: [Q] marker, [MASK] padding, attended
         unless ``attend_expansion`` is off. Without ``query_expansion``: ``[Q, longest]``, [PAD] padding
         masked out."""
-        rows = self._marked_ids(queries, self.query_length, self.query_marker_id)
-        expand = self.options.query_expansion
-        width = self.query_length if expand else max((len(row) for row in rows), default=0)
-        ids = torch.full((len(rows), width), self.mask_id if expand else self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, :len(row)] = 1
-        if expand and self.options.attend_expansion:
-            mask.fill_(1)
+        ids, mask = self.batch_tokenizer().queries(queries)
         return ids.to(self.device), mask.to(self.device)
 
     def tokenize_passages(self, passages: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)``, ``[P, longest]``: [D] marker, [PAD] padding masked out."""
-        rows = self._marked_ids(passages, self.passage_length, self.doc_marker_id)
-        width = max((len(row) for row in rows), default=0)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, :len(row)] = 1
+        ids, mask = self.batch_tokenizer().passages(passages)
         return ids.to(self.device), mask.to(self.device)
 
     def _query_score_mask(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -420,12 +402,14 @@ class ColBERT(nn.Module):
         return cast("list[torch.Tensor]", states + [finals] if final else states)
 
     def query_layer_states(self, queries: Sequence[str], layers: Sequence[int] | None = None,
-                           raw_last: bool = False, final: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+                           raw_last: bool = False, final: bool = False,
+                           tokens: tuple[torch.Tensor, torch.Tensor] | None = None
+                           ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One ``[Q, max_query_length, d_l]`` tensor per requested layer (a list: the final vectors' width is
         ``dim``, the others' the hidden size), and the query's score mask (all ones with
         ``query_expansion``: [MASK] pads count; else the real tokens, whose padding states are zeroed).
-        ``raw_last`` and ``final``: see :meth:`_layer_states`."""
-        ids, attention = self.tokenize_queries(queries)
+        ``raw_last`` and ``final``: see :meth:`_layer_states`; ``tokens``: the queries already tokenised."""
+        ids, attention = self.tokenize_queries(queries) if tokens is None else tokens
         states = self._layer_states(ids, attention, layers, raw_last, final)
         mask = self._query_score_mask(ids, attention)
         if not self.options.query_expansion:  # zero vectors add exactly 0 to every MaxSim sum
@@ -433,12 +417,14 @@ class ColBERT(nn.Module):
         return states, mask
 
     def passage_layer_states(self, passages: Sequence[str], layers: Sequence[int] | None = None,
-                             raw_last: bool = False, final: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+                             raw_last: bool = False, final: bool = False,
+                             tokens: tuple[torch.Tensor, torch.Tensor] | None = None
+                             ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One ``[P, Tp, d_l]`` tensor per requested layer, and the ``[P, Tp]`` score mask (real tokens
         not in the skiplist).
 
         Whoever moves the states (e.g. an all-gather across processes) must move the mask with them."""
-        ids, attention = self.tokenize_passages(passages)
+        ids, attention = self.tokenize_passages(passages) if tokens is None else tokens
         return self._layer_states(ids, attention, layers, raw_last, final), self._passage_score_mask(ids, attention)
 
     def layer_scores(self, queries: Sequence[str], passages: Sequence[str],
@@ -453,11 +439,17 @@ class ColBERT(nn.Module):
         return self.layer_scores(queries, passages, layers)
 
     def encode_batch(self, queries: Sequence[str], passages: Sequence[str], layers: Sequence[int],
-                     final: bool = False, raw_last_layer: bool = True) -> TokenBatch:
+                     final: bool = False, raw_last_layer: bool = True,
+                     inputs: dict[str, Any] | None = None) -> TokenBatch:
         """The training view: ``layers`` (the last one raw with ``raw_last_layer``), then ColBERT's final
-        vectors with ``final``."""
-        q_states, _ = self.query_layer_states(queries, layers, raw_last=raw_last_layer, final=final)
-        p_states, p_mask = self.passage_layer_states(passages, layers, raw_last=raw_last_layer, final=final)
+        vectors with ``final``. ``inputs``: the texts already tokenised by :meth:`batch_tokenizer`."""
+        q_tokens = p_tokens = None
+        if inputs is not None:
+            q, p = (inputs_to(inputs[side], self.device, non_blocking=True) for side in ("query", "passage"))
+            q_tokens, p_tokens = (q["input_ids"], q["attention_mask"]), (p["input_ids"], p["attention_mask"])
+        q_states, _ = self.query_layer_states(queries, layers, raw_last=raw_last_layer, final=final, tokens=q_tokens)
+        p_states, p_mask = self.passage_layer_states(passages, layers, raw_last=raw_last_layer, final=final,
+                                                     tokens=p_tokens)
         return TokenBatch(q_states, p_states, p_mask)
 
     def score(self, queries: Sequence[str], passages: Sequence[str]) -> torch.Tensor:

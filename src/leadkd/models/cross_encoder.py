@@ -55,6 +55,7 @@ from .base import (
     resolve_layers,
     resolve_model_path,
 )
+from .batch_inputs import CrossEncoderTokenizer, group_queries, inputs_to
 from .classification_heads import SequenceClassificationHead, check_supported, is_sequence_classifier
 from .loading import write_leadkd_config
 from .st_cross_encoder import (
@@ -301,45 +302,23 @@ class CrossEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 
-    def _fit_queries(self, queries: Sequence[str]) -> list[str]:
-        """Queries cut to half the budget where they would leave no room for the passage.
-
-        Truncation is on the passage side only; a query that alone fills ``max_length`` would make that
-        impossible (the tokenizer raises), so such a query is cut to half the budget first.
-        """
-        queries = list(queries)
-        if not getattr(self.tokenizer, "is_fast", False):
-            return queries
-        budget = self.max_length - self.tokenizer.num_special_tokens_to_add(pair=True)
-        encoded = self.tokenizer(queries, add_special_tokens=False, return_offsets_mapping=True)
-        fitted = []
-        for query, offsets in zip(queries, encoded["offset_mapping"], strict=True):
-            if len(offsets) >= budget:
-                query = query[:offsets[max(1, budget // 2) - 1][1]]
-            fitted.append(query)
-        return fitted
+    def batch_tokenizer(self) -> CrossEncoderTokenizer:
+        """This model's tokenisation as a picklable object (:mod:`~leadkd.models.batch_inputs`), for workers."""
+        return CrossEncoderTokenizer(self.tokenizer, self.max_length, self.feeds_token_types)
 
     def tokenize_pairs(self, queries: Sequence[str], passages: Sequence[str]) -> dict[str, torch.Tensor]:
         """Model inputs for aligned (query, passage) pairs, padded to the longest pair."""
-        if isinstance(queries, str) or isinstance(passages, str):
-            raise TypeError("expected sequences of texts, got a single string")
-        if len(queries) != len(passages):
-            raise LeadkdError(f"{len(queries)} queries but {len(passages)} passages: pairs must align")
-        encoded = self.tokenizer(self._fit_queries(queries), list(passages), truncation="only_second",
-                                 max_length=self.max_length, padding=True, return_tensors="pt",
-                                 return_token_type_ids=self.feeds_token_types)
-        inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-        if self.feeds_token_types:
-            inputs["token_type_ids"] = encoded["token_type_ids"]
-        return {name: tensor.to(self.device) for name, tensor in inputs.items()}
+        return inputs_to(self.batch_tokenizer().pairs(queries, passages), self.device)
 
     # ------------------------------------------------------------------ scores
     def pair_layer_scores(self, queries: Sequence[str], passages: Sequence[str],
-                          layers: Sequence[int] | None = None) -> torch.Tensor:
-        """The head's score at each requested layer for aligned pairs: ``[L', N]``."""
+                          layers: Sequence[int] | None = None, pairs: dict[str, Any] | None = None) -> torch.Tensor:
+        """The head's score at each requested layer for aligned pairs: ``[L', N]``. ``pairs``: the pairs
+        already tokenised (:meth:`batch_tokenizer`), else done here."""
         wanted = resolve_layers(layers, self.num_layers)
         everything = any(layer != self.num_layers - 1 for layer in wanted)
-        inputs = self.tokenize_pairs(queries, passages)
+        inputs = (self.tokenize_pairs(queries, passages) if pairs is None
+                  else inputs_to(pairs, self.device, non_blocking=True))
         inputs["attention_mask"] = cast(torch.Tensor, prepared_mask(self.backbone, inputs["attention_mask"]))
         outputs = self.backbone(**inputs, output_hidden_states=everything, return_dict=True)
         if everything:
@@ -355,25 +334,26 @@ class CrossEncoder(nn.Module):
 
         ``passages`` holds G candidates per query, query-major (query i's are ``passages[i*G:(i+1)*G]``).
         """
-        num_queries, num_passages = len(queries), len(passages)
-        if num_queries == 0 or num_passages == 0 or num_passages % num_queries:
-            raise LeadkdError(f"a cross-encoder needs the same number of candidates for every query, listed "
-                              f"query-major: got {num_passages} passages for {num_queries} queries")
-        group = num_passages // num_queries
-        repeated = [query for query in queries for _ in range(group)]
-        scores = self.pair_layer_scores(repeated, passages, layers)
-        return scores.view(scores.shape[0], num_queries, group)
+        return self._group_scores(queries, passages, layers)
+
+    def _group_scores(self, queries: Sequence[str], passages: Sequence[str], layers: Sequence[int] | None,
+                      pairs: dict[str, Any] | None = None) -> torch.Tensor:
+        repeated = group_queries(queries, passages)
+        scores = self.pair_layer_scores(repeated, passages, layers, pairs)
+        return scores.view(scores.shape[0], len(queries), len(passages) // len(queries))
 
     def forward(self, queries: Sequence[str], passages: Sequence[str],
                 layers: Sequence[int] | None = None) -> torch.Tensor:
         return self.layer_scores(queries, passages, layers)
 
     def encode_batch(self, queries: Sequence[str], passages: Sequence[str], layers: Sequence[int],
-                     final: bool = False, raw_last_layer: bool = True) -> GroupScores:
+                     final: bool = False, raw_last_layer: bool = True,
+                     inputs: dict[str, Any] | None = None) -> GroupScores:
         """The training view: the head's scores at ``layers`` (then the last layer, the score, with
-        ``final``) of each query's own group, query-major as :meth:`layer_scores` takes them."""
-        return GroupScores(self.layer_scores(queries, passages,
-                                             list(layers) + ([self.num_layers - 1] if final else [])))
+        ``final``) of each query's own group, query-major as :meth:`layer_scores` takes them. ``inputs``:
+        the pairs already tokenised by :meth:`batch_tokenizer`."""
+        wanted = list(layers) + ([self.num_layers - 1] if final else [])
+        return GroupScores(self._group_scores(queries, passages, wanted, None if inputs is None else inputs["pairs"]))
 
     def score(self, queries: Sequence[str], passages: Sequence[str]) -> torch.Tensor:
         """The ordinary cross-encoder score (last layer) of each query's own group: ``[Q, G]``."""
