@@ -37,8 +37,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 RESULTS = HERE / "results" / "study"
 
-import quality  # noqa: E402  (its prepare(): teacher, student init and mined groups per dataset)
 import ce_teacher  # noqa: E402  (its warm_up_teacher(): the cross-encoder teacher)
+import quality  # noqa: E402  (its prepare(): teacher, student init and mined groups per dataset)
 
 RESPONSE_KD = {"loss.layer": "none"}
 WORK = os.path.relpath(HERE / "runs" / "quality", HERE.parent)  # relative to the repository root
