@@ -153,6 +153,31 @@ near-tied documents).
 
 The machine this was measured on is shared (2 cores, other jobs running), so absolute times are noisy;
 the interleaving keeps the ratio meaningful. Re-run on a quiet machine before quoting numbers.
+
+## On a GPU, and under torchrun
+
+This table is the CPU path. `exact_search` computes where the vectors are (`device=`, default: the
+query tensor's device, else the document tensor's, else the CPU), and retrieval, dev evaluation and
+mining search on the model's device, so on a GPU they search there:
+
+- **Memory bound.** One step holds a `query_batch x doc_block` float32 score block and `doc_block`
+  document rows; beside them live the queries and the running top-k (`Q x k` float32 scores + int64
+  indices). On the CPU the step is the measured 1,024 x 32,768 (128 MiB of scores); on a GPU (or with
+  `max_bytes=` anywhere) the step is sized so that `4 * doc_block * (query_batch + dim) <= max_bytes`,
+  1 GiB by default, with 4,096-query batches. Rows where a tie straddles the top-k cut are re-sorted in
+  full (three times those rows' scores again, rarely needed).
+- **Documents.** A tensor already on the GPU is searched in place; numpy arrays, `np.memmap`s and CPU
+  tensors are streamed block by block through two pinned buffers, a thread filling the next while the
+  GPU searches the current one. Mining copies its corpus share to the GPU once when it takes at most
+  half the free memory (`documents_on`), since it searches it once per chunk of queries.
+- **Precision.** `dtype="float32"` (default), or `"float16"` / `"bfloat16"`: queries and documents
+  rounded to that type, products accumulated and returned in float32 (on a GPU half-precision tensor
+  cores with `out_dtype=float32`; on the CPU the rounded values multiplied in float32, the same numbers
+  at float32 speed). Results are the same numpy arrays (float32 scores, int64 indices), with the same
+  tie rule (lower document index first) and exclusions, on every device.
+- **torchrun.** Every process searches its contiguous share of the corpus on its own GPU; the shares'
+  top-k lists, with global indices, are gathered on rank 0 and merged exactly (`merge_top_k`), which
+  gives the top-k of the whole corpus with the same tie rule.
 """
 
 

@@ -109,7 +109,7 @@ def test_run_sh_dry_run_writes_every_result_and_a_table(tmp_path, table):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     files = {p.name for p in out.iterdir()}
     assert {"gpu_speed_dry_run.json", "gpu_speed_dry_run_profiles.txt", "gpu_speed_compiled_dry_run.json",
-            "gpu_tests.xml", "gpu_tests.log", "run.log"} <= files
+            "gpu_host_path_dry_run.json", "gpu_tests.xml", "gpu_tests.log", "run.log"} <= files
     assert len(files) <= 8  # what the device tool brings back from $OUT
     result = json.loads((out / "gpu_speed_dry_run.json").read_text())
     assert result["dry_run"] is True and result["correctness"]["failures"] == 0
@@ -118,6 +118,10 @@ def test_run_sh_dry_run_writes_every_result_and_a_table(tmp_path, table):
     assert set(result["encode"]["variants"]) >= {"leadkd", "leadkd_without_accel", "sentence_transformers_bs32"}
     assert all(a["min_cosine_to_st"] > 0.99 for a in result["encode"]["agreement"].values())
     assert set(result["train"]["variants"]) == {"lead", "response_kd", "contrastive", "sentence_transformers"}
+    host = json.loads((out / "gpu_host_path_dry_run.json").read_text())
+    assert set(host["steps"]) == {"workers_0", "workers_4"}
+    assert all(row["ms_per_step"] > 0 for row in host["steps"].values())
+    assert host["search"]["cpu_exact_s"] > 0 and host["search"]["faiss_cpu_s"] > 0
     compiled = json.loads((out / "gpu_speed_compiled_dry_run.json").read_text())
     assert compiled["encode_compiled"]["max_abs_diff_compiled_vs_plain"] < 1e-2
     docs = tmp_path / "benchmarks.md"

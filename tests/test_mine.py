@@ -185,3 +185,30 @@ def test_with_a_real_dual_encoder(tiny_bert):
     assert report.processed == 2 and report.short_queries == 0
     for grp in groups:
         assert len(grp.negative_ids) == 4 and not set(grp.negative_ids) & set(grp.positive_ids)
+
+
+def test_the_search_runs_on_the_models_device_in_the_asked_precision(setting, monkeypatch):
+    """The dense ranker hands the model's device and the search dtype to the search; half precision mines
+    the same groups here, where every score is a small integer (exact in float16 and bfloat16)."""
+    import torch
+
+    from leadkd.retrieval import mine
+
+    dataset, model, _ = setting
+    model.device = torch.device("cpu")
+    seen = []
+    real_search = mine.exact_search
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["device"], kwargs["dtype"]))
+        return real_search(*args, **kwargs)
+
+    monkeypatch.setattr(mine, "exact_search", spy)
+    full, report = mine_hard_negatives(model, dataset, depth=30, rank_range=(2, 20), negatives=4)
+    half, half_report = mine_hard_negatives(model, dataset, depth=30, rank_range=(2, 20), negatives=4,
+                                            search_dtype="bfloat16")
+    assert seen == [(torch.device("cpu"), "float32"), (torch.device("cpu"), "bfloat16")]
+    assert list(half) == list(full)
+    assert (report.settings["search_dtype"], half_report.settings["search_dtype"]) == ("float32", "bfloat16")
+    with pytest.raises(ConfigError, match="search dtype"):
+        mine_hard_negatives(model, dataset, search_dtype="int8")

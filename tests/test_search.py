@@ -10,11 +10,16 @@ from leadkd.retrieval.search import exact_search, to_run
 from leadkd.runtime.errors import ConfigError, LeadkdError
 
 
-def brute_force(queries: np.ndarray, docs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reference: full score matrix, stable sort (lower index first among ties)."""
+def brute_force(queries: np.ndarray, docs: np.ndarray, k: int, exclude=None) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: full score matrix, excluded documents at -inf, stable sort (lower index first among ties),
+    -inf entries reported as index -1."""
     scores = torch.from_numpy(queries) @ torch.from_numpy(docs).T
+    for row, banned in enumerate(exclude or ()):
+        scores[row, sorted(banned or ())] = float("-inf")
     values, index = torch.sort(scores, dim=1, descending=True, stable=True)
-    return values[:, :k].numpy(), index[:, :k].numpy()
+    values, index = values[:, :k], index[:, :k]
+    index[torch.isneginf(values)] = -1
+    return values.numpy(), index.numpy()
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +142,172 @@ def test_merging_the_shards_top_k_gives_the_collections_top_k(bounds):
     padded = [(np.array([[5.0, -np.inf]], np.float32), np.array([[3, -1]])),
               (np.array([[-7.0]], np.float32), np.array([[9]]))]
     assert merge_top_k(padded, 3)[1].tolist() == [[3, 9, -1]]
+
+
+# ------------------------------------------------------------------------ devices, byte budgets, precision
+
+def random_exclusions(num_queries: int, num_docs: int, seed: int = 2) -> list[set[int] | None]:
+    rng = np.random.default_rng(seed)
+    exclude: list[set[int] | None] = [set(rng.choice(num_docs, size=int(rng.integers(0, 6)), replace=False).tolist())
+                                      for _ in range(num_queries)]
+    exclude[1] = None
+    return exclude
+
+
+@pytest.mark.parametrize("max_bytes", [None, 4 * (37 + 16) * 1, 4 * (37 + 16) * 7, 4 * (5 + 16) * 40, 1 << 20])
+def test_torch_cpu_tensors_equal_numpy_inputs_for_any_byte_budget(data, max_bytes):
+    queries, docs = data
+    exclude = random_exclusions(len(queries), len(docs))
+    expected = brute_force(queries, docs, 10, exclude)
+    query_batch = 5 if max_bytes == 4 * (5 + 16) * 40 else None
+    for q, d in ((queries, docs), (torch.from_numpy(queries), torch.from_numpy(docs))):
+        scores, indices = exact_search(q, d, 10, query_batch_size=query_batch, exclude=exclude, device="cpu",
+                                       max_bytes=max_bytes)
+        assert scores.dtype == np.float32 and indices.dtype == np.int64
+        np.testing.assert_array_equal(indices, expected[1])
+        np.testing.assert_allclose(scores, expected[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("max_bytes", [4 * (6 + 4) * 3, 4 * (6 + 4) * 50, 1 << 16])
+def test_ties_and_exclusions_under_a_byte_budget_match_a_stable_sort(max_bytes):
+    rng = np.random.default_rng(3)
+    docs = rng.integers(-2, 3, size=(300, 4)).astype(np.float32)  # small integers: lots of exact ties
+    queries = rng.integers(-2, 3, size=(20, 4)).astype(np.float32)
+    exclude = random_exclusions(20, 300)
+    expected = brute_force(queries, docs, 25, exclude)
+    scores, indices = exact_search(torch.from_numpy(queries), torch.from_numpy(docs), 25, query_batch_size=6,
+                                   exclude=exclude, device=torch.device("cpu"), max_bytes=max_bytes)
+    np.testing.assert_array_equal(indices, expected[1])
+    np.testing.assert_array_equal(scores, expected[0])
+
+
+def test_block_shape_follows_the_cpu_defaults_or_the_byte_budget():
+    from leadkd.retrieval.search import DEVICE_MAX_BYTES, block_shape
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)  # a device object needs no GPU
+    assert block_shape(5000, 10**6, 768, cpu) == (1024, 32768)  # the measured CPU default
+    assert block_shape(10, 100, 768, cpu) == (10, 100)  # never more than there is
+    query_batch, doc_block = block_shape(10**5, 10**7, 768, cuda)
+    assert query_batch == 4096 and doc_block == DEVICE_MAX_BYTES // (4 * (4096 + 768))
+    assert 4 * doc_block * (query_batch + 768) <= DEVICE_MAX_BYTES < 4 * (doc_block + 1) * (query_batch + 768)
+    assert block_shape(10**5, 10**7, 768, cpu, max_bytes=1 << 20) == (4096, (1 << 20) // (4 * (4096 + 768)))
+    assert block_shape(100, 10**7, 768, cuda, max_bytes=1 << 20) == (100, (1 << 20) // (4 * (100 + 768)))
+    assert block_shape(100, 10**7, 768, cuda, query_batch_size=7, doc_block_size=9) == (7, 9)  # given: used
+    with pytest.raises(ConfigError, match="max_bytes"):
+        block_shape(100, 10**7, 768, cuda, max_bytes=1000)
+
+
+def test_where_to_search_and_the_dtype_option(data):
+    from leadkd.retrieval.search import compute_dtype, where_to_search
+
+    queries, docs = data
+    assert where_to_search(queries, docs) == torch.device("cpu")
+    assert where_to_search(torch.from_numpy(queries), docs) == torch.device("cpu")
+    assert where_to_search(queries, docs, "cuda:1") == torch.device("cuda", 1)
+    assert compute_dtype("bfloat16") is torch.bfloat16 and compute_dtype(torch.float16) is torch.float16
+    with pytest.raises(ConfigError, match="float64"):
+        compute_dtype("float64")
+    with pytest.raises(ConfigError):
+        exact_search(queries, docs, 3, max_bytes=0)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("float16", 1e-2), ("bfloat16", 6e-2)])
+def test_half_precision_rounds_the_inputs_and_accumulates_in_float32(data, dtype, tolerance):
+    queries, docs = data
+    low = getattr(torch, dtype)
+    exclude = random_exclusions(len(queries), len(docs))
+    scores, indices = exact_search(queries, docs, 10, exclude=exclude, dtype=dtype, max_bytes=4 * (37 + 16) * 50)
+    # Exactly "round to half, multiply in float32": the same as a float32 search of the rounded vectors.
+    rounded = [torch.from_numpy(x).to(low).float().numpy() for x in (queries, docs)]
+    expected = brute_force(*rounded, 10, exclude)
+    np.testing.assert_array_equal(indices, expected[1])
+    np.testing.assert_allclose(scores, expected[0], rtol=1e-5, atol=1e-5)
+    # Against float32: close scores, and the same documents wherever float32's scores are well apart.
+    ref_scores, ref_indices = brute_force(queries, docs, 11, exclude)
+    assert 0 < np.abs(scores - ref_scores[:, :10]).max() < tolerance  # not zero: the rounding did happen
+    gaps = -np.diff(ref_scores, axis=1)  # gap after each rank, the last one to rank 11
+    before = np.concatenate([np.full((len(gaps), 1), np.inf), gaps[:, :-1]], axis=1)
+    separated = np.minimum(before, gaps) > 2 * tolerance
+    assert separated.mean() > 0.3  # the check below is not vacuous
+    np.testing.assert_array_equal(indices[separated], ref_indices[:, :10][separated])
+
+
+def test_half_products_without_an_out_dtype_kernel_are_float32_products_of_the_rounded_values():
+    from leadkd.retrieval.search import _scores
+
+    rng = np.random.default_rng(4)
+    q, d = (torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).half() for shape in ((6, 8), (9, 8)))
+    scores = _scores(q, d, None)  # the CPU has no half GEMM into float32: the fallback runs
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, q.float() @ d.float().T)
+
+
+@pytest.mark.parametrize("bounds", [[(0, 40), (40, 80), (80, 120), (120, 160), (160, 200), (200, 203)],
+                                    [(0, 203)], [(0, 1), (1, 2), (2, 100), (100, 203)]])
+def test_staged_blocks_are_the_documents_block_by_block(tmp_path, data, bounds):
+    """The host-to-device staging (two buffers, a filling thread): run here on the CPU, where the staging
+    buffer itself is the block, so every block must be read before the next is asked for."""
+    from leadkd.retrieval.search import _staged_blocks
+
+    _, docs = data
+    np.save(tmp_path / "docs.npy", docs)
+    mapped = np.load(tmp_path / "docs.npy", mmap_mode="r")
+    for source in (mapped, torch.from_numpy(docs)):
+        seen = [block.clone() for block in _staged_blocks(source, bounds, torch.device("cpu"))]
+        assert [len(block) for block in seen] == [stop - start for start, stop in bounds]
+        for block, (start, stop) in zip(seen, bounds, strict=True):
+            np.testing.assert_array_equal(block.numpy(), docs[start:stop])
+
+
+def test_documents_stay_where_they_are_off_cuda(data):
+    from leadkd.retrieval.search import documents_on
+
+    _, docs = data
+    assert documents_on(docs, "cpu") is docs
+    tensor = torch.from_numpy(docs)
+    assert documents_on(tensor, torch.device("cpu"), "float16") is tensor
+
+
+def test_search_shards_in_one_process_is_the_search_on_the_given_device(data):
+    from leadkd.retrieval.pipeline import search_device, search_shards
+
+    queries, docs = data
+    exclude = [set(e or ()) for e in random_exclusions(len(queries), len(docs))]
+    merged = search_shards(queries, docs, range(len(docs)), 10, exclude=exclude, device="cpu")
+    assert merged is not None
+    expected = brute_force(queries, docs, 10, exclude)
+    np.testing.assert_array_equal(merged[1], expected[1])
+    np.testing.assert_allclose(merged[0], expected[0], rtol=1e-4, atol=1e-4)
+
+    class OnAGpu:
+        device = torch.device("cuda", 1)
+
+    assert search_device(OnAGpu()) == torch.device("cuda", 1)
+    assert search_device(object()) == torch.device("cpu")  # no device (a fake encoder): the CPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_cuda_search_equals_cpu_search(dtype):
+    """On a GPU: resident tensors, numpy streamed through pinned buffers, a small byte budget (many steps),
+    exclusions and exact ties all give the CPU's results (half precision: the CPU's rounded-input search)."""
+    from leadkd.retrieval.search import documents_on
+
+    rng = np.random.default_rng(5)
+    # Few queries and k = 30: a float32 summation-order difference (~1e-6) swaps two documents only where their
+    # scores are that close, which these sizes make unlikely; the small-integer vectors tie exactly instead.
+    normal = rng.standard_normal((100, 32), dtype=np.float32), rng.standard_normal((5000, 32), dtype=np.float32)
+    ties = (rng.integers(-2, 3, (300, 8)).astype(np.float32), rng.integers(-2, 3, (5000, 8)).astype(np.float32))
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    for queries, docs in (normal, ties):
+        exclude = random_exclusions(len(queries), len(docs))
+        expected = exact_search(queries, docs, 30, exclude=exclude, dtype=dtype, device="cpu")
+        resident = documents_on(docs, cuda, dtype)
+        assert isinstance(resident, torch.Tensor) and resident.device == cuda
+        for q, d, budget in ((torch.from_numpy(queries).to(cuda), resident, None),
+                             (queries, docs, 1 << 20),  # streamed from the host in several blocks
+                             (torch.from_numpy(queries).to(cuda), torch.from_numpy(docs), 1 << 18)):
+            scores, indices = exact_search(q, d, 30, exclude=exclude, dtype=dtype, device=cuda, max_bytes=budget)
+            np.testing.assert_array_equal(indices, expected[1])
+            np.testing.assert_allclose(scores, expected[0], rtol=1e-4, atol=1e-4)

@@ -161,7 +161,7 @@ def cmd_retrieve(args) -> None:
     Under torchrun each process encodes and searches its share of the corpus; rank 0 merges and writes."""
     from ..data.runs import write_run
     from ..retrieval.evaluate import evaluate, format_table, parse_measures, write_metrics, write_per_query
-    from ..retrieval.pipeline import encode_corpus, encode_queries, search_run
+    from ..retrieval.pipeline import encode_corpus, encode_queries, search_device, search_run
     from ..runtime.fileio import check_replaceable
 
     started = time.perf_counter()
@@ -181,7 +181,7 @@ def cmd_retrieve(args) -> None:
     else:
         docs = encode_corpus(model, dataset.corpus, batch_size=args.batch_size)
         queries = encode_queries(model, dataset.queries, batch_size=args.batch_size)
-        run = search_run(queries, docs, args.k, exclude_same_id=args.exclude_same_id)
+        run = search_run(queries, docs, args.k, exclude_same_id=args.exclude_same_id, device=search_device(model))
     write_run(run, output / "run.trec", tag=args.tag)
     aggregate, per_query = evaluate(run, dataset.qrels, measures=args.measures, rel=args.rel)
     write_metrics(aggregate, output / "metrics.json")
@@ -195,7 +195,7 @@ def cmd_retrieve(args) -> None:
 def _retrieve_sharded(args, model, dataset, output: Path):
     """`retrieve` under torchrun: this process's share of the corpus searched, the run merged on rank 0
     (None elsewhere); with --save-embeddings the shares become one folder."""
-    from ..retrieval.pipeline import encode_corpus_share, encode_queries, save_shards, search_shards
+    from ..retrieval.pipeline import encode_corpus_share, encode_queries, save_shards, search_device, search_shards
     from ..retrieval.search import to_run
 
     corpus, main = dataset.corpus, _is_main(args)
@@ -204,7 +204,7 @@ def _retrieve_sharded(args, model, dataset, output: Path):
     exclude = None
     if args.exclude_same_id:
         exclude = [{row} if row >= 0 else set() for row in corpus.lookup(queries.ids).tolist()]
-    merged = search_shards(queries.vectors, share, rows, args.k, exclude=exclude)
+    merged = search_shards(queries.vectors, share, rows, args.k, exclude=exclude, device=search_device(model))
     if args.save_embeddings:
         save_shards(output / "corpus_embeddings", corpus.ids, rows, share,
                     {"what": "passages", "count": len(corpus), "dim": int(share.shape[-1])})

@@ -145,7 +145,8 @@ class DataConfig(_Section):
     num_negatives: NonNegativeInt = 7
     shuffle_positives: StrictBool = False
     #: DataLoader worker processes that sample and tokenise the next batches while this step runs. Unset:
-    #: 0 on a CPU host, whose cores all run the model (docs/benchmarks.md, "Host time per step"), 2 on CUDA.
+    #: 0 on a CPU host, whose cores all run the model; 4 on CUDA, what an H200 step needs at MS MARCO lengths
+    #: (docs/benchmarks.md, "Host time per step").
     workers: NonNegativeInt | None = None
 
 

@@ -53,6 +53,11 @@ from .teacher_scores import open_teacher_scores
 
 Log = Callable[[str], None]
 
+#: ``data.workers`` unset on a CUDA host: at MS MARCO's passage lengths one worker tokenises ~3,200 passages/s
+#: (a dual-encoder student and a ColBERT teacher, benchmarks/host_overhead.py); an H200 step of the GPU
+#: benchmark's shapes needs ~7,500/s. On a CPU host 0: the model's own threads use every core.
+CUDA_WORKERS = 4
+
 
 # ---------------------------------------------------------------------------------------- trainer
 
@@ -220,7 +225,7 @@ class Trainer:
         worker processes ahead of the step; pinned for a GPU."""
         cfg = self.config
         cuda = self.ctx.device.type == "cuda"
-        workers = cfg.data.workers if cfg.data.workers is not None else (2 if cuda else 0)
+        workers = cfg.data.workers if cfg.data.workers is not None else (CUDA_WORKERS if cuda else 0)
         tokenizers = None
         if workers:
             readers = self.objective.text_models().items()  # a kind without a batch_tokenizer tokenises in the step

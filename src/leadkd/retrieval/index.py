@@ -1,9 +1,10 @@
 """A dense index over document embeddings: exact (flat) or approximate (HNSW), saved as one folder.
 
-Why two backends for the same exact search: on CPU our blocked torch search is ~2.5x faster than
-``faiss.IndexFlatIP`` and breaks ties deterministically, so it is the default for ``kind="flat"``; faiss
-is kept for HNSW and for users who want a standard ``.faiss`` file. Inner product only: normalise the
-embeddings first for cosine.
+Why two backends for the same exact search: our blocked torch search breaks ties deterministically, streams
+a memory-mapped corpus and runs on a GPU, so it is the default for ``kind="flat"``; on a quiet CPU it takes
+~1.3-1.5x ``faiss.IndexFlatIP``'s time (docs/benchmarks-search.md; an earlier "2.5x faster" was measured
+under load, where faiss slows down more). faiss is kept for HNSW and for users who want a ``.faiss`` file.
+Inner product only: normalise the embeddings first for cosine.
 
 Folder layout (written atomically, so a crash never leaves half an index)::
 

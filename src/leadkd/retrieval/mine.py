@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from .. import accel
 from ..data.groups import GroupsBuilder, TrainingGroups
 from ..runtime import distributed as dist
 from ..runtime.errors import ConfigError, LeadkdError
-from .pipeline import Embeddings, encode_corpus, search_shards, share_of
-from .search import exact_search
+from .pipeline import Embeddings, encode_corpus, search_device, search_shards, share_of
+from .search import ArrayLike, compute_dtype, documents_on, exact_search
 
 #: Queries searched per pass over the corpus vectors: bounds the [Q, depth] results, not the passes' cost.
 SEARCH_CHUNK = 65536
@@ -129,33 +130,46 @@ class Ranker(Protocol):
 
 
 class DenseRanker:
-    """A dual encoder's exact inner-product top-``depth`` search, the corpus encoded once on first use."""
+    """A dual encoder's exact inner-product top-``depth`` search, the corpus encoded once on first use.
+
+    The search runs on the model's device (:func:`~leadkd.retrieval.pipeline.search_device`) unless
+    ``device`` says otherwise; on a GPU the corpus vectors are copied there once when they fit
+    (:func:`~leadkd.retrieval.search.documents_on`), else streamed for every chunk of queries.
+    ``dtype``: ``"float16"``/``"bfloat16"`` halve what the GPU holds, at half precision's rounding.
+    """
 
     def __init__(self, model, corpus, corpus_embeddings: Embeddings | np.ndarray | None = None,
-                 batch_size: int = 64, show_progress: bool = False):
+                 batch_size: int = 64, show_progress: bool = False, device: torch.device | str | None = None,
+                 dtype: str = "float32"):
         self.model, self.corpus, self.corpus_embeddings = model, corpus, corpus_embeddings
         self.batch_size, self.show_progress = batch_size, show_progress
-        self._doc_vectors: np.ndarray | None = None
+        self.device = search_device(model) if device is None else torch.device(device)
+        self.dtype = str(compute_dtype(dtype)).removeprefix("torch.")
+        self._doc_vectors: ArrayLike | None = None
 
     def settings(self) -> dict[str, Any]:
-        return {"retriever": "dense"}
+        return {"retriever": "dense", "search_dtype": self.dtype}
 
     def rank(self, query_texts: list[str], exclude: list[set[int]], depth: int) -> list[np.ndarray] | None:
-        """Under torchrun every process holds and searches its share of the corpus and rank 0 merges the
-        shares' lists, exactly as one process ranks them; the other ranks get None."""
+        """Under torchrun every process holds and searches its share of the corpus (on its own GPU when the
+        model is on one) and rank 0 merges the shares' lists, exactly as one process ranks them; the other
+        ranks get None."""
         share = share_of(len(self.corpus)) if dist.is_distributed() else None
         if self._doc_vectors is None:
-            self._doc_vectors = _corpus_vectors(self.model, self.corpus, self.corpus_embeddings, self.batch_size,
-                                                self.show_progress, share)
+            vectors = _corpus_vectors(self.model, self.corpus, self.corpus_embeddings, self.batch_size,
+                                      self.show_progress, share)
+            self._doc_vectors = documents_on(vectors, self.device, self.dtype)
         query_vectors = accel.encode_queries(self.model, query_texts, batch_size=self.batch_size,
                                              show_progress=self.show_progress)
         if query_vectors.shape[1] != self._doc_vectors.shape[1]:
             raise LeadkdError(f"query vectors have {query_vectors.shape[1]} dimensions but passage vectors "
                               f"{self._doc_vectors.shape[1]}: not the same model?")
         if share is None:
-            _, ranked = exact_search(query_vectors, self._doc_vectors, depth, exclude=exclude)
+            _, ranked = exact_search(query_vectors, self._doc_vectors, depth, exclude=exclude, device=self.device,
+                                     dtype=self.dtype)
         else:
-            merged = search_shards(query_vectors, self._doc_vectors, share, depth, exclude=exclude)
+            merged = search_shards(query_vectors, self._doc_vectors, share, depth, exclude=exclude,
+                                   device=self.device, dtype=self.dtype)
             if merged is None:
                 return None
             ranked = merged[1]
@@ -165,7 +179,8 @@ class DenseRanker:
 def mine_hard_negatives(model, dataset, depth: int = 200, rank_range: tuple[int, int] = (10, 100),
                         negatives: int = 30, seed: int = 0, min_rel: int = 1, batch_size: int = 64,
                         corpus_embeddings: Embeddings | np.ndarray | None = None, show_progress: bool = False,
-                        search_chunk: int = SEARCH_CHUNK) -> tuple[TrainingGroups | None, MiningReport]:
+                        search_chunk: int = SEARCH_CHUNK, search_dtype: str = "float32"
+                        ) -> tuple[TrainingGroups | None, MiningReport]:
     """Groups of (query, judged positives, sampled hard negatives) for every judged query of ``dataset``.
 
     ``dataset`` has ``corpus``, ``queries`` and ``qrels``; the split's queries are those with judgments.
@@ -173,12 +188,14 @@ def mine_hard_negatives(model, dataset, depth: int = 200, rank_range: tuple[int,
     :class:`Embeddings` of this corpus or an array in corpus row order — is given). Negatives are sampled
     from ranks ``rank_range`` of an exact top-``depth`` search with positives and the query's own id removed.
 
-    Under torchrun every process encodes (or takes from ``corpus_embeddings``) and searches its share of
-    the corpus, rank 0 merges the shares' top-``depth`` lists, exactly as one process would rank them, and
-    builds the groups; the other ranks get ``(None, report)``. Every process encodes all the queries.
+    The search runs on the model's device (its GPU when it is on one) in ``search_dtype`` (float32, or
+    float16/bfloat16 operands with float32 accumulation). Under torchrun every process encodes (or takes
+    from ``corpus_embeddings``) and searches its share of the corpus on its own device, rank 0 merges the
+    shares' top-``depth`` lists, exactly as one process would rank them, and builds the groups; the other
+    ranks get ``(None, report)``. Every process encodes all the queries.
     """
     ranker = DenseRanker(model, dataset.corpus, corpus_embeddings, batch_size=batch_size,
-                         show_progress=show_progress)
+                         show_progress=show_progress, dtype=search_dtype)
     return mine_with_ranker(ranker, dataset, depth=depth, rank_range=rank_range, negatives=negatives, seed=seed,
                             min_rel=min_rel, search_chunk=search_chunk)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .. import accel
 from ..runtime import distributed as dist
@@ -85,16 +86,29 @@ def encode_queries(model, queries, batch_size: int = 64, show_progress: bool = T
     return Embeddings(ids, vectors, {"what": "queries", "count": len(ids), "dim": int(vectors.shape[1])})
 
 
-def search_run(query_embeddings: Embeddings, doc_embeddings: Embeddings, k: int,
-               exclude_same_id: bool = False) -> dict[str, dict[str, float]]:
-    """Exact inner-product top-k of every query over every passage, as a run (qid → docid → score)."""
+def search_device(model) -> torch.device:
+    """Where a model's vectors are searched: on its device (a GPU when the model is on one), else the CPU.
+
+    Encoding hands vectors back as numpy; searching them on the model's GPU (copied there block by block)
+    is what keeps retrieval, dev evaluation and mining off the CPU when a GPU is there."""
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else torch.device("cpu")
+
+
+def search_run(query_embeddings: Embeddings, doc_embeddings: Embeddings, k: int, exclude_same_id: bool = False,
+               device: torch.device | str | None = None, dtype: str = "float32") -> dict[str, dict[str, float]]:
+    """Exact inner-product top-k of every query over every passage, as a run (qid → docid → score).
+
+    ``device``/``dtype``: where and in what precision to search (:func:`~leadkd.retrieval.search.exact_search`;
+    pass :func:`search_device` of the model that encoded the vectors to search on its GPU)."""
     from .search import exact_search, to_run
 
     exclude = None
     if exclude_same_id:
         position = {doc_id: row for row, doc_id in enumerate(doc_embeddings.ids)}
         exclude = [{position[q]} if q in position else set() for q in query_embeddings.ids]
-    scores, indices = exact_search(query_embeddings.vectors, doc_embeddings.vectors, k, exclude=exclude)
+    scores, indices = exact_search(query_embeddings.vectors, doc_embeddings.vectors, k, exclude=exclude,
+                                   device=device, dtype=dtype)
     return to_run(query_embeddings.ids, doc_embeddings.ids, scores, indices)
 
 
@@ -126,7 +140,8 @@ def evaluate_layers(model, dataset, measures: Sequence[str] = ("nDCG@10", "R@100
                                      layers=layers, show_progress=show_progress)
     rows: list[dict[str, Any]] = []
     for layer in layers:
-        run = search_run(Embeddings(query_ids, vectors[layer], {}), Embeddings(doc_ids, docs[layer], {}), k)
+        run = search_run(Embeddings(query_ids, vectors[layer], {}), Embeddings(doc_ids, docs[layer], {}), k,
+                         device=search_device(model))
         aggregate, by_query = evaluate(run, dataset.qrels, measures=list(measures))
         rows.append({"layer": layer, **aggregate})
     if per_query:
@@ -138,10 +153,10 @@ def evaluate_retriever(model, corpus_spec: str, split: str, metric: str = "nDCG@
                        max_queries: int | None = None, corpus=None) -> dict[str, float] | None:
     """Full-corpus retrieval of a split's queries by a dense retriever (dev evaluation), scored with ir-measures.
 
-    Under torchrun every process encodes and searches its own contiguous share of the corpus, and rank 0
-    merges the shares' top-k lists and scores them: evaluation then takes 1/processes of the time, with
-    no process idling at a barrier. Returns the measures on rank 0, None on the others. ``corpus``: the
-    corpus already loaded from ``corpus_spec``, so it is not read again.
+    Under torchrun every process encodes and searches its own contiguous share of the corpus (on its own
+    GPU when the model is on one), and rank 0 merges the shares' top-k lists and scores them: evaluation
+    then takes 1/processes of the time, with no process idling at a barrier. Returns the measures on rank 0,
+    None on the others. ``corpus``: the corpus already loaded from ``corpus_spec``, so it is not read again.
     """
     from ..data.datasets import load_dataset
     from .evaluate import evaluate
@@ -155,7 +170,7 @@ def evaluate_retriever(model, corpus_spec: str, split: str, metric: str = "nDCG@
         qrels = type(qrels)({q: d for q, d in qrels.items() if q in keep})
     query_embeddings = encode_queries(model, queries, show_progress=False)
     rows, share = encode_corpus_share(model, corpus, batch_size=32, show_progress=False)
-    merged = search_shards(query_embeddings.vectors, share, rows, k)
+    merged = search_shards(query_embeddings.vectors, share, rows, k, device=search_device(model))
     if merged is None:
         return None
     run = to_run(query_embeddings.ids, corpus.ids, *merged)
@@ -195,20 +210,23 @@ def encode_queries_share(model, queries, batch_size: int = 64, show_progress: bo
     return rows, vectors
 
 
-def search_shards(query_vectors, share_vectors, rows: range, k: int,
-                  exclude: Sequence[set[int]] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+def search_shards(query_vectors, share_vectors, rows: range, k: int, exclude: Sequence[set[int]] | None = None,
+                  device: torch.device | str | None = None, dtype: str = "float32"
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
     """Exact top-``k`` of every query over the whole corpus, each process searching its share ``rows``.
 
     ``exclude[i]``: *global* corpus rows query ``i`` must never get. Returns ``(scores, global indices)``
     on rank 0 - the same as :func:`~leadkd.retrieval.search.exact_search` over the concatenated shares -
-    and None on the other ranks. Every process must call it with the same queries.
+    and None on the other ranks. Every process must call it with the same queries. ``device``: this
+    process's own (its GPU under torchrun, :func:`search_device`); only the shares' top-k lists travel.
     """
     from .search import exact_search, merge_top_k
 
     local = None
     if exclude is not None:
         local = [{row - rows.start for row in banned if rows.start <= row < rows.stop} for banned in exclude]
-    scores, indices = exact_search(query_vectors, share_vectors, k, exclude=local)  # [Q, 0] for an empty share
+    scores, indices = exact_search(query_vectors, share_vectors, k, exclude=local,  # [Q, 0] for an empty share
+                                   device=device, dtype=dtype)
     parts = dist.gather_object((scores, np.where(indices >= 0, indices + rows.start, -1)))
     if parts is None:
         return None
