@@ -40,8 +40,10 @@ from speed import (  # noqa: E402
     SHAPES,
     Clock,
     build_model_folder,
+    default_corpus,
     find_assets,
     machine,
+    pick_device,
     profile_steps,
     read_texts,
     write_training_data,
@@ -145,18 +147,9 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=None)
     args = parser.parse_args()
     shapes = SHAPES["dry" if args.dry_run else "gpu"]
-    if args.dry_run:
-        device = torch.device("cpu")
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", 0)
-    else:
-        sys.exit("no CUDA device: run with --dry-run to check the script on the CPU")
+    device = pick_device(args.dry_run)
     tokenizer_dir = find_assets(args.assets)
-    corpus = args.corpus
-    if corpus is None and os.environ.get("LEADKD_DATA_DIR"):
-        corpus = Path(os.environ["LEADKD_DATA_DIR"]) / "scifact" / "corpus.jsonl"
-    texts, source = read_texts(corpus, shapes["passages"], tokenizer_dir)
+    texts, source = read_texts(default_corpus(args.corpus), shapes["passages"], tokenizer_dir)
     name = "gpu_host_path" + ("_dry_run" if args.dry_run else "")
     result: dict = {"benchmark": name, "dry_run": args.dry_run, "date": time.strftime("%Y-%m-%d %H:%M"),
                     "machine": machine(device), "texts": source}

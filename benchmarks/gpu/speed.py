@@ -547,6 +547,23 @@ def write_result(result: dict, output_dir: Path, name: str) -> None:
                              f"GPU busy {busy}\n{prof['table']}\n\n")
 
 
+def pick_device(dry_run: bool) -> torch.device:
+    """The CPU (two threads) for a dry run, else the first GPU; without one, stop with what to run instead."""
+    if dry_run:
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    sys.exit("no CUDA device: run with --dry-run to check the script on the CPU")
+
+
+def default_corpus(corpus: Path | None) -> Path | None:
+    """``--corpus``, else SciFact's under ``$LEADKD_DATA_DIR`` (else None: read_texts makes texts up)."""
+    if corpus is None and os.environ.get("LEADKD_DATA_DIR"):
+        return Path(os.environ["LEADKD_DATA_DIR"]) / "scifact" / "corpus.jsonl"
+    return corpus
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true",
@@ -573,22 +590,13 @@ def main() -> None:
         return
 
     shapes = SHAPES["dry" if args.dry_run else "gpu"]
-    if args.dry_run:
-        device = torch.device("cpu")
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", 0)
-    else:
-        sys.exit("no CUDA device: run with --dry-run to check the script on the CPU")
+    device = pick_device(args.dry_run)
     only = set(args.only or ("encode", "train"))
     compiled_only = only == {"compiled"}
     if "compiled" in only and not compiled_only:
         sys.exit("--only compiled runs alone (it has its own timeout in run.sh)")
     tokenizer_dir = find_assets(args.assets)
-    corpus = args.corpus
-    if corpus is None and os.environ.get("LEADKD_DATA_DIR"):
-        corpus = Path(os.environ["LEADKD_DATA_DIR"]) / "scifact" / "corpus.jsonl"
-    texts, source = read_texts(corpus, shapes["passages"], tokenizer_dir)
+    texts, source = read_texts(default_corpus(args.corpus), shapes["passages"], tokenizer_dir)
     import sentence_transformers
     import transformers
 
