@@ -18,6 +18,8 @@ teacher input on the same tokenizer ([Q]/[D] markers, [MASK]-padded queries):
   is handing a batch over (the floor on a host whose cores keep up);
 - **loader throughput**: tokenised passages per second (both views) the loader delivers with 1, 2 and 4
   workers when nothing else runs;
+- **pre-tokenised**: the student's passage view made once per passage, then each batch gathered from the
+  stored ids and padded (what a memory-mapped token store would cost per batch);
 - **the CPU step with workers**: seconds per LEAD step on this CPU (MiniLM teacher, 3-layer student) with
   ``data.workers`` 0 and 2, why 0 is the CPU default.
 
@@ -46,6 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -127,6 +130,40 @@ def throughput(dataset, args, tokenizers, workers: int) -> float:
     started = time.perf_counter()
     passages = sum(len(next(source).passages) for _ in range(count))
     return passages / (time.perf_counter() - started)
+
+
+def pretokenised(dataset, args, tokenizer) -> dict:
+    """The alternative to tokenising each batch: every passage's token ids made once (a flat int32 array and
+    row offsets, as a memory-mapped store would hold them), then each batch's passages gathered and padded.
+    Returns the one-off cost per passage and the per-batch cost, for the student's view."""
+    groups = dataset.groups
+    keys = sorted({int(k) for g in range(len(groups)) for k in (*groups.positive_keys(g), *groups.negative_keys(g))})
+    started = time.perf_counter()
+    rows = []
+    for start in range(0, len(keys), 256):
+        texts = [groups.passage(k) for k in keys[start:start + 256]]
+        prepared, limit = tokenizer.prepared(texts, "passage")
+        rows += tokenizer.tokenizer(prepared, truncation=True, max_length=limit)["input_ids"]
+    once_s = time.perf_counter() - started
+    flat = np.concatenate([np.asarray(r, dtype=np.int32) for r in rows])
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    where = {groups.passage_id(k): i for i, k in enumerate(keys)}
+    pad = tokenizer.tokenizer.pad_token_id
+    source = batches_forever(loader(dataset, args.batch, 0, None))
+    times = []
+    for _ in range(args.batches):
+        batch = next(source)
+        wanted = [where[pid] for pid in batch.passage_ids]
+        started = time.perf_counter()
+        lengths = offsets[np.add(wanted, 1)] - offsets[wanted]
+        ids = np.full((len(wanted), int(lengths.max())), pad, dtype=np.int64)
+        for row, (i, n) in enumerate(zip(wanted, lengths, strict=True)):
+            ids[row, :n] = flat[offsets[i]:offsets[i] + n]
+        mask = (np.arange(ids.shape[1]) < lengths[:, None]).astype(np.int64)
+        torch.from_numpy(ids), torch.from_numpy(mask)
+        times.append(time.perf_counter() - started)
+    return {"once_ms_per_passage": round(1000 * once_s / len(keys), 3),
+            "gather_ms_per_batch": round(1000 * statistics.median(times), 3)}
 
 
 def sentence_transformers_host(student_dir: str, dataset, args) -> list[float]:
@@ -212,11 +249,12 @@ def main() -> None:
                                               for w in (0, 2)}
                 torch.set_num_threads(1)
             rates = {f"workers_{w}": round(throughput(dataset, args, tokenizers, w)) for w in (1, 2, 4)}
+            stored = pretokenised(dataset, args, tokenizers["student"])
             result["texts"][name] = {
                 "mean_chars": round(statistics.mean(len(corpus.passages([i])[0]) for i in range(len(corpus)))),
                 "main_process_ms_per_step": {k: round(statistics.median(v), 2) for k, v in ms.items()},
                 "p90_ms": {k: round(sorted(v)[int(0.9 * (len(v) - 1))], 2) for k, v in ms.items()},
-                "loader_passages_per_s": rates}
+                "loader_passages_per_s": rates, "pretokenised_student_view": stored}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

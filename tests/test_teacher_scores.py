@@ -273,6 +273,16 @@ def test_resume_from_the_file_is_exact(setup, tmp_path):
     assert losses(stopped) == losses(straight)
 
 
+def test_a_run_from_the_file_with_loader_workers_is_the_same_run(setup, tmp_path):
+    """``data.workers``: the student's inputs tokenised in two workers, the teacher's scores still read in the
+    step (a score file has no text view): the same losses as without workers."""
+    folder = exact_score(setup, "dual_encoder", tmp_path / "s")
+    plain, workers = tmp_path / "plain", tmp_path / "workers"
+    run_job(from_file(setup, folder, plain), log=lambda m: None)
+    run_job(from_file(setup, folder, workers, **{"data.workers": 2}), log=lambda m: None)
+    assert losses(workers) == pytest.approx(losses(plain), abs=1e-6, rel=0)
+
+
 def _train_worker(rank: int, port: int, setup: dict, out: str, teacher: str, source: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

@@ -596,10 +596,13 @@ def test_steps_between_log_steps_never_read_a_device_value(setup, tmp_path, monk
     trainer.close()
 
 
-@pytest.mark.parametrize("kind, teacher_train", [("dual_encoder", True), ("dual_encoder", False),
-                                                 ("colbert", False), ("cross_encoder", False)],
-                         ids=["joint-teacher", "frozen-teacher", "colbert-teacher", "cross-encoder-teacher"])
-def test_batches_tokenised_in_loader_workers_give_the_same_run(setup, tmp_path, kind, teacher_train, monkeypatch):
+@pytest.mark.parametrize("kind, teacher_train, cache", [("dual_encoder", True, False), ("dual_encoder", False, False),
+                                                        ("dual_encoder", False, True), ("colbert", False, False),
+                                                        ("cross_encoder", False, False)],
+                         ids=["joint-teacher", "frozen-teacher", "cached-teacher", "colbert-teacher",
+                              "cross-encoder-teacher"])
+def test_batches_tokenised_in_loader_workers_give_the_same_run(setup, tmp_path, kind, teacher_train, cache,
+                                                               monkeypatch):
     """``data.workers``: the student's and the teacher's inputs (its own layout: ColBERT's markers and
     [MASK] padding, a cross-encoder's pairs) made in two worker processes give the steps (losses, layer
     draws, weights) of tokenising in the step; each batch arrives with both models' inputs, and the
@@ -614,20 +617,22 @@ def test_batches_tokenised_in_loader_workers_give_the_same_run(setup, tmp_path, 
     for workers in (0, 2):
         out = tmp_path / f"workers-{workers}"
         trainer = Trainer(distill_config(setup, out, **{"data.workers": workers, "teacher.train": teacher_train,
-                                                        "teacher.kind": kind}),
+                                                        "teacher.kind": kind, "teacher.cache": cache}),
                           log=lambda m: None, show_progress=False)
         assert trainer.loader.num_workers == workers
         with monkeypatch.context() as patch:
-            if workers:  # the workers tokenise through batch_tokenizer(); this process must not tokenise at all
+            if workers and not cache:  # the workers tokenise through batch_tokenizer(); this process must not
                 for owner, name in in_step:
                     patch.setattr(owner, name, lambda *a, **k: pytest.fail("tokenised in the step"))
             trainer.fit()
         if workers:
             batch = next(iter(trainer.loader))
-            assert set(batch.inputs) == {"student", "teacher"}
+            # a cached teacher's vectors come from its cache (which encodes what it lacks from the text)
+            assert set(batch.inputs) == ({"student"} if cache else {"student", "teacher"})
             assert batch.inputs["student"]["passage"]["input_ids"].shape[0] == len(batch.passages)
-            teacher_view = batch.inputs["teacher"]
-            assert set(teacher_view) == ({"pairs"} if kind == "cross_encoder" else {"query", "passage"})
+            if not cache:
+                teacher_view = batch.inputs["teacher"]
+                assert set(teacher_view) == ({"pairs"} if kind == "cross_encoder" else {"query", "passage"})
         trainer.close()
         runs[workers] = out
     assert log_pairs(runs[0]) == log_pairs(runs[2])
