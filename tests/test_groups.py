@@ -259,3 +259,33 @@ def test_loader_shards_ranks_and_reshuffles_per_epoch(corpus, queries):
     assert epoch_batches(0, 2, 0) == ranks[0]  # a resumed run sees the same batches
     assert epoch_batches(0, 2, 1) != ranks[0]
     assert isinstance(group_loader(ds, 2).sampler, EpochSampler)
+
+
+def test_packed_inputs_come_back_as_the_same_tensors_and_flags():
+    """A worker's batch crosses to the training process as one buffer (``Packed``): every tensor comes back
+    equal, with its shape, as a view of that buffer; flags and empty tensors survive too."""
+    import torch
+
+    from leadkd.data.batches import Packed
+
+    query = {"input_ids": torch.arange(6).view(2, 3), "attention_mask": torch.ones(2, 3, dtype=torch.long),
+             "padded": False}
+    pairs = {"input_ids": torch.zeros(0, 4, dtype=torch.long), "token_type_ids": torch.tensor([3])}
+    tree = {"student": {"query": query, "passage": {"input_ids": torch.arange(20).view(4, 5) * 7, "padded": True}},
+            "teacher": {"pairs": pairs}}
+    packed = Packed.of(tree)
+    assert packed.flat.dim() == 1 and packed.flat.numel() == 6 + 6 + 20 + 0 + 1
+    back = packed.unpacked()
+
+    def same(a, b):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys()
+            for key in a:
+                same(a[key], b[key])
+        elif isinstance(a, torch.Tensor):
+            assert a.shape == b.shape and torch.equal(a, b)
+            assert b.numel() == 0 or b.untyped_storage().data_ptr() == packed.flat.untyped_storage().data_ptr()
+        else:
+            assert a == b
+
+    same(tree, back)

@@ -628,10 +628,10 @@ def test_batches_tokenised_in_loader_workers_give_the_same_run(setup, tmp_path, 
         if workers:
             batch = next(iter(trainer.loader))
             # a cached teacher's vectors come from its cache (which encodes what it lacks from the text)
-            assert set(batch.inputs) == ({"student"} if cache else {"student", "teacher"})
-            assert batch.inputs["student"]["passage"]["input_ids"].shape[0] == len(batch.passages)
+            assert set(batch.inputs.unpacked()) == ({"student"} if cache else {"student", "teacher"})
+            assert batch.model_inputs("student")["passage"]["input_ids"].shape[0] == len(batch.passages)
             if not cache:
-                teacher_view = batch.inputs["teacher"]
+                teacher_view = batch.model_inputs("teacher")
                 assert set(teacher_view) == ({"pairs"} if kind == "cross_encoder" else {"query", "passage"})
         trainer.close()
         runs[workers] = out

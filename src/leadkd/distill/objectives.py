@@ -62,7 +62,7 @@ class Layout:
 
 def _inputs(batch, name: str) -> dict[str, Any]:
     """``inputs=`` for model ``name``'s ``encode_batch`` when the loader tokenised the batch for it."""
-    made = getattr(batch, "inputs", {}).get(name)
+    made = batch.model_inputs(name) if hasattr(batch, "model_inputs") else None
     return {} if made is None else {"inputs": made}
 
 
