@@ -53,7 +53,7 @@ from .teacher_scores import open_teacher_scores
 
 Log = Callable[[str], None]
 
-#: ``data.workers`` unset on a CUDA host: at MS MARCO's passage lengths one worker tokenises ~3,200 passages/s
+#: ``data.workers`` unset on a CUDA host: at MS MARCO's passage lengths one worker tokenises ~2,800 passages/s
 #: (a dual-encoder student and a ColBERT teacher, benchmarks/host_overhead.py); an H200 step of the GPU
 #: benchmark's shapes needs ~7,500/s. On a CPU host 0: the model's own threads use every core.
 CUDA_WORKERS = 4
