@@ -9,6 +9,7 @@ and item, so a resumed or multi-process run draws exactly what one uninterrupted
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -287,4 +288,12 @@ def group_loader(dataset: GroupDataset, batch_size: int, rank: int = 0, world_si
         else collate_groups
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(base), collate_fn=collate,
                       drop_last=drop_last, num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0)
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                      worker_init_fn=_single_threaded_tokenizers if num_workers else None)
+
+
+def _single_threaded_tokenizers(worker_id: int) -> None:
+    """In each loader worker: tokenise on one thread (the workers together are the parallelism), which also
+    keeps the fast tokenizers' warning about a fork after parallel use quiet; the training process keeps
+    its own setting for the tokenising it still does (dev evaluation)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"

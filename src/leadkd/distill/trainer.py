@@ -11,7 +11,6 @@ A single process and ``torchrun`` run the same code, and the loop never asks wha
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import time
 import warnings
@@ -231,7 +230,6 @@ class Trainer:
             readers = self.objective.text_models().items()  # a kind without a batch_tokenizer tokenises in the step
             tokenizers = {name: cast(Any, model).batch_tokenizer() for name, model in readers
                           if hasattr(model, "batch_tokenizer")}
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # each worker is one thread; several make the parallelism
         return group_loader(self.dataset, cfg.optim.batch_size, rank=self.ctx.rank, world_size=self.ctx.world_size,
                             seed=cfg.seed, num_workers=workers, tokenizers=tokenizers, pin_memory=cuda and workers > 0)
 

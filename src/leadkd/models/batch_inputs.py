@@ -88,7 +88,9 @@ class ColBERTTokenizer:
     attend_expansion: bool
 
     def marked_ids(self, texts: Sequence[str], max_length: int, marker_id: int) -> list[list[int]]:
-        """Token ids with special tokens, truncated to ``max_length`` (keeping the final [SEP]), marked."""
+        """Token ids with special tokens, truncated to ``max_length`` (keeping the final [SEP]), with the marker
+        in [CLS]'s place, or inserted right after it (``insert_marker``, as ColBERTv2 and PyLate do: they
+        tokenise one position shorter, then insert)."""
         if isinstance(texts, str):
             raise TypeError("expected a sequence of texts, got a single string")
         encoded = self.tokenizer(list(texts), add_special_tokens=True, truncation=True,

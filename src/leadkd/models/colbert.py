@@ -345,12 +345,6 @@ class ColBERT(nn.Module):
                                 self.passage_length, self.query_marker_id, self.doc_marker_id, self.mask_id,
                                 self.pad_id, self.options.query_expansion, self.options.attend_expansion)
 
-    def _marked_ids(self, texts: Sequence[str], max_length: int, marker_id: int) -> list[list[int]]:
-        """Token ids with special tokens, truncated to ``max_length`` (keeping the final [SEP]), with the marker
-        in [CLS]'s place (``replace_cls``) or inserted right after it (``after_cls``, as ColBERTv2 and PyLate
-        do: they tokenise one position shorter, then insert)."""
-        return self.batch_tokenizer().marked_ids(texts, max_length, marker_id)
-
     def tokenize_queries(self, queries: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)``, ``[Q, max_query_length]``: [Q] marker, [MASK] padding, attended
         unless ``attend_expansion`` is off. Without ``query_expansion``: ``[Q, longest]``, [PAD] padding
